@@ -63,6 +63,8 @@ pub struct Error(Box<Inner>);
 struct Inner {
     kind: ErrorKind,
     message: String,
+    /// SQLSTATE recorded where the cause itself is not kept.
+    code: Option<String>,
     source: Option<BoxError>,
 }
 
@@ -74,8 +76,21 @@ impl Error {
         Error(Box::new(Inner {
             kind,
             message: message.into(),
+            code: None,
             source: None,
         }))
+    }
+
+    pub(crate) fn set_code(&mut self, code: Option<String>) {
+        self.0.code = code;
+    }
+
+    /// A copy for a second recipient: same kind, message and SQLSTATE; the
+    /// cause is folded into the message.
+    pub(crate) fn duplicate(&self) -> Error {
+        let mut copy = Error::new(self.0.kind.clone(), report(self));
+        copy.0.code = self.code().map(str::to_owned);
+        copy
     }
 
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
@@ -132,6 +147,9 @@ impl Error {
     /// (e.g. `28P01` for a wrong password, `3D000` for a missing database,
     /// `53300` for "too many clients").
     pub fn code(&self) -> Option<&str> {
+        if let Some(code) = &self.0.code {
+            return Some(code);
+        }
         let mut cur: Option<&(dyn std::error::Error + 'static)> = self
             .0
             .source

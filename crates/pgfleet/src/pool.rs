@@ -1,0 +1,831 @@
+//! The pool: a bounded set of tokio-postgres connections to one database,
+//! handed out FIFO-fairly, kept healthy in the background, and never handed
+//! out dirty.
+//!
+//! Connections are opened by background tasks, never by the caller of
+//! `get()`: a caller that gives up (timeout, dropped future) does not abort a
+//! connect half-way, and the connection goes to the next caller in line.
+//! Capacity is an RAII [`Slot`] inside each connection, so a connection lost
+//! anywhere (a panicking task, a dropped channel) still gives its unit back.
+
+use std::fmt;
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::panic::Location;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+use tokio::time::timeout;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::PoolConfig;
+use crate::conn::{self, RawConn};
+use crate::error::{Error, Result, TimeoutStage};
+use crate::internals::{ConnectFailure, Plan, State, Waiter};
+use crate::stats::{Bounds, CloseReason, Counters, PoolStats, Timings};
+use crate::tap::TxStatus;
+use crate::target::Target;
+
+/// How long a returned connection may take to receive the answers to
+/// requests still in flight before the pool cancels them.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// A pool of connections to one database.
+///
+/// Cheap to clone (an `Arc`). Most code gets pools from a
+/// [`Fleet`](crate::Fleet), which keeps one per database; a `Pool` can also be
+/// built directly with [`Pool::new`].
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    target: Target,
+    config: PoolConfig,
+    pg: tokio_postgres::Config,
+    state: Mutex<State>,
+    pub(crate) counters: Counters,
+    /// Notified when a connect attempt ends (warm-up waits on it).
+    connect_events: Notify,
+    /// Notified when the last connection of a closed pool is gone.
+    drained: Notify,
+    runtime: tokio::runtime::Handle,
+    next_id: AtomicU64,
+    /// Masked URL, for messages.
+    label: String,
+}
+
+/// One unit of the pool's capacity, held by a connection (or a connect in
+/// progress) for its whole life. Dropping it gives the unit back.
+pub(crate) struct Slot {
+    shared: Weak<Shared>,
+    id: u64,
+    connecting: bool,
+    reason: Option<CloseReason>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if let Some(reason) = self.reason {
+            shared.counters.closed(reason);
+        }
+        let (plan, drained) = {
+            let mut st = shared.lock();
+            st.size -= 1;
+            if self.connecting {
+                st.connecting -= 1;
+            }
+            st.live.remove(&self.id);
+            let plan = shared.plan(&mut st);
+            (plan, st.closed && st.size == 0)
+        };
+        shared.execute(plan);
+        if drained {
+            shared.drained.notify_waiters();
+        }
+    }
+}
+
+/// A pooled connection with its bookkeeping.
+pub(crate) struct Conn {
+    raw: RawConn,
+    /// When this connection is to be retired (lifetime minus jitter).
+    expires: Option<Instant>,
+    idle_since: Instant,
+    slot: Slot,
+}
+
+impl Conn {
+    fn close(mut self, reason: CloseReason) {
+        self.slot.reason = Some(reason);
+        drop(self);
+    }
+
+    fn is_expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|t| now >= t)
+    }
+}
+
+/// Where a returned connection goes.
+enum Verdict {
+    Reuse,
+    Close(CloseReason),
+    Clean,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between statements; a panic elsewhere
+        // while holding the lock cannot leave it half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn plan(&self, st: &mut State) -> Plan {
+        st.plan(self.config.min_size, self.config.max_size, Instant::now())
+    }
+
+    /// Starts what a plan asks for. Called without the lock.
+    fn execute(self: &Arc<Self>, plan: Plan) {
+        for _ in 0..plan.connects {
+            let slot = Slot {
+                shared: Arc::downgrade(self),
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                connecting: true,
+                reason: None,
+            };
+            self.runtime.spawn(open(self.clone(), slot));
+        }
+        if let Some(at) = plan.retry_at {
+            let weak = Arc::downgrade(self);
+            self.runtime.spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                if let Some(shared) = weak.upgrade() {
+                    let plan = {
+                        let mut st = shared.lock();
+                        st.retry_scheduled = false;
+                        shared.plan(&mut st)
+                    };
+                    shared.execute(plan);
+                }
+            });
+        }
+    }
+
+    /// Gives a clean connection to the oldest live waiter, or puts it idle.
+    fn hand_off(&self, mut st: MutexGuard<'_, State>, mut conn: Conn) {
+        if st.closed {
+            drop(st);
+            conn.close(CloseReason::Shutdown);
+            return;
+        }
+        while let Some(waiter) = st.waiters.pop_front() {
+            if waiter.tx.is_closed() {
+                continue;
+            }
+            match waiter.tx.send(Ok(conn)) {
+                Ok(()) => {
+                    st.waiting -= 1;
+                    return;
+                }
+                // The caller gave up between the check and the send.
+                Err(Ok(back)) => conn = back,
+                Err(Err(_)) => unreachable!("only connections are sent here"),
+            }
+        }
+        conn.idle_since = Instant::now();
+        st.idle.push_back(conn);
+    }
+
+    fn verdict(&self, conn: &Conn, now: Instant) -> Verdict {
+        if conn.raw.is_broken() {
+            Verdict::Close(CloseReason::Broken)
+        } else if !conn.raw.tap.is_clean() {
+            Verdict::Clean
+        } else if self.config.max_queries.is_some_and(|max| conn.raw.tap.queries() >= max) {
+            Verdict::Close(CloseReason::MaxQueries)
+        } else if conn.is_expired(now) {
+            Verdict::Close(CloseReason::Lifetime)
+        } else {
+            Verdict::Reuse
+        }
+    }
+
+    /// Takes back a connection from a caller.
+    fn release(self: &Arc<Self>, conn: Conn, location: &'static Location<'static>) {
+        match self.verdict(&conn, Instant::now()) {
+            Verdict::Reuse => self.hand_off(self.lock(), conn),
+            Verdict::Close(reason) => conn.close(reason),
+            Verdict::Clean => match tokio::runtime::Handle::try_current() {
+                Ok(_) => {
+                    self.runtime.spawn(clean(self.clone(), conn, location));
+                }
+                Err(_) => conn.close(CloseReason::Dirty),
+            },
+        }
+    }
+
+    fn snapshot_line(&self) -> String {
+        let g = self.lock().gauges();
+        format!(
+            "(size={}, idle={}, in_use={}, waiting={}, connecting={}, max_size={})",
+            g.size, g.idle, g.in_use, g.waiting, g.connecting, self.config.max_size
+        )
+    }
+
+    fn last_failure_text(&self) -> Option<String> {
+        self.lock().last_failure.as_ref().map(|f| f.message.clone())
+    }
+}
+
+/// Opens one connection for the pool and hands it to the next waiter.
+async fn open(shared: Arc<Shared>, mut slot: Slot) {
+    let started = Instant::now();
+    let result = match timeout(shared.config.connect_timeout, conn::connect(&shared.target, &shared.pg)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::timeout(
+            TimeoutStage::Connect,
+            shared.config.connect_timeout,
+            format!(
+                "timed out after {} connecting to {}",
+                humantime::format_duration(shared.config.connect_timeout),
+                shared.label
+            ),
+        )),
+    };
+    match result {
+        Ok(raw) => {
+            shared.counters.connections_created.fetch_add(1, Ordering::Relaxed);
+            shared.counters.connect.record(started.elapsed());
+            let expires = shared.config.max_lifetime.map(|lifetime| {
+                // Up to 10% off, so connections opened together do not
+                // expire together.
+                raw.created + lifetime.mul_f64(1.0 - fastrand::f64() * 0.1)
+            });
+            let mut st = shared.lock();
+            st.connecting -= 1;
+            slot.connecting = false;
+            st.connect_succeeded();
+            st.live.insert(slot.id, raw.driver.clone());
+            let conn = Conn {
+                raw,
+                expires,
+                idle_since: Instant::now(),
+                slot,
+            };
+            shared.hand_off(st, conn);
+            shared.connect_events.notify_waiters();
+        }
+        Err(err) => {
+            shared.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+            let message = err.to_string();
+            let code = err.code().map(str::to_owned);
+            let permanent = code.as_deref().is_some_and(conn::is_permanent);
+            tracing::warn!(pool = %shared.label, error = %message, "connect failed");
+            {
+                let mut st = shared.lock();
+                st.connect_failed(ConnectFailure {
+                    message,
+                    code,
+                    at: Instant::now(),
+                });
+                if permanent {
+                    // Waiting will not cure bad credentials or a missing
+                    // database: fail the callers now.
+                    st.fail_waiters(|| err.duplicate());
+                }
+            }
+            shared.connect_events.notify_waiters();
+            drop(slot);
+        }
+    }
+}
+
+/// Cleans a connection returned dirty: waits for requests in flight (and
+/// cancels them if they run on), rolls back an open transaction, then
+/// returns it to the pool or closes it.
+async fn clean(shared: Arc<Shared>, conn: Conn, location: &'static Location<'static>) {
+    let tap = conn.raw.tap.clone();
+    let mut settled = timeout(SETTLE, tap.settled()).await.unwrap_or(false);
+    if !settled && !conn.raw.is_broken() {
+        // A statement is still running on the server: cancel it so the
+        // connection can come back, rather than leave a busy backend behind.
+        let token = conn.raw.client.cancel_token();
+        if let Ok(socket) = conn::open_socket(&shared.target).await {
+            let _ = timeout(shared.config.connect_timeout, token.cancel_query_raw(socket, NoTls)).await;
+            settled = timeout(shared.config.connect_timeout, tap.settled())
+                .await
+                .unwrap_or(false);
+        }
+    }
+    if !settled {
+        tracing::warn!(pool = %shared.label, taken_at = %location, "connection returned with a request still running; closed");
+        conn.close(CloseReason::Dirty);
+        return;
+    }
+    if tap.status() != TxStatus::Idle {
+        shared.counters.dirty_returns.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            pool = %shared.label,
+            taken_at = %location,
+            "connection returned inside a transaction; rolled back"
+        );
+        let rolled_back = timeout(shared.config.connect_timeout, conn.raw.client.batch_execute("ROLLBACK"))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !rolled_back || !tap.is_clean() {
+            conn.close(CloseReason::Dirty);
+            return;
+        }
+    }
+    match shared.verdict(&conn, Instant::now()) {
+        Verdict::Reuse => shared.hand_off(shared.lock(), conn),
+        Verdict::Close(reason) => conn.close(reason),
+        Verdict::Clean => conn.close(CloseReason::Dirty),
+    }
+}
+
+/// Closes idle connections past their idle timeout or lifetime and refills
+/// the floor, on a tick derived from the configured durations.
+async fn maintain(weak: Weak<Shared>, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut victims = Vec::new();
+        let plan = {
+            let mut st = shared.lock();
+            if st.closed {
+                return;
+            }
+            let mut above_floor = st.size.saturating_sub(shared.config.min_size);
+            let idle_timeout = shared.config.idle_timeout;
+            // Oldest-idle first: the front of the queue.
+            let mut kept = std::collections::VecDeque::with_capacity(st.idle.len());
+            while let Some(conn) = st.idle.pop_front() {
+                let reason = if conn.raw.is_broken() {
+                    Some(CloseReason::Broken)
+                } else if conn.is_expired(now) {
+                    Some(CloseReason::Lifetime)
+                } else if above_floor > 0 && idle_timeout.is_some_and(|t| now - conn.idle_since >= t) {
+                    Some(CloseReason::Idle)
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        above_floor = above_floor.saturating_sub(1);
+                        victims.push((conn, reason));
+                    }
+                    None => kept.push_back(conn),
+                }
+            }
+            st.idle = kept;
+            shared.plan(&mut st)
+        };
+        for (conn, reason) in victims {
+            conn.close(reason);
+        }
+        shared.execute(plan);
+    }
+}
+
+/// The maintenance tick: a quarter of the shortest timed behaviour, between
+/// 10ms and 1s.
+fn tick_for(config: &PoolConfig) -> Duration {
+    [config.idle_timeout, config.max_lifetime]
+        .into_iter()
+        .flatten()
+        .map(|d| d / 4)
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+impl Pool {
+    /// Creates a pool and starts opening its warm floor (`min_size`
+    /// connections) in the background. Returns at once.
+    ///
+    /// # Errors
+    /// A `Config` error if the configuration is invalid or if called outside
+    /// a tokio runtime.
+    pub fn new(target: Target, config: PoolConfig) -> Result<Pool> {
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::config("pgfleet pools must be created inside a tokio runtime (no runtime is running)")
+        })?;
+        let label = target.to_string();
+        let shared = Arc::new(Shared {
+            pg: conn::pg_config(&target, &config),
+            target,
+            state: Mutex::new(State::new()),
+            counters: Counters::new(),
+            connect_events: Notify::new(),
+            drained: Notify::new(),
+            runtime,
+            next_id: AtomicU64::new(0),
+            label,
+            config,
+        });
+        let plan = shared.plan(&mut shared.lock());
+        shared.execute(plan);
+        shared
+            .runtime
+            .spawn(maintain(Arc::downgrade(&shared), tick_for(&shared.config)));
+        Ok(Pool { shared })
+    }
+
+    /// Takes a connection, waiting (FIFO) up to the acquire timeout.
+    ///
+    /// The returned guard derefs to [`tokio_postgres::Client`]; dropping it
+    /// returns the connection. The place of the call is recorded for leak
+    /// reports.
+    ///
+    /// # Errors
+    /// `Timeout { stage: Acquire }` with the pool's state and the last connect
+    /// error; `Connect` at once when the server rejects the credentials or
+    /// the database does not exist; `Closed` once the pool is closed.
+    ///
+    /// # Cancel safety
+    /// Dropping the future at any point loses nothing: a connection handed
+    /// to it after it was dropped goes to the next waiter.
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
+        let location = Location::caller();
+        self.acquire(location)
+    }
+
+    async fn acquire(&self, location: &'static Location<'static>) -> Result<PooledConnection> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let deadline = started + shared.config.acquire_timeout;
+        loop {
+            let mut discarded = Vec::new();
+            let mut dirty = Vec::new();
+            let taken = {
+                let mut st = shared.lock();
+                if st.closed {
+                    return Err(self.closed_error());
+                }
+                let now = Instant::now();
+                loop {
+                    match st.idle.pop_back() {
+                        Some(conn) => match shared.verdict(&conn, now) {
+                            Verdict::Reuse => break Ok(conn),
+                            Verdict::Close(reason) => discarded.push((conn, reason)),
+                            Verdict::Clean => dirty.push(conn),
+                        },
+                        None => {
+                            let (tx, rx) = oneshot::channel();
+                            st.waiters.push_back(Waiter { tx });
+                            st.waiting += 1;
+                            break Err((rx, shared.plan(&mut st)));
+                        }
+                    }
+                }
+            };
+            for (conn, reason) in discarded {
+                conn.close(reason);
+            }
+            for conn in dirty {
+                shared.runtime.spawn(clean(shared.clone(), conn, location));
+            }
+            let conn = match taken {
+                Ok(conn) => {
+                    if conn.idle_since.elapsed() < shared.config.health_check_after {
+                        conn
+                    } else {
+                        match self.check(conn, deadline).await {
+                            Some(conn) => conn,
+                            None => continue,
+                        }
+                    }
+                }
+                Err((rx, plan)) => {
+                    shared.execute(plan);
+                    let mut wait = WaitGuard {
+                        rx: Some(rx),
+                        shared: shared.clone(),
+                    };
+                    let outcome = tokio::time::timeout_at(deadline.into(), wait.rx.as_mut().expect("set above")).await;
+                    let received = match outcome {
+                        Ok(Ok(received)) => {
+                            wait.rx = None;
+                            received
+                        }
+                        Ok(Err(_)) => {
+                            wait.rx = None;
+                            Err(self.closed_error())
+                        }
+                        // A connection may have arrived at the deadline: take
+                        // it rather than pass it on.
+                        Err(_) => {
+                            // The snapshot is taken while this caller still
+                            // counts as waiting.
+                            let error = self.timeout_error();
+                            match wait.cancel() {
+                                Some(received) => received,
+                                None => {
+                                    shared.counters.acquires_timed_out.fetch_add(1, Ordering::Relaxed);
+                                    return Err(error);
+                                }
+                            }
+                        }
+                    };
+                    let conn = received?;
+                    shared.counters.acquires_waited.fetch_add(1, Ordering::Relaxed);
+                    conn
+                }
+            };
+            let now = Instant::now();
+            shared.counters.acquires.fetch_add(1, Ordering::Relaxed);
+            shared.counters.wait.record(now - started);
+            return Ok(PooledConnection {
+                conn: Some(conn),
+                pool: shared.clone(),
+                acquired_at: now,
+                location,
+            });
+        }
+    }
+
+    /// Checks a connection that sat idle with one round trip; closes it if
+    /// it fails.
+    async fn check(&self, conn: Conn, deadline: Instant) -> Option<Conn> {
+        let shared = &self.shared;
+        shared.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+        let limit = shared
+            .config
+            .connect_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let ok = timeout(limit, conn.raw.client.simple_query(""))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok && conn.raw.tap.is_clean() {
+            Some(conn)
+        } else {
+            conn.close(CloseReason::Broken);
+            None
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::closed(format!("pool for {} is closed", self.shared.label))
+    }
+
+    fn timeout_error(&self) -> Error {
+        let shared = &self.shared;
+        let after = shared.config.acquire_timeout;
+        let mut message = format!(
+            "timed out after {} waiting for a connection to {} {}",
+            humantime::format_duration(after),
+            shared.label,
+            shared.snapshot_line()
+        );
+        if let Some(last) = shared.last_failure_text() {
+            message.push_str("; last connect error: ");
+            message.push_str(&last);
+        }
+        Error::timeout(TimeoutStage::Acquire, after, message)
+    }
+
+    /// Waits until the warm floor is open (`min_size` connections), or fails
+    /// with the first connect error seen after the call, or times out.
+    ///
+    /// # Errors
+    /// `Connect` with the server's reason, or `Timeout { stage: Connect }`.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let shared = &self.shared;
+        let since = Instant::now();
+        let deadline = since + limit;
+        loop {
+            let notified = shared.connect_events.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = shared.lock();
+                if st.closed {
+                    return Err(self.closed_error());
+                }
+                if st.size - st.connecting >= shared.config.min_size {
+                    return Ok(());
+                }
+                if let Some(f) = st.last_failure.as_ref().filter(|f| f.at >= since) {
+                    let mut err = Error::connect(f.message.clone());
+                    err.set_code(f.code.clone());
+                    return Err(err);
+                }
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                return Err(Error::timeout(
+                    TimeoutStage::Connect,
+                    limit,
+                    format!(
+                        "timed out after {} warming up {} {}",
+                        humantime::format_duration(limit),
+                        shared.label,
+                        shared.snapshot_line()
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Closes the pool: waiters fail with `Closed`, idle connections close
+    /// now, connections in use close when returned, later `get()` calls
+    /// fail. Idempotent.
+    pub fn close(&self) {
+        let (idle, drained) = {
+            let mut st = self.shared.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            st.fail_waiters(|| self.closed_error());
+            let idle: Vec<Conn> = st.idle.drain(..).collect();
+            (idle, st.size == 0)
+        };
+        for conn in idle {
+            conn.close(CloseReason::Shutdown);
+        }
+        if drained {
+            self.shared.drained.notify_waiters();
+        }
+    }
+
+    /// After [`close`](Self::close): waits until every connection is gone,
+    /// or until `deadline`, when the connections still open (held by callers
+    /// or being opened) are cut. Returns how many had to be cut.
+    pub async fn wait_closed(&self, deadline: Instant) -> usize {
+        loop {
+            let notified = self.shared.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.lock().size == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                let st = self.shared.lock();
+                for driver in st.live.values() {
+                    driver.abort();
+                }
+                return st.size as usize;
+            }
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed
+    }
+
+    /// The database this pool connects to.
+    pub fn target(&self) -> &Target {
+        &self.shared.target
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of the pool's gauges, counters and timings.
+    pub fn stats(&self) -> PoolStats {
+        let shared = &self.shared;
+        let (gauges, closed, last) = {
+            let st = shared.lock();
+            (st.gauges(), st.closed, st.last_failure.as_ref().map(|f| f.message.clone()))
+        };
+        let bounds = self.bounds();
+        PoolStats {
+            url: shared.label.clone(),
+            min_size: bounds.min_size,
+            max_size: bounds.max_size,
+            timeout: bounds.timeout,
+            recycle: bounds.recycle,
+            active_references: 0,
+            pool_closed: closed,
+            gauges,
+            counters: shared.counters.snapshot(),
+            timings: Timings {
+                wait: shared.counters.wait.snapshot(),
+                hold: shared.counters.hold.snapshot(),
+                connect: shared.counters.connect.snapshot(),
+            },
+            last_connect_error: last,
+        }
+    }
+
+    fn bounds(&self) -> Bounds {
+        let c = &self.shared.config;
+        Bounds {
+            min_size: c.min_size,
+            max_size: c.max_size,
+            timeout: c.acquire_timeout.as_secs_f64(),
+            recycle: c.max_lifetime.map(|d| d.as_secs_f64()),
+        }
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.shared.label)
+            .field("gauges", &self.shared.lock().gauges())
+            .finish()
+    }
+}
+
+/// The receiving end of a wait; dropping it unserved withdraws from the
+/// queue, dropping it after a connection arrived returns the connection.
+struct WaitGuard {
+    rx: Option<oneshot::Receiver<Result<Conn, Error>>>,
+    shared: Arc<Shared>,
+}
+
+impl WaitGuard {
+    /// Stops waiting. Returns what was sent before the wait closed, if
+    /// anything.
+    fn cancel(&mut self) -> Option<Result<Conn, Error>> {
+        let mut rx = self.rx.take()?;
+        rx.close();
+        match rx.try_recv() {
+            Ok(received) => Some(received),
+            Err(_) => {
+                // Never served: the sender side will not count us any more.
+                let mut st = self.shared.lock();
+                debug_assert!(st.waiting > 0, "waiting count out of step");
+                st.waiting = st.waiting.saturating_sub(1);
+                st.prune_waiters();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if let Some(Ok(conn)) = self.cancel() {
+            self.shared.hand_off(self.shared.lock(), conn);
+        }
+    }
+}
+
+/// A connection taken from a pool. Derefs to [`tokio_postgres::Client`];
+/// dropping it returns the connection to the pool, which rolls back an open
+/// transaction and never hands out a connection with a request in flight.
+pub struct PooledConnection {
+    conn: Option<Conn>,
+    pool: Arc<Shared>,
+    acquired_at: Instant,
+    location: &'static Location<'static>,
+}
+
+impl PooledConnection {
+    /// Where this connection was taken (`get()`'s caller).
+    pub fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    /// How long this connection has been held.
+    pub fn held_for(&self) -> Duration {
+        self.acquired_at.elapsed()
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("present until drop")
+    }
+}
+
+impl Deref for PooledConnection {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.conn().raw.client
+    }
+}
+
+impl DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.conn.as_mut().expect("present until drop").raw.client
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let held = self.acquired_at.elapsed();
+        let shared = &self.pool;
+        shared.counters.hold.record(held);
+        if shared.config.leak_threshold.is_some_and(|t| held >= t) {
+            shared.counters.leaks_reported.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                pool = %shared.label,
+                held = %humantime::format_duration(held),
+                taken_at = %self.location,
+                "connection held longer than leak_threshold"
+            );
+        }
+        shared.release(conn, self.location);
+    }
+}
+
+impl fmt::Debug for PooledConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledConnection")
+            .field("pool", &self.pool.label)
+            .field("taken_at", &self.location)
+            .field("held_for", &self.held_for())
+            .finish()
+    }
+}

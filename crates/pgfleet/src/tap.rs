@@ -1,0 +1,517 @@
+//! The protocol tap: a stream wrapper that follows the PostgreSQL message
+//! framing in both directions, so the pool knows — without a round trip —
+//! whether a connection is idle, inside a transaction, still has requests in
+//! flight, has been told FATAL, and how many queries it has served.
+//!
+//! tokio-postgres runs over any `AsyncRead + AsyncWrite` (`Config::connect_raw`),
+//! so the pool hands it a [`TapStream`] around the socket. The tap only reads
+//! message headers (tag and length) and the few bodies it needs:
+//! ReadyForQuery (1 byte) and ErrorResponse (bounded). Everything else is
+//! skipped by length, so the cost is a few branches per message.
+//!
+//! One race to keep in mind: tokio-postgres hands an ErrorResponse to the
+//! caller before it reads the ReadyForQuery behind it, so right after a failed
+//! statement [`TapState::status`] can still be stale. It is exact only when
+//! [`TapState::in_flight`] is zero; [`TapState::settled`] waits for that.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::Notify;
+
+/// Transaction status from the last ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxStatus {
+    /// Not in a transaction block.
+    Idle,
+    /// In a transaction block.
+    InTransaction,
+    /// In a failed transaction block: every statement fails until ROLLBACK.
+    Failed,
+}
+
+/// What the tap has learned about one connection. Shared between the
+/// connection's driver task (which writes it) and the pool (which reads it).
+#[derive(Debug)]
+pub(crate) struct TapState {
+    /// The startup message, Query ('Q') and Sync ('S') messages written:
+    /// each is answered by exactly one ReadyForQuery.
+    requests_sent: AtomicU64,
+    /// ReadyForQuery ('Z') messages received.
+    ready_received: AtomicU64,
+    /// Query ('Q') and Execute ('E') messages written.
+    queries: AtomicU64,
+    /// Status byte of the last ReadyForQuery.
+    status: AtomicU8,
+    /// SQLSTATE of a FATAL/PANIC error, packed; 0 when none.
+    fatal: AtomicU64,
+    /// The stream hit EOF or an I/O error.
+    eof: AtomicBool,
+    /// Woken on every ReadyForQuery and at EOF.
+    ready: Notify,
+}
+
+impl TapState {
+    pub(crate) fn new() -> Self {
+        TapState {
+            requests_sent: AtomicU64::new(0),
+            ready_received: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            status: AtomicU8::new(b'I'),
+            fatal: AtomicU64::new(0),
+            eof: AtomicBool::new(false),
+            ready: Notify::new(),
+        }
+    }
+
+    /// Requests written whose ReadyForQuery has not arrived yet.
+    pub(crate) fn in_flight(&self) -> u64 {
+        // Read the received count first: `sent` only grows, so the difference
+        // can only be over-estimated, never hidden.
+        let received = self.ready_received.load(Ordering::Acquire);
+        let sent = self.requests_sent.load(Ordering::Acquire);
+        sent.saturating_sub(received)
+    }
+
+    /// Transaction status as of the last ReadyForQuery.
+    pub(crate) fn status(&self) -> TxStatus {
+        match self.status.load(Ordering::Acquire) {
+            b'T' => TxStatus::InTransaction,
+            b'E' => TxStatus::Failed,
+            _ => TxStatus::Idle,
+        }
+    }
+
+    /// Statements executed on this connection (simple queries and Executes).
+    pub(crate) fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// SQLSTATE of a FATAL error the server sent, if any.
+    pub(crate) fn fatal_code(&self) -> Option<String> {
+        let packed = self.fatal.load(Ordering::Acquire);
+        (packed != 0).then(|| {
+            let bytes = packed.to_be_bytes();
+            String::from_utf8_lossy(&bytes[3..]).into_owned()
+        })
+    }
+
+    /// The server said FATAL or the stream ended: the connection is unusable.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.fatal.load(Ordering::Acquire) != 0 || self.eof.load(Ordering::Acquire)
+    }
+
+    /// Clean enough to hand out as is: nothing in flight, not in a
+    /// transaction, not dead.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.in_flight() == 0 && self.status() == TxStatus::Idle && !self.is_dead()
+    }
+
+    /// Waits until nothing is in flight (true) or the connection died
+    /// (false). Not bounded: callers wrap it in a timeout.
+    pub(crate) async fn settled(&self) -> bool {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_dead() {
+                return false;
+            }
+            if self.in_flight() == 0 {
+                return true;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn mark_eof(&self) {
+        self.eof.store(true, Ordering::Release);
+        self.ready.notify_waiters();
+    }
+}
+
+/// Incremental parser of one direction of the message stream.
+#[derive(Debug)]
+struct Framer {
+    /// Bytes of the current header collected so far.
+    header: [u8; 5],
+    header_len: usize,
+    /// Header size of the next message: 4 for the untagged startup message,
+    /// 5 afterwards.
+    header_size: usize,
+    /// Body bytes of the current message still to come; `None` while reading
+    /// a header.
+    remaining: Option<usize>,
+    tag: u8,
+    /// Body of the current message when it is one we need.
+    body: Vec<u8>,
+    capture: usize,
+}
+
+/// ErrorResponse bodies are captured up to this many bytes; the severity and
+/// SQLSTATE fields come first in practice.
+const ERROR_CAPTURE: usize = 512;
+
+impl Framer {
+    fn new(untagged_first: bool) -> Self {
+        Framer {
+            header: [0; 5],
+            header_len: 0,
+            header_size: if untagged_first { 4 } else { 5 },
+            remaining: None,
+            tag: 0,
+            body: Vec::new(),
+            capture: 0,
+        }
+    }
+
+    /// Feeds bytes; calls `on_message(tag, captured_body)` for each message
+    /// completed. The callback decides what to capture via `capture_len`.
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        capture_len: impl Fn(u8) -> usize,
+        mut on_message: impl FnMut(u8, &[u8]),
+    ) {
+        while !data.is_empty() {
+            match self.remaining {
+                None => {
+                    let want = self.header_size - self.header_len;
+                    let n = want.min(data.len());
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+                    self.header_len += n;
+                    data = &data[n..];
+                    if self.header_len < self.header_size {
+                        return;
+                    }
+                    let (tag, len_bytes) = if self.header_size == 4 {
+                        (0u8, &self.header[..4])
+                    } else {
+                        (self.header[0], &self.header[1..5])
+                    };
+                    let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+                    self.tag = tag;
+                    self.header_len = 0;
+                    self.header_size = 5;
+                    self.capture = capture_len(tag);
+                    self.body.clear();
+                    let remaining = (len as usize).saturating_sub(4);
+                    if remaining == 0 {
+                        on_message(tag, &[]);
+                    } else {
+                        self.remaining = Some(remaining);
+                    }
+                }
+                Some(remaining) => {
+                    let n = remaining.min(data.len());
+                    let room = self.capture.saturating_sub(self.body.len());
+                    if room > 0 {
+                        self.body.extend_from_slice(&data[..n.min(room)]);
+                    }
+                    data = &data[n..];
+                    if n == remaining {
+                        self.remaining = None;
+                        on_message(self.tag, &self.body);
+                    } else {
+                        self.remaining = Some(remaining - n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Severity and SQLSTATE of an ErrorResponse body.
+fn error_fields(body: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
+    let (mut severity, mut localized, mut code) = (None, None, None);
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = &tail[..end];
+        match field {
+            b'V' => severity = Some(value),
+            b'S' => localized = Some(value),
+            b'C' => code = Some(value),
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    (severity.or(localized), code)
+}
+
+fn pack_code(code: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = code.len().min(5);
+    bytes[8 - n..].copy_from_slice(&code[..n]);
+    u64::from_be_bytes(bytes).max(1)
+}
+
+/// The socket under the tap.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A stream that reports protocol events to a [`TapState`].
+#[derive(Debug)]
+pub(crate) struct TapStream<S = Socket> {
+    inner: S,
+    state: Arc<TapState>,
+    reads: Framer,
+    writes: Framer,
+}
+
+impl<S> TapStream<S> {
+    pub(crate) fn new(inner: S, state: Arc<TapState>) -> Self {
+        TapStream {
+            inner,
+            state,
+            reads: Framer::new(false),
+            writes: Framer::new(true),
+        }
+    }
+
+    fn observe_read(&mut self, data: &[u8]) {
+        let state = &self.state;
+        self.reads.feed(
+            data,
+            |tag| match tag {
+                b'Z' => 1,
+                b'E' => ERROR_CAPTURE,
+                _ => 0,
+            },
+            |tag, body| match tag {
+                b'Z' => {
+                    if let Some(&status) = body.first() {
+                        state.status.store(status, Ordering::Release);
+                    }
+                    state.ready_received.fetch_add(1, Ordering::AcqRel);
+                    state.ready.notify_waiters();
+                }
+                b'E' => {
+                    if let (Some(severity), code) = error_fields(body) {
+                        if severity == b"FATAL" || severity == b"PANIC" {
+                            state.fatal.store(pack_code(code.unwrap_or(b"XX000")), Ordering::Release);
+                            state.ready.notify_waiters();
+                        }
+                    }
+                }
+                _ => {}
+            },
+        );
+    }
+
+    fn observe_write(&mut self, data: &[u8]) {
+        let state = &self.state;
+        self.writes.feed(
+            data,
+            |_| 0,
+            |tag, _| match tag {
+                // The untagged startup message is answered by the first
+                // ReadyForQuery.
+                0 => {
+                    state.requests_sent.fetch_add(1, Ordering::AcqRel);
+                }
+                b'Q' => {
+                    state.queries.fetch_add(1, Ordering::Relaxed);
+                    state.requests_sent.fetch_add(1, Ordering::AcqRel);
+                }
+                b'S' => {
+                    state.requests_sent.fetch_add(1, Ordering::AcqRel);
+                }
+                b'E' => {
+                    state.queries.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            },
+        );
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TapStream<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        match &poll {
+            Poll::Ready(Ok(())) => {
+                let filled = &buf.filled()[before..];
+                if filled.is_empty() {
+                    this.state.mark_eof();
+                } else {
+                    this.observe_read(filled);
+                }
+            }
+            Poll::Ready(Err(_)) => this.state.mark_eof(),
+            Poll::Pending => {}
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
+        match &poll {
+            Poll::Ready(Ok(n)) => this.observe_write(&data[..*n]),
+            Poll::Ready(Err(_)) => this.state.mark_eof(),
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn startup() -> Vec<u8> {
+        let body = b"\x00\x03\x00\x00user\x00app\x00\x00";
+        let mut v = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn error_body(severity: &str, code: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (f, v) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', "boom")] {
+            b.push(f);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        b
+    }
+
+    /// Client stream: startup, then a simple query, then an extended query.
+    fn client_bytes() -> Vec<u8> {
+        let mut v = startup();
+        v.extend(msg(b'Q', b"BEGIN\0"));
+        v.extend(msg(b'P', b"\0select 1\0\0\0"));
+        v.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+        v.extend(msg(b'E', b"\0\0\0\0\0"));
+        v.extend(msg(b'S', b""));
+        v
+    }
+
+    fn server_bytes() -> Vec<u8> {
+        let mut v = msg(b'R', &[0, 0, 0, 0]);
+        v.extend(msg(b'Z', b"I"));
+        v.extend(msg(b'C', b"BEGIN\0"));
+        v.extend(msg(b'Z', b"T"));
+        v.extend(msg(b'E', &error_body("ERROR", "42601")));
+        v.extend(msg(b'Z', b"E"));
+        v
+    }
+
+    fn run(chunks_c: &[usize], chunks_s: &[usize]) -> Arc<TapState> {
+        let state = Arc::new(TapState::new());
+        let mut tap = TapStream::new((), state.clone());
+        let feed_chunks = |data: Vec<u8>, sizes: &[usize], f: &mut dyn FnMut(&[u8])| {
+            let mut rest = &data[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = sizes.get(i).copied().unwrap_or(rest.len()).clamp(1, rest.len());
+                f(&rest[..n]);
+                rest = &rest[n..];
+                i += 1;
+            }
+        };
+        feed_chunks(client_bytes(), chunks_c, &mut |d| tap.observe_write(d));
+        feed_chunks(server_bytes(), chunks_s, &mut |d| tap.observe_read(d));
+        state
+    }
+
+    #[test]
+    fn follows_requests_transactions_and_queries() {
+        let state = run(&[], &[]);
+        assert_eq!(state.requests_sent.load(Ordering::Relaxed), 3);
+        assert_eq!(state.ready_received.load(Ordering::Relaxed), 3);
+        assert_eq!(state.in_flight(), 0);
+        assert_eq!(state.queries(), 2);
+        assert_eq!(state.status(), TxStatus::Failed);
+        assert!(!state.is_dead());
+    }
+
+    #[test]
+    fn fatal_error_marks_connection_dead_with_its_code() {
+        let state = Arc::new(TapState::new());
+        let mut tap = TapStream::new((), state.clone());
+        tap.observe_read(&msg(b'E', &error_body("FATAL", "57P01")));
+        assert!(state.is_dead());
+        assert_eq!(state.fatal_code().as_deref(), Some("57P01"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_result(
+            c in proptest::collection::vec(1usize..16, 0..40),
+            s in proptest::collection::vec(1usize..16, 0..40),
+        ) {
+            let state = run(&c, &s);
+            prop_assert_eq!(state.requests_sent.load(Ordering::Relaxed), 3);
+            prop_assert_eq!(state.ready_received.load(Ordering::Relaxed), 3);
+            prop_assert_eq!(state.queries(), 2);
+            prop_assert_eq!(state.status(), TxStatus::Failed);
+            prop_assert!(!state.is_dead());
+        }
+    }
+}

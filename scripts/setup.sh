@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what pgfleet needs on a fresh Debian/Ubuntu machine: the
+# PostgreSQL server binaries (initdb, pg_ctl) used by the throwaway clusters
+# of the test kit. Idempotent: does nothing when they are already there.
+set -euo pipefail
+
+have_initdb() {
+  [ -n "${PGFLEET_PG_BIN:-}" ] && [ -x "${PGFLEET_PG_BIN}/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  command -v initdb >/dev/null 2>&1
+}
+
+if ! have_initdb; then
+  echo "setup: PostgreSQL server binaries not found; installing the postgresql package" >&2
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+  have_initdb || { echo "setup: postgresql installed but initdb still not found" >&2; exit 1; }
+fi
