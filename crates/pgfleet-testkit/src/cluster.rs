@@ -1,0 +1,671 @@
+//! `TempCluster`: a real, throwaway PostgreSQL server.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+
+use crate::error::{Error, Result};
+
+/// The superuser password of every cluster (host connections use
+/// scram-sha-256, so password checks are real).
+const SUPERUSER_PASSWORD: &str = "pgfleet-testkit-pw";
+
+/// Application name of the kit's own admin connections; the counting
+/// helpers leave them out.
+pub const ADMIN_APPLICATION_NAME: &str = "pgfleet-testkit";
+
+/// Bump when the template's initdb options change.
+const TEMPLATE_VERSION: u32 = 1;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Builder for a [`TempCluster`] with server settings.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterBuilder {
+    settings: Vec<(String, String)>,
+}
+
+impl ClusterBuilder {
+    /// Sets any server setting (`postgresql.conf` name and value), e.g.
+    /// `.setting("max_connections", "20")`.
+    pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Creates the data directory from the machine's template (running
+    /// initdb once per machine) and starts the server on a free port.
+    ///
+    /// # Errors
+    /// Missing binaries (with how to install them), initdb or start failure
+    /// (with the end of the server log).
+    pub fn start(self) -> Result<TempCluster> {
+        let bin = find_binaries(&default_candidates())?;
+        let template = ensure_template(&bin)?;
+        let dir = std::env::temp_dir().join(format!(
+            "pgfleet-cluster-{}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            nanos_suffix()
+        ));
+        run(Command::new("cp").arg("-a").arg(&template).arg(&dir), "copy the template")?;
+        chown_to_postgres(&dir)?;
+        let data = dir.join("data");
+        let mut last_err = None;
+        // A free port can be taken between our probe and the server's bind:
+        // try a few.
+        for _ in 0..5 {
+            let port = free_port()?;
+            let cluster = TempCluster {
+                bin: bin.clone(),
+                dir: dir.clone(),
+                data: data.clone(),
+                port,
+                running: Mutex::new(false),
+            };
+            cluster.write_settings(&self.settings)?;
+            match cluster.pg_ctl_start() {
+                Ok(()) => {
+                    cluster.spawn_watchdog()?;
+                    return Ok(cluster);
+                }
+                Err(e) => {
+                    last_err = Some(e);
+                    // Keep the directory for the next attempt; forget this
+                    // value without running its Drop.
+                    std::mem::forget(cluster);
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+        Err(last_err.expect("at least one attempt"))
+    }
+}
+
+/// A running PostgreSQL server in a fresh directory on a free 127.0.0.1
+/// port, removed on drop (also when a test panics), and by a watchdog
+/// process if the test process dies without dropping it.
+#[derive(Debug)]
+pub struct TempCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    data: PathBuf,
+    port: u16,
+    running: Mutex<bool>,
+}
+
+impl TempCluster {
+    /// A builder to set server settings before start.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// Starts a cluster with default settings.
+    ///
+    /// # Errors
+    /// As [`ClusterBuilder::start`].
+    pub fn start() -> Result<TempCluster> {
+        ClusterBuilder::default().start()
+    }
+
+    /// A cluster shared by the whole process (`max_connections=200`),
+    /// started on first use. The watchdog removes it when the process exits.
+    ///
+    /// # Panics
+    /// If it cannot start; the message says why.
+    pub fn shared() -> &'static TempCluster {
+        static SHARED: OnceLock<TempCluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            TempCluster::builder()
+                .setting("max_connections", "200")
+                .start()
+                .unwrap_or_else(|e| panic!("cannot start the shared test cluster: {e}"))
+        })
+    }
+
+    /// The superuser (`postgres`) password.
+    pub fn superuser_password() -> &'static str {
+        SUPERUSER_PASSWORD
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The host the server listens on.
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// The cluster's directory (data, log, socket).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// The directory holding the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The server log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// A URL for database `db` as the superuser.
+    pub fn url(&self, db: &str) -> String {
+        self.url_for("postgres", SUPERUSER_PASSWORD, db)
+    }
+
+    /// A URL for database `db` as `user` with `password`.
+    pub fn url_for(&self, user: &str, password: &str, db: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Stops the server (fast shutdown). Blocks briefly.
+    ///
+    /// # Errors
+    /// If pg_ctl fails.
+    pub fn stop(&self) -> Result<()> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if *running {
+            self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"], "stop the server")?;
+            *running = false;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again after [`stop`](Self::stop), same port and
+    /// data. Blocks until it accepts connections.
+    ///
+    /// # Errors
+    /// If it does not start (with the end of the log).
+    pub fn resume(&self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.pg_ctl_start()
+    }
+
+    /// Stops and starts the server. Blocks briefly.
+    ///
+    /// # Errors
+    /// As [`stop`](Self::stop) and [`resume`](Self::resume).
+    pub fn restart(&self) -> Result<()> {
+        self.stop()?;
+        self.resume()
+    }
+
+    /// Whether the server was started and not stopped.
+    pub fn is_running(&self) -> bool {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates a database; does nothing if it exists.
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn create_database(&self, name: &str) -> Result<()> {
+        let client = self.admin().await?;
+        match client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(name))).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code().is_some_and(|c| c.code() == "42P04") => Ok(()),
+            Err(e) => Err(Error::query("CREATE DATABASE", e)),
+        }
+    }
+
+    /// Creates a login role with a password (or updates the password).
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn create_role(&self, name: &str, password: &str) -> Result<()> {
+        let client = self.admin().await?;
+        let sql = format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {n}) THEN \
+             CREATE ROLE {i} LOGIN; END IF; END $$; ALTER ROLE {i} WITH LOGIN PASSWORD {p}",
+            n = quote_literal(name),
+            i = quote_ident(name),
+            p = quote_literal(password)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::query("CREATE ROLE", e))
+    }
+
+    /// Runs SQL statements on database `postgres`.
+    ///
+    /// # Errors
+    /// If they fail.
+    pub async fn execute(&self, sql: &str) -> Result<()> {
+        let client = self.admin().await?;
+        client.batch_execute(sql).await.map_err(|e| Error::query(sql, e))
+    }
+
+    /// Terminates (`pg_terminate_backend`) the client backends matching
+    /// `filter`; returns how many.
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn terminate(&self, filter: &BackendFilter) -> Result<u64> {
+        let client = self.admin().await?;
+        let (clause, params) = filter.clause();
+        let sql = format!(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {clause}"
+        );
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let row = client
+            .query_one(&sql, &refs)
+            .await
+            .map_err(|e| Error::query("pg_terminate_backend", e))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// The client backends matching `filter`, from `pg_stat_activity`.
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn backends(&self, filter: &BackendFilter) -> Result<Vec<Backend>> {
+        let client = self.admin().await?;
+        let (clause, params) = filter.clause();
+        let sql = format!(
+            "SELECT pid, datname::text, application_name, state FROM pg_stat_activity WHERE {clause} ORDER BY pid"
+        );
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let rows = client
+            .query(&sql, &refs)
+            .await
+            .map_err(|e| Error::query("pg_stat_activity", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| Backend {
+                pid: r.get(0),
+                database: r.get(1),
+                application_name: r.get(2),
+                state: r.get(3),
+            })
+            .collect())
+    }
+
+    /// How many client backends match `filter`.
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn count_backends(&self, filter: &BackendFilter) -> Result<usize> {
+        Ok(self.backends(filter).await?.len())
+    }
+
+    /// Polls (every 20ms, at most `limit`) until the number of backends
+    /// matching `filter` satisfies `done`; returns the last count.
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn wait_for_backends(
+        &self,
+        filter: &BackendFilter,
+        done: impl Fn(usize) -> bool,
+        limit: Duration,
+    ) -> Result<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let n = self.count_backends(filter).await?;
+            if done(n) || Instant::now() >= deadline {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn admin(&self) -> Result<tokio_postgres::Client> {
+        let url = format!("{}?application_name={ADMIN_APPLICATION_NAME}", self.url("postgres"));
+        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .map_err(|e| Error::query("admin connection", e))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    fn write_settings(&self, extra: &[(String, String)]) -> Result<()> {
+        let mut settings: Vec<(String, String)> = [
+            ("listen_addresses", "127.0.0.1".to_owned()),
+            ("port", self.port.to_string()),
+            ("unix_socket_directories", self.dir.display().to_string()),
+            ("fsync", "off".into()),
+            ("synchronous_commit", "off".into()),
+            ("full_page_writes", "off".into()),
+            ("max_connections", "100".into()),
+            ("shared_buffers", "16MB".into()),
+            ("log_min_messages", "warning".into()),
+            ("log_connections", "off".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        settings.extend(extra.iter().cloned());
+        // postgresql.auto.conf is read last, so these win over the template.
+        let mut text = String::from("# written by pgfleet-testkit\n");
+        for (name, value) in settings {
+            text.push_str(&format!("{name} = {}\n", quote_literal(&value)));
+        }
+        fs::write(self.data.join("postgresql.auto.conf"), text).map_err(|e| Error::io("write settings", e))?;
+        chown_to_postgres(&self.data.join("postgresql.auto.conf"))
+    }
+
+    fn pg_ctl_start(&self) -> Result<()> {
+        let log = self.log_path();
+        let result = self.pg_ctl(
+            &["start", "-w", "-t", "60", "-l", &log.display().to_string()],
+            "start the server",
+        );
+        match result {
+            Ok(()) => {
+                *self.running.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                Ok(())
+            }
+            Err(e) => Err(Error::Start {
+                message: e.to_string(),
+                log_tail: log_tail(&log, 20),
+            }),
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str], what: &str) -> Result<()> {
+        let mut cmd = as_postgres(&self.bin.join("pg_ctl"));
+        cmd.arg("-D").arg(&self.data).args(args);
+        run(&mut cmd, what)
+    }
+
+    /// A detached shell that stops the server and removes the directory once
+    /// this process is gone (bounded: gives up after 6 hours).
+    fn spawn_watchdog(&self) -> Result<()> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = if is_root() {
+            format!("runuser -u postgres -- '{}' -D '{}' stop -m immediate", pg_ctl.display(), self.data.display())
+        } else {
+            format!("'{}' -D '{}' stop -m immediate", pg_ctl.display(), self.data.display())
+        };
+        let script = format!(
+            "i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 43200 ]; do sleep 0.5; i=$((i+1)); done; \
+             {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::io("start the watchdog", e))?;
+        Ok(())
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.pg_ctl(&["stop", "-m", "immediate", "-w"], "stop the server");
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A backend row from `pg_stat_activity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Process id.
+    pub pid: i32,
+    /// Database name.
+    pub database: Option<String>,
+    /// `application_name`.
+    pub application_name: Option<String>,
+    /// `active`, `idle`, `idle in transaction`, ...
+    pub state: Option<String>,
+}
+
+/// Which client backends to count or terminate. The kit's own admin
+/// connections are always left out.
+#[derive(Debug, Clone, Default)]
+pub struct BackendFilter {
+    application_name: Option<String>,
+    application_name_prefix: Option<String>,
+    database: Option<String>,
+}
+
+impl BackendFilter {
+    /// Every client backend.
+    pub fn all() -> Self {
+        BackendFilter::default()
+    }
+
+    /// Only those with this `application_name`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Only those whose `application_name` starts with this.
+    pub fn application_name_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.application_name_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Only those connected to this database.
+    pub fn database(mut self, name: impl Into<String>) -> Self {
+        self.database = Some(name.into());
+        self
+    }
+
+    fn clause(&self) -> (String, Vec<String>) {
+        let mut clause = format!(
+            "backend_type = 'client backend' AND pid <> pg_backend_pid() AND application_name <> '{ADMIN_APPLICATION_NAME}'"
+        );
+        let mut params = Vec::new();
+        if let Some(name) = &self.application_name {
+            params.push(name.clone());
+            clause.push_str(&format!(" AND application_name = ${}", params.len()));
+        }
+        if let Some(prefix) = &self.application_name_prefix {
+            params.push(prefix.clone());
+            clause.push_str(&format!(" AND starts_with(application_name, ${})", params.len()));
+        }
+        if let Some(db) = &self.database {
+            params.push(db.clone());
+            clause.push_str(&format!(" AND datname = ${}", params.len()));
+        }
+        (clause, params)
+    }
+}
+
+/// A unique lowercase name (`prefix` plus counter, pid and clock bits), valid
+/// as a database, role or application name (at most 63 bytes).
+pub fn unique_name(prefix: &str) -> String {
+    let mut name: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .take(32)
+        .collect();
+    name.push_str(&format!(
+        "_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos_suffix() % 100_000
+    ));
+    name.truncate(63);
+    name
+}
+
+fn nanos_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn default_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = std::env::var_os("PGFLEET_PG_BIN") {
+        out.push(PathBuf::from(dir));
+        return out;
+    }
+    if let Ok(o) = Command::new("pg_config").arg("--bindir").output() {
+        if o.status.success() {
+            out.push(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<(u32, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                Some((v, e.path().join("bin")))
+            })
+            .collect();
+        versions.sort_by(|a, b| b.0.cmp(&a.0));
+        out.extend(versions.into_iter().map(|(_, p)| p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        out.extend(std::env::split_paths(&path));
+    }
+    out
+}
+
+/// The first candidate directory holding both `initdb` and `pg_ctl`.
+pub(crate) fn find_binaries(candidates: &[PathBuf]) -> Result<PathBuf> {
+    candidates
+        .iter()
+        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
+        .cloned()
+        .ok_or(Error::MissingBinaries)
+}
+
+fn is_root() -> bool {
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    })
+}
+
+/// A command run as the `postgres` OS user when we are root (PostgreSQL
+/// refuses to run as root).
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn chown_to_postgres(path: &Path) -> Result<()> {
+    if is_root() {
+        run(Command::new("chown").arg("-R").arg("postgres:postgres").arg(path), "chown to postgres")?;
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(what, e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            what: what.to_owned(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("find a free port", e))?;
+    Ok(listener.local_addr().map_err(|e| Error::io("find a free port", e))?.port())
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs initdb once per machine into a cached template directory (atomic
+/// rename, so concurrent test processes agree on one), and returns it.
+fn ensure_template(bin: &Path) -> Result<PathBuf> {
+    let version = bin
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|v| v.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pg".into());
+    let template = std::env::temp_dir().join(format!("pgfleet-testkit-template-{version}-v{TEMPLATE_VERSION}"));
+    if template.join("data").join("PG_VERSION").is_file() {
+        return Ok(template);
+    }
+    let staging = std::env::temp_dir().join(format!(
+        "pgfleet-testkit-staging-{}-{}",
+        std::process::id(),
+        nanos_suffix()
+    ));
+    fs::create_dir_all(&staging).map_err(|e| Error::io("create the template directory", e))?;
+    let pwfile = staging.join("pwfile");
+    fs::File::create(&pwfile)
+        .and_then(|mut f| writeln!(f, "{SUPERUSER_PASSWORD}"))
+        .map_err(|e| Error::io("write the password file", e))?;
+    chown_to_postgres(&staging)?;
+    let out = as_postgres(&bin.join("initdb"))
+        .arg("-D")
+        .arg(staging.join("data"))
+        .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"])
+        .args(["--locale=C", "--no-sync"])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io("run initdb", e))?;
+    let _ = fs::remove_file(&pwfile);
+    if !out.status.success() {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(Error::Initdb(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    match fs::rename(&staging, &template) {
+        Ok(()) => Ok(template),
+        // Another process won the race: use theirs.
+        Err(_) if template.join("data").join("PG_VERSION").is_file() => {
+            let _ = fs::remove_dir_all(&staging);
+            Ok(template)
+        }
+        Err(e) => Err(Error::io("install the template", e)),
+    }
+}

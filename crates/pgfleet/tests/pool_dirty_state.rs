@@ -1,0 +1,114 @@
+//! Connections returned dirty are cleaned before reuse: open and failed
+//! transactions are rolled back, requests still in flight are waited for or
+//! cancelled, and the next borrower never sees any of it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{app, cluster, config, target};
+use pgfleet::Pool;
+
+async fn in_transaction(conn: &tokio_postgres::Client) -> bool {
+    // SAVEPOINT is only allowed inside a transaction block (25P01 outside).
+    match conn.batch_execute("SAVEPOINT pgfleet_probe").await {
+        Ok(()) => true,
+        Err(e) => {
+            assert_eq!(e.code().map(|c| c.code()), Some("25P01"), "{e}");
+            false
+        }
+    }
+}
+
+#[tokio::test]
+async fn raw_begin_left_open_is_rolled_back_before_reuse() {
+    let app = app("dirty_begin");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let table = format!("dirty_{}", app.replace('-', "_"));
+    {
+        let conn = pool.get().await.unwrap();
+        conn.batch_execute(&format!("CREATE TABLE {table} (v int)")).await.unwrap();
+        conn.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)")).await.unwrap();
+        // Dropped inside the transaction.
+    }
+    let conn = pool.get().await.unwrap();
+    assert!(!in_transaction(&conn).await);
+    let n: i64 = conn
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the uncommitted row must not be visible");
+    let stats = pool.stats();
+    assert_eq!(stats.counters.dirty_returns, 1);
+    assert_eq!(stats.counters.connections_created, 1, "rolled back, not reconnected");
+}
+
+#[tokio::test]
+async fn failed_statement_inside_a_transaction_is_rolled_back() {
+    let app = app("dirty_failed");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    {
+        let conn = pool.get().await.unwrap();
+        conn.batch_execute("BEGIN").await.unwrap();
+        let err = conn.batch_execute("SELECT 1/0").await.unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "22012");
+        // Returned right after the error: the ReadyForQuery behind it may
+        // not have been read yet.
+    }
+    let conn = pool.get().await.unwrap();
+    let v: i32 = conn.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
+    assert_eq!(v, 42);
+    assert!(!in_transaction(&conn).await);
+    assert_eq!(pool.stats().counters.dirty_returns, 1);
+}
+
+#[tokio::test]
+async fn transaction_api_dropped_without_commit_leaves_nothing_behind() {
+    let app = app("dirty_txapi");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    {
+        let mut conn = pool.get().await.unwrap();
+        let tx = conn.transaction().await.unwrap();
+        tx.batch_execute("SET LOCAL work_mem = '77MB'").await.unwrap();
+        // tokio-postgres queues a ROLLBACK when a Transaction is dropped.
+        drop(tx);
+    }
+    let conn = pool.get().await.unwrap();
+    let wm: String = conn.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_ne!(wm, "77MB");
+    assert!(!in_transaction(&conn).await);
+}
+
+#[tokio::test]
+async fn guard_dropped_mid_query_does_not_poison_the_next_borrower() {
+    let app = app("dirty_midquery");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    {
+        let conn = pool.get().await.unwrap();
+        // A long statement abandoned half-way.
+        let r = tokio::time::timeout(
+            Duration::from_millis(100),
+            conn.batch_execute("BEGIN; SELECT pg_sleep(30)"),
+        )
+        .await;
+        assert!(r.is_err(), "the query should still be running");
+    }
+    let started = std::time::Instant::now();
+    let conn = tokio::time::timeout(Duration::from_secs(10), pool.get())
+        .await
+        .expect("the abandoned statement is cancelled, not waited out")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let v: i32 = conn.query_one("SELECT 7", &[]).await.unwrap().get(0);
+    assert_eq!(v, 7);
+    assert!(!in_transaction(&conn).await);
+    // The backend running pg_sleep is not left behind: one connection only.
+    drop(conn);
+    assert!(common::backends(&app).await <= 1);
+    let rows = cluster()
+        .backends(&pgfleet_testkit::BackendFilter::all().application_name(&app))
+        .await
+        .unwrap();
+    assert!(rows.iter().all(|b| b.state.as_deref() != Some("active")), "{rows:?}");
+}

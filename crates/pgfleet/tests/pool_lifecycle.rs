@@ -1,0 +1,145 @@
+//! Connection lifecycle with short settings: lifetime, idle timeout,
+//! max_queries, floor refill, health checks, and the per-connection
+//! settings (statement timeout, server settings, application_name).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{app, backends, cluster, config, settle_backends, target};
+use pgfleet::Pool;
+
+async fn backend_pid(pool: &Pool) -> i32 {
+    let conn = pool.get().await.unwrap();
+    conn.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn connections_are_retired_after_their_lifetime() {
+    let app = app("lifetime");
+    let mut cfg = config(&app, 1, 1);
+    cfg.max_lifetime = Some(Duration::from_millis(300));
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let first = backend_pid(&pool).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let second = backend_pid(&pool).await;
+    assert_ne!(first, second, "a connection past its lifetime was reused");
+    let c = pool.stats().counters;
+    assert!(c.connections_closed_lifetime >= 1, "{c:?}");
+    assert!(c.connections_created >= 2);
+    assert!(backends(&app).await <= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_above_the_floor_close_after_idle_timeout() {
+    let app = app("idle");
+    let mut cfg = config(&app, 1, 3);
+    cfg.idle_timeout = Some(Duration::from_millis(200));
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    {
+        let a = pool.get().await.unwrap();
+        let b = pool.get().await.unwrap();
+        let c = pool.get().await.unwrap();
+        for conn in [&a, &b, &c] {
+            conn.query_one("SELECT 1", &[]).await.unwrap();
+        }
+    }
+    assert_eq!(pool.stats().gauges.size, 3);
+    assert!(common::eventually(Duration::from_secs(5), || pool.stats().gauges.size == 1).await);
+    assert_eq!(pool.stats().counters.connections_closed_idle, 2);
+    assert_eq!(settle_backends(&app, 1).await, 1, "the floor stays open");
+}
+
+#[tokio::test]
+async fn connection_is_replaced_after_max_queries() {
+    let app = app("maxq");
+    let mut cfg = config(&app, 0, 1);
+    cfg.max_queries = Some(3);
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let mut pids = HashSet::new();
+    for _ in 0..7 {
+        // One statement per checkout: connections serve 3 each.
+        pids.insert(backend_pid(&pool).await);
+    }
+    assert_eq!(pids.len(), 3, "7 statements at 3 per connection");
+    assert_eq!(pool.stats().counters.connections_closed_max_queries, 2);
+}
+
+#[tokio::test]
+async fn floor_is_refilled_after_connections_break() {
+    let app = app("refill");
+    let pool = Pool::new(target(cluster()), config(&app, 3, 5)).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(settle_backends(&app, 3).await, 3);
+    let killed = cluster()
+        .terminate(&pgfleet_testkit::BackendFilter::all().application_name(&app))
+        .await
+        .unwrap();
+    assert_eq!(killed, 3);
+    // The maintenance task notices the dead connections and reopens the floor.
+    assert!(
+        common::eventually(Duration::from_secs(10), || {
+            let s = pool.stats();
+            s.counters.connections_created >= 6 && s.gauges.idle == 3
+        })
+        .await,
+        "{:?}",
+        pool.stats()
+    );
+    assert_eq!(pool.stats().counters.connections_closed_broken, 3);
+    assert_eq!(settle_backends(&app, 3).await, 3);
+}
+
+#[tokio::test]
+async fn idle_connection_is_health_checked_and_hot_one_is_not() {
+    let app = app("health");
+    let mut cfg = config(&app, 0, 1);
+    cfg.health_check_after = Duration::from_millis(100);
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    backend_pid(&pool).await;
+    backend_pid(&pool).await;
+    assert_eq!(pool.stats().counters.health_checks, 0, "hot connections need no round trip");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    backend_pid(&pool).await;
+    assert_eq!(pool.stats().counters.health_checks, 1);
+}
+
+#[tokio::test]
+async fn command_timeout_server_settings_and_application_name_reach_the_server() {
+    let app = app("settings");
+    let mut cfg = config(&app, 0, 1);
+    cfg.command_timeout = Some(Duration::from_millis(150));
+    cfg.server_settings.insert("work_mem".into(), "7MB".into());
+    cfg.server_settings.insert("search_path".into(), "pg_catalog, public".into());
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let conn = pool.get().await.unwrap();
+    let err = conn.batch_execute("SELECT pg_sleep(5)").await.unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "57014", "statement_timeout cancels: {err}");
+    let row = conn
+        .query_one(
+            "SELECT current_setting('work_mem'), current_setting('search_path'), \
+             current_setting('statement_timeout'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "7MB");
+    assert_eq!(row.get::<_, String>(1), "pg_catalog, public");
+    assert_eq!(row.get::<_, String>(2), "150ms");
+    assert_eq!(row.get::<_, String>(3), app);
+}
+
+#[tokio::test]
+async fn connection_held_past_leak_threshold_is_reported_with_its_location() {
+    let app = app("leak");
+    let mut cfg = config(&app, 0, 1);
+    cfg.leak_threshold = Some(Duration::from_millis(50));
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let conn = pool.get().await.unwrap();
+    assert_eq!(conn.location().file(), file!(), "get() records its caller");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    drop(conn);
+    drop(pool.get().await.unwrap());
+    assert_eq!(pool.stats().counters.leaks_reported, 1);
+}
