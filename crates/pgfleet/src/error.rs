@@ -53,8 +53,6 @@ pub enum ErrorKind {
     /// The configuration is invalid; the message names the key, the value and
     /// where it came from.
     Config,
-    /// A query the pool itself runs (health check, rollback) failed.
-    Db,
 }
 
 /// The error of every fallible pgfleet operation.
@@ -112,10 +110,6 @@ impl Error {
 
     pub(crate) fn config(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Config, message)
-    }
-
-    pub(crate) fn db(message: impl Into<String>) -> Self {
-        Error::new(ErrorKind::Db, message)
     }
 
     /// What went wrong.

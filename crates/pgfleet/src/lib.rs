@@ -10,7 +10,6 @@ pub mod pool;
 pub mod stats;
 mod tap;
 pub mod target;
-mod shim;
 
 pub use config::PoolConfig;
 pub use error::{Error, ErrorKind, Result, TimeoutStage};

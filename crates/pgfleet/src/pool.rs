@@ -184,6 +184,9 @@ impl Shared {
 
     fn verdict(&self, conn: &Conn, now: Instant) -> Verdict {
         if conn.raw.is_broken() {
+            if let Some(code) = conn.raw.tap.fatal_code() {
+                tracing::debug!(pool = %self.label, sqlstate = %code, "connection closed by the server");
+            }
             Verdict::Close(CloseReason::Broken)
         } else if !conn.raw.tap.is_clean() {
             Verdict::Clean
