@@ -1,0 +1,588 @@
+//! Layered configuration from a Hydra-style directory of YAML files.
+//!
+//! ```text
+//! config/
+//!   config.yaml            # optional root: top-level keys, `defaults:`, `connection_pool:`
+//!   database/default.yaml  # placed under `database:`  -> database.postgres.*
+//!   store/pgai.yaml        # placed under `store:`     -> store.database.postgres.*
+//! ```
+//!
+//! Pool settings are read from three sections, lowest to highest:
+//! `postgres.*` < `database.postgres.*` < `store.database.postgres.*`, then
+//! the environment: `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DB`,
+//! `POSTGRES_USER`, `POSTGRES_PASSWORD`, and last `DATABASE_URL`. String
+//! values are interpolated first (see [`crate::interpolate`]'s rules in
+//! `docs/CONFIGURATION.md`). Every effective value remembers its source.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
+use crate::error::{Error, Result};
+use crate::interpolate::interpolate;
+use crate::target::Target;
+
+/// The sections that hold pool settings, lowest priority first.
+pub const LAYERS: &[&[&str]] = &[&["postgres"], &["database", "postgres"], &["store", "database", "postgres"]];
+
+/// Environment variables that override target keys, applied in this order
+/// after every file (`DATABASE_URL` last, so it wins).
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("POSTGRES_HOST", "host"),
+    ("POSTGRES_PORT", "port"),
+    ("POSTGRES_DB", "database"),
+    ("POSTGRES_USER", "user"),
+    ("POSTGRES_PASSWORD", "password"),
+    ("DATABASE_URL", "url"),
+];
+
+/// Services pre-created for a user when `services` is not given.
+pub const DEFAULT_SERVICES: &[&str] = &["memory", "buffer", "storage"];
+
+/// A YAML node with the file it came from.
+#[derive(Debug, Clone)]
+struct Node {
+    value: NodeValue,
+    file: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
+enum NodeValue {
+    Scalar(RawValue),
+    Map(Vec<(String, Node)>),
+    List(Vec<Node>),
+}
+
+/// Loads configuration from a directory and the environment.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    dir: Option<PathBuf>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+/// The result of loading: the effective target and pool configuration, the
+/// warm-up and pre-cache lists, and where every value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    files: Vec<String>,
+    settings: PoolSettings,
+    target: Target,
+    config: PoolConfig,
+    warmup: Vec<WarmupEntry>,
+    precache: Vec<PrecacheEntry>,
+}
+
+/// One pool to create and warm at start-up (`connection_pool.warmup_configs`).
+/// Entries inherit the effective settings and override them with their own
+/// keys.
+#[derive(Debug, Clone)]
+pub struct WarmupEntry {
+    /// The database.
+    pub target: Target,
+    /// Its pool configuration.
+    pub config: PoolConfig,
+}
+
+/// Services to create for a user at start-up
+/// (`connection_pool.precache_configs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrecacheEntry {
+    /// The user id.
+    pub user: String,
+    /// The services (`memory`, `buffer`, `storage` by default).
+    pub services: Vec<String>,
+}
+
+impl Loader {
+    /// A loader for a configuration directory, reading the process
+    /// environment.
+    pub fn new(dir: impl Into<PathBuf>) -> Loader {
+        Loader {
+            dir: Some(dir.into()),
+            env: None,
+        }
+    }
+
+    /// A loader with no files: defaults plus the environment.
+    pub fn without_files() -> Loader {
+        Loader { dir: None, env: None }
+    }
+
+    /// Uses these variables instead of the process environment (tests, or
+    /// a service that wants to control what is read).
+    pub fn env<I, K, V>(mut self, vars: I) -> Loader
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.env = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    fn var(&self, name: &str) -> Option<String> {
+        match &self.env {
+            Some(map) => map.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+    }
+
+    /// Reads the files and the environment and resolves everything.
+    ///
+    /// # Errors
+    /// A `Config` error naming the key, the value and the file (or variable)
+    /// for anything invalid: unreadable or malformed YAML, unknown keys,
+    /// bad values, failed interpolation, conflicts between keys.
+    pub fn load(&self) -> Result<Loaded> {
+        let env = |name: &str| self.var(name);
+        let (root, files) = match &self.dir {
+            Some(dir) => read_dir(dir)?,
+            None => (empty_map("(none)"), Vec::new()),
+        };
+        let mut settings = PoolSettings::new();
+        for layer in LAYERS {
+            if let Some(section) = lookup(&root, layer) {
+                apply_section(&mut settings, section, &layer.join("."), &env)?;
+            }
+        }
+        for (var, key) in ENV_OVERRIDES {
+            if let Some(value) = self.var(var).filter(|v| !v.is_empty()) {
+                settings.set(key, &RawValue::Str(value), Source::Env { var: (*var).to_owned() })?;
+            }
+        }
+        let (target, config) = settings.resolve()?;
+        let (warmup, precache) = match lookup(&root, &["connection_pool"]) {
+            Some(block) => startup(block, &settings, &env)?,
+            None => (Vec::new(), Vec::new()),
+        };
+        Ok(Loaded {
+            files,
+            settings,
+            target,
+            config,
+            warmup,
+            precache,
+        })
+    }
+}
+
+impl Loaded {
+    /// The effective target.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The effective pool configuration.
+    pub fn pool_config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// The merged settings, for further layering in code.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Every effective value with its source (passwords as `***`).
+    pub fn explain(&self) -> Vec<Effective> {
+        self.settings.explain().expect("resolved once already")
+    }
+
+    /// Pools to warm at start-up.
+    pub fn warmup(&self) -> &[WarmupEntry] {
+        &self.warmup
+    }
+
+    /// Users whose services to create at start-up.
+    pub fn precache(&self) -> &[PrecacheEntry] {
+        &self.precache
+    }
+
+    /// The files read, relative to the configuration directory.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    /// A serialisable summary (for `pgfleet config check --json`).
+    pub fn report(&self) -> LoadedReport {
+        LoadedReport {
+            files: self.files.clone(),
+            effective: self.explain(),
+            warmup: self
+                .warmup
+                .iter()
+                .map(|w| WarmupReportEntry {
+                    url: w.target.masked_url(),
+                    min_size: w.config.min_size,
+                    max_size: w.config.max_size,
+                })
+                .collect(),
+            precache: self.precache.clone(),
+        }
+    }
+}
+
+/// What [`Loaded::report`] returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadedReport {
+    /// Files read.
+    pub files: Vec<String>,
+    /// Effective values and their sources.
+    pub effective: Vec<Effective>,
+    /// Pools to warm.
+    pub warmup: Vec<WarmupReportEntry>,
+    /// Users to pre-cache.
+    pub precache: Vec<PrecacheEntry>,
+}
+
+/// One warm-up target in a [`LoadedReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct WarmupReportEntry {
+    /// The target, password masked.
+    pub url: String,
+    /// Its warm floor.
+    pub min_size: u32,
+    /// Its cap.
+    pub max_size: u32,
+}
+
+fn empty_map(file: &str) -> Node {
+    Node {
+        value: NodeValue::Map(Vec::new()),
+        file: file.into(),
+    }
+}
+
+fn config_error(message: String) -> Error {
+    Error::config(format!("invalid configuration: {message}"))
+}
+
+/// Reads the root file and the group files and merges them.
+fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
+    if !dir.is_dir() {
+        return Err(config_error(format!(
+            "configuration directory {} does not exist or is not a directory",
+            dir.display()
+        )));
+    }
+    let mut files = Vec::new();
+    let mut root = empty_map("config.yaml");
+    let mut choices = BTreeMap::new();
+    let root_file = ["config.yaml", "config.yml"].iter().map(|f| dir.join(f)).find(|p| p.is_file());
+    if let Some(path) = &root_file {
+        let name = rel(dir, path);
+        root = read_yaml(path, &name)?;
+        choices = defaults_list(&mut root)?;
+        files.push(name);
+    }
+    let mut merged = empty_map("(merged)");
+    let mut groups: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| config_error(format!("cannot read {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    groups.sort();
+    for group_dir in groups {
+        let group = group_dir.file_name().map(|g| g.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut options: Vec<String> = std::fs::read_dir(&group_dir)
+            .map_err(|e| config_error(format!("cannot read {}: {e}", group_dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .collect();
+        options.sort();
+        if options.is_empty() {
+            continue;
+        }
+        let option = match choices.get(&group) {
+            Some(chosen) if options.contains(chosen) => chosen.clone(),
+            Some(chosen) => {
+                return Err(config_error(format!(
+                    "defaults in config.yaml choose `{group}: {chosen}`, but {group}/ has only {}",
+                    options.join(", ")
+                )))
+            }
+            None if options.iter().any(|o| o == "default") => "default".to_owned(),
+            None if options.len() == 1 => options[0].clone(),
+            None => {
+                return Err(config_error(format!(
+                    "{group}/ has several options ({}) and none is chosen: add `- {group}: <option>` to the defaults list of config.yaml, or name one default.yaml",
+                    options.join(", ")
+                )))
+            }
+        };
+        let path = ["yaml", "yml"]
+            .iter()
+            .map(|ext| group_dir.join(format!("{option}.{ext}")))
+            .find(|p| p.is_file())
+            .expect("listed above");
+        let name = rel(dir, &path);
+        let content = read_yaml(&path, &name)?;
+        let global = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.lines().next().map(|l| l.trim() == "# @package _global_"))
+            .unwrap_or(false);
+        let placed = if global {
+            content
+        } else {
+            Node {
+                value: NodeValue::Map(vec![(group.clone(), content)]),
+                file: name.as_str().into(),
+            }
+        };
+        merge(&mut merged, placed);
+        files.push(name);
+    }
+    // The root file is composed last, so its values win (Hydra's `_self_`).
+    merge(&mut merged, root);
+    Ok((merged, files))
+}
+
+fn rel(dir: &Path, path: &Path) -> String {
+    path.strip_prefix(dir).unwrap_or(path).display().to_string()
+}
+
+fn read_yaml(path: &Path, name: &str) -> Result<Node> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
+    let docs = YamlLoader::load_from_str(&text).map_err(|e| config_error(format!("{name}: malformed YAML: {e}")))?;
+    let file: Arc<str> = name.into();
+    match docs.len() {
+        0 => Ok(empty_map(name)),
+        1 => {
+            let node = convert(&docs[0], &file, name)?;
+            match node.value {
+                NodeValue::Map(_) => Ok(node),
+                NodeValue::Scalar(RawValue::Null) => Ok(empty_map(name)),
+                _ => Err(config_error(format!("{name}: the top level must be a mapping"))),
+            }
+        }
+        n => Err(config_error(format!("{name}: {n} YAML documents; expected one"))),
+    }
+}
+
+fn convert(yaml: &Yaml, file: &Arc<str>, name: &str) -> Result<Node> {
+    let value = match yaml {
+        Yaml::Null => NodeValue::Scalar(RawValue::Null),
+        Yaml::Boolean(b) => NodeValue::Scalar(RawValue::Bool(*b)),
+        Yaml::Integer(i) => NodeValue::Scalar(RawValue::Int(*i)),
+        Yaml::Real(r) => NodeValue::Scalar(
+            r.parse::<f64>()
+                .map(RawValue::Float)
+                .unwrap_or_else(|_| RawValue::Str(r.clone())),
+        ),
+        Yaml::String(s) => NodeValue::Scalar(RawValue::Str(s.clone())),
+        Yaml::Array(items) => NodeValue::List(items.iter().map(|i| convert(i, file, name)).collect::<Result<_>>()?),
+        Yaml::Hash(hash) => {
+            let mut pairs = Vec::with_capacity(hash.len());
+            for (k, v) in hash {
+                let key = match k {
+                    Yaml::String(s) => s.clone(),
+                    Yaml::Integer(i) => i.to_string(),
+                    Yaml::Boolean(b) => b.to_string(),
+                    Yaml::Real(r) => r.clone(),
+                    other => return Err(config_error(format!("{name}: unsupported mapping key {other:?}"))),
+                };
+                pairs.push((key, convert(v, file, name)?));
+            }
+            NodeValue::Map(pairs)
+        }
+        Yaml::Alias(_) | Yaml::BadValue => {
+            return Err(config_error(format!("{name}: unsupported YAML value (alias or bad value)")))
+        }
+    };
+    Ok(Node {
+        value,
+        file: file.clone(),
+    })
+}
+
+/// Takes the Hydra `defaults:` list out of the root: `- group: option`
+/// entries choose group files; `_self_` and other entries are accepted.
+fn defaults_list(root: &mut Node) -> Result<BTreeMap<String, String>> {
+    let mut choices = BTreeMap::new();
+    let NodeValue::Map(pairs) = &mut root.value else {
+        return Ok(choices);
+    };
+    let Some(index) = pairs.iter().position(|(k, _)| k == "defaults") else {
+        return Ok(choices);
+    };
+    let (_, list) = pairs.remove(index);
+    let NodeValue::List(items) = list.value else {
+        return Err(config_error(format!("{}: `defaults` must be a list", root.file)));
+    };
+    for item in items {
+        if let NodeValue::Map(entry) = item.value {
+            for (group, option) in entry {
+                if let NodeValue::Scalar(RawValue::Str(option)) = option.value {
+                    choices.insert(group, option);
+                }
+            }
+        }
+    }
+    Ok(choices)
+}
+
+/// Deep merge: mappings merge key by key, anything else is replaced.
+fn merge(base: &mut Node, over: Node) {
+    match (&mut base.value, over.value) {
+        (NodeValue::Map(base_pairs), NodeValue::Map(over_pairs)) => {
+            for (key, value) in over_pairs {
+                match base_pairs.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, existing)) => merge(existing, value),
+                    None => base_pairs.push((key, value)),
+                }
+            }
+        }
+        (_, value) => {
+            base.value = value;
+            base.file = over.file;
+        }
+    }
+}
+
+fn lookup<'a>(root: &'a Node, path: &[&str]) -> Option<&'a Node> {
+    path.iter().try_fold(root, |node, key| match &node.value {
+        NodeValue::Map(pairs) => pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+        _ => None,
+    })
+}
+
+/// Converts a node to a raw value, interpolating strings.
+fn raw(node: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RawValue> {
+    Ok(match &node.value {
+        NodeValue::Scalar(RawValue::Str(s)) => RawValue::Str(interpolate(s, env).map_err(|why| {
+            config_error(format!("{path} = {s:?} ({}: {path}): {why}", node.file))
+        })?),
+        NodeValue::Scalar(v) => v.clone(),
+        NodeValue::Map(pairs) => RawValue::Map(
+            pairs
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), raw(v, &format!("{path}.{k}"), env)?)))
+                .collect::<Result<_>>()?,
+        ),
+        NodeValue::List(items) => RawValue::List(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| raw(v, &format!("{path}[{i}]"), env))
+                .collect::<Result<_>>()?,
+        ),
+    })
+}
+
+fn apply_section(
+    settings: &mut PoolSettings,
+    section: &Node,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<()> {
+    let NodeValue::Map(pairs) = &section.value else {
+        if matches!(section.value, NodeValue::Scalar(RawValue::Null)) {
+            return Ok(());
+        }
+        return Err(config_error(format!("{}: `{path}` must be a mapping", section.file)));
+    };
+    for (key, node) in pairs {
+        let key_path = format!("{path}.{key}");
+        let value = raw(node, &key_path, env)?;
+        settings.set(
+            key,
+            &value,
+            Source::File {
+                path: node.file.to_string(),
+                key: key_path,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn startup(
+    block: &Node,
+    base: &PoolSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Vec<WarmupEntry>, Vec<PrecacheEntry>)> {
+    let NodeValue::Map(pairs) = &block.value else {
+        return Err(config_error(format!("{}: `connection_pool` must be a mapping", block.file)));
+    };
+    let mut warmup = Vec::new();
+    let mut precache = Vec::new();
+    for (key, node) in pairs {
+        let path = format!("connection_pool.{key}");
+        let items = match &node.value {
+            NodeValue::List(items) => items.as_slice(),
+            NodeValue::Scalar(RawValue::Null) => &[],
+            _ => return Err(config_error(format!("{path} ({}): expected a list", node.file))),
+        };
+        match key.as_str() {
+            "warmup_configs" => {
+                for (i, item) in items.iter().enumerate() {
+                    let mut settings = base.clone();
+                    apply_section(&mut settings, item, &format!("{path}[{i}]"), env)?;
+                    let (target, config) = settings.resolve()?;
+                    warmup.push(WarmupEntry { target, config });
+                }
+            }
+            "precache_configs" => {
+                for (i, item) in items.iter().enumerate() {
+                    precache.push(precache_entry(item, &format!("{path}[{i}]"), env)?);
+                }
+            }
+            other => {
+                return Err(config_error(format!(
+                    "unknown key `{other}` in connection_pool ({}); known: warmup_configs, precache_configs",
+                    node.file
+                )))
+            }
+        }
+    }
+    Ok((warmup, precache))
+}
+
+fn precache_entry(item: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<PrecacheEntry> {
+    let RawValue::Map(pairs) = raw(item, path, env)? else {
+        return Err(config_error(format!("{path} ({}): expected a mapping with `user`", item.file)));
+    };
+    let mut user = None;
+    let mut services = None;
+    for (key, value) in pairs {
+        match (key.as_str(), value) {
+            ("user", RawValue::Str(s)) if !s.trim().is_empty() => user = Some(s),
+            ("user", v) => {
+                return Err(config_error(format!("{path}.user = {v} ({}): expected a non-empty user id", item.file)))
+            }
+            ("services", RawValue::List(list)) => {
+                let mut names = Vec::new();
+                for v in list {
+                    match v {
+                        RawValue::Str(s) if !s.is_empty() => names.push(s),
+                        v => {
+                            return Err(config_error(format!(
+                                "{path}.services: {v} ({}): expected service names",
+                                item.file
+                            )))
+                        }
+                    }
+                }
+                services = Some(names);
+            }
+            ("services", v) => {
+                return Err(config_error(format!("{path}.services = {v} ({}): expected a list", item.file)))
+            }
+            (other, _) => {
+                return Err(config_error(format!(
+                    "unknown key `{other}` in {path} ({}); known: user, services",
+                    item.file
+                )))
+            }
+        }
+    }
+    Ok(PrecacheEntry {
+        user: user.ok_or_else(|| config_error(format!("{path} ({}): `user` is missing", item.file)))?,
+        services: services.unwrap_or_else(|| DEFAULT_SERVICES.iter().map(|s| (*s).to_owned()).collect()),
+    })
+}
