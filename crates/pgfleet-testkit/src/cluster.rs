@@ -55,7 +55,10 @@ impl ClusterBuilder {
             COUNTER.fetch_add(1, Ordering::Relaxed),
             nanos_suffix()
         ));
-        run(Command::new("cp").arg("-a").arg(&template).arg(&dir), "copy the template")?;
+        run(
+            Command::new("cp").arg("-a").arg(&template).arg(&dir),
+            "copy the template",
+        )?;
         chown_to_postgres(&dir)?;
         let data = dir.join("data");
         let mut last_err = None;
@@ -220,7 +223,10 @@ impl TempCluster {
     /// If the admin query fails.
     pub async fn create_database(&self, name: &str) -> Result<()> {
         let client = self.admin().await?;
-        match client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(name))).await {
+        match client
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(name)))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if e.code().is_some_and(|c| c.code() == "42P04") => Ok(()),
             Err(e) => Err(Error::query("CREATE DATABASE", e)),
@@ -252,7 +258,10 @@ impl TempCluster {
     /// If they fail.
     pub async fn execute(&self, sql: &str) -> Result<()> {
         let client = self.admin().await?;
-        client.batch_execute(sql).await.map_err(|e| Error::query(sql, e))
+        client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| Error::query(sql, e))
     }
 
     /// Terminates (`pg_terminate_backend`) the client backends matching
@@ -266,8 +275,10 @@ impl TempCluster {
         let sql = format!(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {clause}"
         );
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         let row = client
             .query_one(&sql, &refs)
             .await
@@ -285,8 +296,10 @@ impl TempCluster {
         let sql = format!(
             "SELECT pid, datname::text, application_name, state FROM pg_stat_activity WHERE {clause} ORDER BY pid"
         );
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
         let rows = client
             .query(&sql, &refs)
             .await
@@ -332,7 +345,10 @@ impl TempCluster {
     }
 
     async fn admin(&self) -> Result<tokio_postgres::Client> {
-        let url = format!("{}?application_name={ADMIN_APPLICATION_NAME}", self.url("postgres"));
+        let url = format!(
+            "{}?application_name={ADMIN_APPLICATION_NAME}",
+            self.url("postgres")
+        );
         let (client, connection) = tokio_postgres::connect(&url, NoTls)
             .await
             .map_err(|e| Error::query("admin connection", e))?;
@@ -364,7 +380,8 @@ impl TempCluster {
         for (name, value) in settings {
             text.push_str(&format!("{name} = {}\n", quote_literal(&value)));
         }
-        fs::write(self.data.join("postgresql.auto.conf"), text).map_err(|e| Error::io("write settings", e))?;
+        fs::write(self.data.join("postgresql.auto.conf"), text)
+            .map_err(|e| Error::io("write settings", e))?;
         chown_to_postgres(&self.data.join("postgresql.auto.conf"))
     }
 
@@ -397,9 +414,17 @@ impl TempCluster {
     fn spawn_watchdog(&self) -> Result<()> {
         let pg_ctl = self.bin.join("pg_ctl");
         let stop = if is_root() {
-            format!("runuser -u postgres -- '{}' -D '{}' stop -m immediate", pg_ctl.display(), self.data.display())
+            format!(
+                "runuser -u postgres -- '{}' -D '{}' stop -m immediate",
+                pg_ctl.display(),
+                self.data.display()
+            )
         } else {
-            format!("'{}' -D '{}' stop -m immediate", pg_ctl.display(), self.data.display())
+            format!(
+                "'{}' -D '{}' stop -m immediate",
+                pg_ctl.display(),
+                self.data.display()
+            )
         };
         let script = format!(
             "i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 43200 ]; do sleep 0.5; i=$((i+1)); done; \
@@ -485,7 +510,10 @@ impl BackendFilter {
         }
         if let Some(prefix) = &self.application_name_prefix {
             params.push(prefix.clone());
-            clause.push_str(&format!(" AND starts_with(application_name, ${})", params.len()));
+            clause.push_str(&format!(
+                " AND starts_with(application_name, ${})",
+                params.len()
+            ));
         }
         if let Some(db) = &self.database {
             params.push(db.clone());
@@ -500,7 +528,13 @@ impl BackendFilter {
 pub fn unique_name(prefix: &str) -> String {
     let mut name: String = prefix
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(32)
         .collect();
     name.push_str(&format!(
@@ -547,7 +581,7 @@ fn default_candidates() -> Vec<PathBuf> {
                 Some((v, e.path().join("bin")))
             })
             .collect();
-        versions.sort_by(|a, b| b.0.cmp(&a.0));
+        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
         out.extend(versions.into_iter().map(|(_, p)| p));
     }
     if let Some(path) = std::env::var_os("PATH") {
@@ -590,7 +624,13 @@ fn as_postgres(program: &Path) -> Command {
 
 fn chown_to_postgres(path: &Path) -> Result<()> {
     if is_root() {
-        run(Command::new("chown").arg("-R").arg("postgres:postgres").arg(path), "chown to postgres")?;
+        run(
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(path),
+            "chown to postgres",
+        )?;
     }
     Ok(())
 }
@@ -612,8 +652,12 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("find a free port", e))?;
-    Ok(listener.local_addr().map_err(|e| Error::io("find a free port", e))?.port())
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("find a free port", e))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| Error::io("find a free port", e))?
+        .port())
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
@@ -630,7 +674,9 @@ fn ensure_template(bin: &Path) -> Result<PathBuf> {
         .and_then(|p| p.file_name())
         .map(|v| v.to_string_lossy().into_owned())
         .unwrap_or_else(|| "pg".into());
-    let template = std::env::temp_dir().join(format!("pgfleet-testkit-template-{version}-v{TEMPLATE_VERSION}"));
+    let template = std::env::temp_dir().join(format!(
+        "pgfleet-testkit-template-{version}-v{TEMPLATE_VERSION}"
+    ));
     if template.join("data").join("PG_VERSION").is_file() {
         return Ok(template);
     }
@@ -648,7 +694,14 @@ fn ensure_template(bin: &Path) -> Result<PathBuf> {
     let out = as_postgres(&bin.join("initdb"))
         .arg("-D")
         .arg(staging.join("data"))
-        .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"])
+        .args([
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+        ])
         .args(["--locale=C", "--no-sync"])
         .arg(format!("--pwfile={}", pwfile.display()))
         .stdin(Stdio::null())
@@ -657,7 +710,9 @@ fn ensure_template(bin: &Path) -> Result<PathBuf> {
     let _ = fs::remove_file(&pwfile);
     if !out.status.success() {
         let _ = fs::remove_dir_all(&staging);
-        return Err(Error::Initdb(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        return Err(Error::Initdb(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
     }
     match fs::rename(&staging, &template) {
         Ok(()) => Ok(template),
@@ -667,5 +722,34 @@ fn ensure_template(bin: &Path) -> Result<PathBuf> {
             Ok(template)
         }
         Err(e) => Err(Error::io("install the template", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binaries_say_how_to_install_them() {
+        let empty = std::env::temp_dir().join(format!("pgfleet-empty-{}", std::process::id()));
+        fs::create_dir_all(&empty).unwrap();
+        let err = find_binaries(&[empty.clone(), PathBuf::from("/nonexistent")]).unwrap_err();
+        let _ = fs::remove_dir_all(&empty);
+        let msg = err.to_string();
+        assert!(msg.contains("apt-get install postgresql"), "{msg}");
+        assert!(msg.contains("PGFLEET_PG_BIN"), "{msg}");
+    }
+
+    #[test]
+    fn unique_names_are_valid_identifiers() {
+        let a = unique_name("My-Test Name");
+        let b = unique_name("My-Test Name");
+        assert_ne!(a, b);
+        assert!(a.len() <= 63);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{a}"
+        );
     }
 }

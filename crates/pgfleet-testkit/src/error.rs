@@ -18,7 +18,9 @@ pub enum Error {
     #[error("initdb failed: {0}")]
     Initdb(String),
     /// The server did not start.
-    #[error("the PostgreSQL server did not start: {message}\n--- end of server log ---\n{log_tail}")]
+    #[error(
+        "the PostgreSQL server did not start: {message}\n--- end of server log ---\n{log_tail}"
+    )]
     Start {
         /// What pg_ctl said.
         message: String,

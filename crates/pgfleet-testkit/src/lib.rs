@@ -23,5 +23,7 @@
 mod cluster;
 mod error;
 
-pub use cluster::{unique_name, Backend, BackendFilter, ClusterBuilder, TempCluster, ADMIN_APPLICATION_NAME};
+pub use cluster::{
+    unique_name, Backend, BackendFilter, ClusterBuilder, TempCluster, ADMIN_APPLICATION_NAME,
+};
 pub use error::{Error, Result};

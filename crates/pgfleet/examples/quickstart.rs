@@ -19,8 +19,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(url) => (None, url),
         Err(_) => {
             println!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster");
-            let cluster = TempCluster::builder().setting("max_connections", "30").start()?;
-            println!("  data directory {} (removed at exit)", cluster.data_dir().display());
+            let cluster = TempCluster::builder()
+                .setting("max_connections", "30")
+                .start()?;
+            println!(
+                "  data directory {} (removed at exit)",
+                cluster.data_dir().display()
+            );
             let url = cluster.url("postgres");
             (Some(cluster), url)
         }
@@ -92,6 +97,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("{}", serde_json::to_string_pretty(&fleet.stats())?);
     let closed = fleet.close_all(Duration::from_secs(5)).await;
-    println!("closed {} pool(s); connections cut: {}", closed.pools, closed.connections_cut);
+    println!(
+        "closed {} pool(s); connections cut: {}",
+        closed.pools, closed.connections_cut
+    );
     Ok(())
 }

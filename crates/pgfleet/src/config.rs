@@ -103,7 +103,9 @@ impl PoolConfig {
     /// A `Config` error naming the field and its value.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, value: &dyn fmt::Display, why: &str| {
-            Err(Error::config(format!("invalid pool configuration: {field} = {value}: {why}")))
+            Err(Error::config(format!(
+                "invalid pool configuration: {field} = {value}: {why}"
+            )))
         };
         if self.max_size == 0 || u64::from(self.max_size) > MAX_POOL_SIZE {
             return bad("max_size", &self.max_size, "expected 1..=10000");
@@ -118,7 +120,11 @@ impl PoolConfig {
         let durations: [(&str, Option<Duration>, Duration); 8] = [
             ("timeout", Some(self.acquire_timeout), MAX_TIMEOUT),
             ("connect_timeout", Some(self.connect_timeout), MAX_TIMEOUT),
-            ("health_check_after", Some(self.health_check_after), MAX_TIMEOUT),
+            (
+                "health_check_after",
+                Some(self.health_check_after),
+                MAX_TIMEOUT,
+            ),
             ("linger", Some(self.linger), MAX_TIMEOUT),
             ("command_timeout", self.command_timeout, MAX_TIMEOUT),
             ("leak_threshold", self.leak_threshold, MAX_TIMEOUT),
@@ -129,22 +135,41 @@ impl PoolConfig {
             if let Some(d) = value {
                 let shown = humantime::format_duration(d);
                 if d.is_zero() {
-                    return bad(field, &shown, "must be greater than zero (use None / `off` to disable)");
+                    return bad(
+                        field,
+                        &shown,
+                        "must be greater than zero (use None / `off` to disable)",
+                    );
                 }
                 if d > max {
-                    return bad(field, &shown, &format!("longer than {}", humantime::format_duration(max)));
+                    return bad(
+                        field,
+                        &shown,
+                        &format!("longer than {}", humantime::format_duration(max)),
+                    );
                 }
             }
         }
         if self.max_queries == Some(0) {
-            return bad("max_queries", &0, "must be at least 1 (use None / `off` to disable)");
+            return bad(
+                "max_queries",
+                &0,
+                "must be at least 1 (use None / `off` to disable)",
+            );
         }
-        check_application_name(&self.application_name)
-            .or_else(|why| bad("application_name", &format!("{:?}", self.application_name), &why))?;
+        check_application_name(&self.application_name).or_else(|why| {
+            bad(
+                "application_name",
+                &format!("{:?}", self.application_name),
+                &why,
+            )
+        })?;
         for name in self.server_settings.keys() {
-            check_setting_name(name).or_else(|why| bad("server_settings", &format!("{name:?}"), &why))?;
+            check_setting_name(name)
+                .or_else(|why| bad("server_settings", &format!("{name:?}"), &why))?;
         }
-        if self.command_timeout.is_some() && self.server_settings.contains_key("statement_timeout") {
+        if self.command_timeout.is_some() && self.server_settings.contains_key("statement_timeout")
+        {
             return bad(
                 "server_settings",
                 &"statement_timeout",
@@ -169,8 +194,12 @@ fn check_application_name(name: &str) -> std::result::Result<(), String> {
 
 fn check_setting_name(name: &str) -> std::result::Result<(), String> {
     let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    if first_ok && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if first_ok
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
         Ok(())
     } else {
         Err("expected a setting name like work_mem or app.tenant".into())
@@ -317,7 +346,12 @@ fn canonical(key: &str) -> Option<&'static str> {
         .iter()
         .find(|k| **k == key)
         .copied()
-        .or_else(|| ALIASES.iter().find(|(alias, _)| *alias == key).map(|(_, k)| *k))
+        .or_else(|| {
+            ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == key)
+                .map(|(_, k)| *k)
+        })
 }
 
 /// The known name closest to `key`, if one is close.
@@ -338,7 +372,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -398,13 +436,23 @@ impl PoolSettings {
     /// closest known name.
     pub fn set(&mut self, key: &str, raw: &RawValue, source: Source) -> Result<()> {
         let Some(name) = canonical(key) else {
-            let hint = suggest(key).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
+            let hint = suggest(key)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
             return Err(Error::config(format!(
                 "invalid configuration: unknown key `{key}` ({source}){hint}"
             )));
         };
-        let shown = if name == "password" { "***".to_owned() } else { raw.to_string() };
-        let fail = |why: String| Error::config(format!("invalid configuration: {key} = {shown} ({source}): {why}"));
+        let shown = if name == "password" {
+            "***".to_owned()
+        } else {
+            raw.to_string()
+        };
+        let fail = |why: String| {
+            Error::config(format!(
+                "invalid configuration: {key} = {shown} ({source}): {why}"
+            ))
+        };
         let value = match name {
             "min_size" => Typed::Count(count(raw, 0, MAX_POOL_SIZE).map_err(fail)?),
             "max_size" => Typed::Count(count(raw, 1, MAX_POOL_SIZE).map_err(fail)?),
@@ -414,10 +462,18 @@ impl PoolSettings {
                 _ => Typed::Count(count(raw, 1, u64::MAX).map_err(fail)?),
             },
             "timeout" | "connect_timeout" | "health_check_after" | "linger" => {
-                Typed::Duration(Some(duration(raw, MAX_TIMEOUT, false).map_err(fail)?.expect("not optional")))
+                Typed::Duration(Some(
+                    duration(raw, MAX_TIMEOUT, false)
+                        .map_err(fail)?
+                        .expect("not optional"),
+                ))
             }
-            "command_timeout" | "leak_threshold" => Typed::Duration(duration(raw, MAX_TIMEOUT, true).map_err(fail)?),
-            "max_lifetime" | "idle_timeout" => Typed::Duration(duration(raw, MAX_LIFETIME, true).map_err(fail)?),
+            "command_timeout" | "leak_threshold" => {
+                Typed::Duration(duration(raw, MAX_TIMEOUT, true).map_err(fail)?)
+            }
+            "max_lifetime" | "idle_timeout" => {
+                Typed::Duration(duration(raw, MAX_LIFETIME, true).map_err(fail)?)
+            }
             "application_name" => {
                 let text = text(raw).map_err(fail)?;
                 check_application_name(&text).map_err(fail)?;
@@ -483,7 +539,12 @@ impl PoolSettings {
 
     fn text(&self, key: &str) -> Option<(&str, &Entry)> {
         match self.get(key) {
-            Some(e @ Entry { value: Typed::Text(t), .. }) => Some((t.as_str(), e)),
+            Some(
+                e @ Entry {
+                    value: Typed::Text(t),
+                    ..
+                },
+            ) => Some((t.as_str(), e)),
             _ => None,
         }
     }
@@ -498,24 +559,28 @@ impl PoolSettings {
         let url = self.text("url");
         let base = match url {
             Some((text, entry)) => Some((
-                Target::parse(text).map_err(|e| Error::config(format!("{e} ({})", entry.source)))?,
+                Target::parse(text)
+                    .map_err(|e| Error::config(format!("{e} ({})", entry.source)))?,
                 entry.seq,
             )),
             None => None,
         };
         let url_seq = base.as_ref().map(|(_, seq)| *seq);
         let after_url = |key: &str| -> Option<&Entry> {
-            self.get(key).filter(|e| url_seq.is_none_or(|url_seq| e.seq > url_seq))
+            self.get(key)
+                .filter(|e| url_seq.is_none_or(|url_seq| e.seq > url_seq))
         };
         let text_of = |key: &str| match after_url(key) {
             Some(Entry {
-                value: Typed::Text(t), ..
+                value: Typed::Text(t),
+                ..
             }) => Some(t.clone()),
             _ => None,
         };
         let port = match after_url("port") {
             Some(Entry {
-                value: Typed::Port(p), ..
+                value: Typed::Port(p),
+                ..
             }) => Some(*p),
             _ => None,
         };
@@ -560,7 +625,9 @@ impl PoolSettings {
         };
         if min_size > max_size {
             let (_, min_src) = min.expect("only a set min_size can exceed max_size");
-            let max_src = self.get("max_size").map_or(Source::Default, |e| e.source.clone());
+            let max_src = self
+                .get("max_size")
+                .map_or(Source::Default, |e| e.source.clone());
             return Err(Error::config(format!(
                 "invalid configuration: min_size = {min_size} ({min_src}) is greater than max_size = {max_size} ({max_src})"
             )));
@@ -568,39 +635,55 @@ impl PoolSettings {
         let config = PoolConfig {
             min_size,
             max_size,
-            acquire_timeout: self.duration("timeout").flatten().unwrap_or(defaults.acquire_timeout),
+            acquire_timeout: self
+                .duration("timeout")
+                .flatten()
+                .unwrap_or(defaults.acquire_timeout),
             connect_timeout: self
                 .duration("connect_timeout")
                 .flatten()
                 .unwrap_or(defaults.connect_timeout),
-            max_lifetime: self.duration("max_lifetime").unwrap_or(defaults.max_lifetime),
-            idle_timeout: self.duration("idle_timeout").unwrap_or(defaults.idle_timeout),
+            max_lifetime: self
+                .duration("max_lifetime")
+                .unwrap_or(defaults.max_lifetime),
+            idle_timeout: self
+                .duration("idle_timeout")
+                .unwrap_or(defaults.idle_timeout),
             max_queries: match self.get("max_queries") {
                 Some(Entry {
-                    value: Typed::Count(n), ..
+                    value: Typed::Count(n),
+                    ..
                 }) => Some(*n),
                 Some(_) => None,
                 None => defaults.max_queries,
             },
-            command_timeout: self.duration("command_timeout").unwrap_or(defaults.command_timeout),
+            command_timeout: self
+                .duration("command_timeout")
+                .unwrap_or(defaults.command_timeout),
             health_check_after: self
                 .duration("health_check_after")
                 .flatten()
                 .unwrap_or(defaults.health_check_after),
             linger: self.duration("linger").flatten().unwrap_or(defaults.linger),
-            leak_threshold: self.duration("leak_threshold").unwrap_or(defaults.leak_threshold),
+            leak_threshold: self
+                .duration("leak_threshold")
+                .unwrap_or(defaults.leak_threshold),
             application_name: self
                 .text("application_name")
                 .map_or(defaults.application_name, |(t, _)| t.to_owned()),
             server_settings: match self.get("server_settings") {
                 Some(Entry {
-                    value: Typed::Map(m), ..
+                    value: Typed::Map(m),
+                    ..
                 }) => m.clone(),
                 _ => BTreeMap::new(),
             },
         };
         config.validate().map_err(|e| {
-            let source = self.get("server_settings").map(|e| e.source.to_string()).unwrap_or_default();
+            let source = self
+                .get("server_settings")
+                .map(|e| e.source.to_string())
+                .unwrap_or_default();
             Error::config(format!("{e} ({source})"))
         })?;
         Ok(config)
@@ -618,7 +701,9 @@ impl PoolSettings {
         if !self.is_set("application_name") {
             if let Some(name) = target.url_application_name() {
                 check_application_name(name).map_err(|why| {
-                    Error::config(format!("invalid configuration: application_name = {name:?} (url): {why}"))
+                    Error::config(format!(
+                        "invalid configuration: application_name = {name:?} (url): {why}"
+                    ))
                 })?;
                 config.application_name = name.to_owned();
             }
@@ -643,47 +728,78 @@ impl PoolSettings {
         });
         let source_of = |key: &str| -> Source {
             match (self.get(key), self.get("url")) {
-                (Some(e), Some(u)) if e.seq < u.seq && is_target_part(key) => url_source.clone().expect("url set"),
+                (Some(e), Some(u)) if e.seq < u.seq && is_target_part(key) => {
+                    url_source.clone().expect("url set")
+                }
                 (Some(e), _) => e.source.clone(),
                 (None, Some(_)) if is_target_part(key) => url_source.clone().expect("url set"),
                 (None, _) => Source::Default,
             }
         };
-        let fmt_d = |d: Option<Duration>| d.map_or("off".to_owned(), |d| humantime::format_duration(d).to_string());
-        let mut rows = vec![
-            ("url", target.masked_url()),
-            ("host", match target.host() {
-                crate::target::Host::Tcp(h) => h.clone(),
-                crate::target::Host::Unix(p) => p.display().to_string(),
-            }),
+        let fmt_d = |d: Option<Duration>| {
+            d.map_or("off".to_owned(), |d| {
+                humantime::format_duration(d).to_string()
+            })
+        };
+        let mut rows = Vec::new();
+        if self.is_set("url") {
+            rows.push(("url", target.masked_url()));
+        }
+        rows.extend([
+            (
+                "host",
+                match target.host() {
+                    crate::target::Host::Tcp(h) => h.clone(),
+                    crate::target::Host::Unix(p) => p.display().to_string(),
+                },
+            ),
             ("port", target.port().to_string()),
             ("database", target.database().to_owned()),
             ("user", target.user().to_owned()),
-            ("password", if target.has_password() { "***" } else { "(none)" }.to_owned()),
+            (
+                "password",
+                if target.has_password() {
+                    "***"
+                } else {
+                    "(none)"
+                }
+                .to_owned(),
+            ),
             ("min_size", config.min_size.to_string()),
             ("max_size", config.max_size.to_string()),
             ("timeout", fmt_d(Some(config.acquire_timeout))),
             ("connect_timeout", fmt_d(Some(config.connect_timeout))),
             ("max_lifetime", fmt_d(config.max_lifetime)),
             ("idle_timeout", fmt_d(config.idle_timeout)),
-            ("max_queries", config.max_queries.map_or("off".into(), |n| n.to_string())),
+            (
+                "max_queries",
+                config.max_queries.map_or("off".into(), |n| n.to_string()),
+            ),
             ("command_timeout", fmt_d(config.command_timeout)),
             ("health_check_after", fmt_d(Some(config.health_check_after))),
             ("linger", fmt_d(Some(config.linger))),
             ("leak_threshold", fmt_d(config.leak_threshold)),
             ("application_name", config.application_name.clone()),
-        ];
+        ]);
         if !config.server_settings.is_empty() {
-            let shown: Vec<String> = config.server_settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let shown: Vec<String> = config
+                .server_settings
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             rows.push(("server_settings", shown.join(", ")));
         }
         Ok(rows
             .into_iter()
             .map(|(key, value)| {
                 let source = match key {
-                    "url" => self.get("url").map_or(Source::Default, |e| e.source.clone()),
+                    "url" => self
+                        .get("url")
+                        .map_or(Source::Default, |e| e.source.clone()),
                     // max_size derived from pool_size + max_overflow.
-                    "max_size" if !self.is_set("max_size") && self.is_set("max_overflow") => source_of("max_overflow"),
+                    "max_size" if !self.is_set("max_size") && self.is_set("max_overflow") => {
+                        source_of("max_overflow")
+                    }
                     _ => source_of(key),
                 };
                 Effective {
@@ -703,7 +819,10 @@ fn is_target_part(key: &str) -> bool {
 fn is_off(raw: &RawValue) -> bool {
     match raw {
         RawValue::Null => true,
-        RawValue::Str(s) => matches!(s.trim().to_ascii_lowercase().as_str(), "off" | "none" | "null" | "disabled"),
+        RawValue::Str(s) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "off" | "none" | "null" | "disabled"
+        ),
         _ => false,
     }
 }
@@ -730,12 +849,19 @@ fn count(raw: &RawValue, min: u64, max: u64) -> std::result::Result<u64, String>
 
 /// A duration: bare numbers are seconds, strings are humantime (`"30s"`,
 /// `"250ms"`) or numbers; `null`/`off`/`none` disable an optional one.
-fn duration(raw: &RawValue, max: Duration, optional: bool) -> std::result::Result<Option<Duration>, String> {
+fn duration(
+    raw: &RawValue,
+    max: Duration,
+    optional: bool,
+) -> std::result::Result<Option<Duration>, String> {
     if is_off(raw) {
         return if optional {
             Ok(None)
         } else {
-            Err("cannot be disabled; expected a duration like 30, 2.5 (seconds) or \"250ms\"".into())
+            Err(
+                "cannot be disabled; expected a duration like 30, 2.5 (seconds) or \"250ms\""
+                    .into(),
+            )
         };
     }
     let seconds = |x: f64| -> std::result::Result<Duration, String> {
@@ -752,17 +878,25 @@ fn duration(raw: &RawValue, max: Duration, optional: bool) -> std::result::Resul
         RawValue::Float(f) => seconds(*f)?,
         RawValue::Str(s) => match s.trim().parse::<f64>() {
             Ok(x) => seconds(x)?,
-            Err(_) => humantime::parse_duration(s.trim())
-                .map_err(|e| format!("expected a duration like 30, 2.5 (seconds) or \"250ms\" ({e})"))?,
+            Err(_) => humantime::parse_duration(s.trim()).map_err(|e| {
+                format!("expected a duration like 30, 2.5 (seconds) or \"250ms\" ({e})")
+            })?,
         },
         _ => return Err("expected a duration like 30, 2.5 (seconds) or \"250ms\"".into()),
     };
     if d.is_zero() {
-        let off = if optional { " (use `off` to disable)" } else { "" };
+        let off = if optional {
+            " (use `off` to disable)"
+        } else {
+            ""
+        };
         return Err(format!("must be greater than zero{off}"));
     }
     if d > max {
-        return Err(format!("longer than {}; check the unit", humantime::format_duration(max)));
+        return Err(format!(
+            "longer than {}; check the unit",
+            humantime::format_duration(max)
+        ));
     }
     Ok(Some(d))
 }
@@ -780,7 +914,10 @@ fn text(raw: &RawValue) -> std::result::Result<String, String> {
 fn port(raw: &RawValue) -> std::result::Result<u16, String> {
     let n = match raw {
         RawValue::Int(i) => *i,
-        RawValue::Str(s) => s.trim().parse::<i64>().map_err(|_| "expected a port number 1..=65535".to_owned())?,
+        RawValue::Str(s) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| "expected a port number 1..=65535".to_owned())?,
         _ => return Err("expected a port number 1..=65535".into()),
     };
     u16::try_from(n)
@@ -796,7 +933,8 @@ fn settings_map(raw: &RawValue) -> std::result::Result<BTreeMap<String, String>,
     let mut out = BTreeMap::new();
     for (name, value) in pairs {
         check_setting_name(name).map_err(|why| format!("setting {name:?}: {why}"))?;
-        let value = text(value).map_err(|_| format!("setting {name:?}: expected a scalar value"))?;
+        let value =
+            text(value).map_err(|_| format!("setting {name:?}: expected a scalar value"))?;
         out.insert(name.clone(), value);
     }
     Ok(out)
@@ -897,12 +1035,18 @@ mod tests {
 
     #[test]
     fn cross_key_conflicts_name_both_sides() {
-        let err = settings(&[("min_size", RawValue::Int(50)), ("max_size", RawValue::Int(20))])
-            .unwrap()
-            .pool_config()
-            .unwrap_err();
+        let err = settings(&[
+            ("min_size", RawValue::Int(50)),
+            ("max_size", RawValue::Int(20)),
+        ])
+        .unwrap()
+        .pool_config()
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("min_size = 50") && msg.contains("max_size = 20"), "{msg}");
+        assert!(
+            msg.contains("min_size = 50") && msg.contains("max_size = 20"),
+            "{msg}"
+        );
         let err = settings(&[
             ("pool_size", RawValue::Int(5)),
             ("max_overflow", RawValue::Int(5)),
@@ -911,10 +1055,17 @@ mod tests {
         .unwrap()
         .pool_config()
         .unwrap_err();
-        assert!(err.to_string().contains("disagrees with pool_size + max_overflow"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("disagrees with pool_size + max_overflow"),
+            "{err}"
+        );
         let err = settings(&[
             ("command_timeout", RawValue::Int(5)),
-            ("server_settings", RawValue::Map(vec![("statement_timeout".into(), "1s".into())])),
+            (
+                "server_settings",
+                RawValue::Map(vec![("statement_timeout".into(), "1s".into())]),
+            ),
         ])
         .unwrap()
         .pool_config()
@@ -924,7 +1075,10 @@ mod tests {
 
     #[test]
     fn max_size_defaults_to_at_least_min_size() {
-        let c = settings(&[("min_size", RawValue::Int(15))]).unwrap().pool_config().unwrap();
+        let c = settings(&[("min_size", RawValue::Int(15))])
+            .unwrap()
+            .pool_config()
+            .unwrap();
         assert_eq!((c.min_size, c.max_size), (15, 15));
     }
 
@@ -932,8 +1086,14 @@ mod tests {
     fn target_parts_set_after_a_url_override_it() {
         let mut s = PoolSettings::new();
         s.set("host", &"early".into(), Source::Code).unwrap();
-        s.set("url", &"postgres://u:pw@db:5432/app".into(), Source::Env { var: "DATABASE_URL".into() })
-            .unwrap();
+        s.set(
+            "url",
+            &"postgres://u:pw@db:5432/app".into(),
+            Source::Env {
+                var: "DATABASE_URL".into(),
+            },
+        )
+        .unwrap();
         s.set("database", &"other".into(), Source::Code).unwrap();
         let t = s.target().unwrap();
         assert_eq!(t.key(), "postgres://u@db:5432/other");
@@ -952,12 +1112,20 @@ mod tests {
             idle_timeout: Some(Duration::ZERO),
             ..PoolConfig::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("idle_timeout"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeout"));
         let bad = PoolConfig {
             application_name: "x".repeat(64),
             ..PoolConfig::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("application_name"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("application_name"));
     }
 
     fn raw_scalar() -> impl Strategy<Value = RawValue> {

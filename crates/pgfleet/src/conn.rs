@@ -83,16 +83,21 @@ pub(crate) async fn open_socket(target: &Target) -> std::io::Result<Socket> {
             stream.set_nodelay(true)?;
             Socket::Tcp(stream)
         }
-        Host::Unix(dir) => {
-            Socket::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{}", target.port()))).await?)
-        }
+        Host::Unix(dir) => Socket::Unix(
+            UnixStream::connect(dir.join(format!(".s.PGSQL.{}", target.port()))).await?,
+        ),
     })
 }
 
 /// Opens one connection (no timeout here: the caller bounds it).
-pub(crate) async fn connect(target: &Target, pg: &tokio_postgres::Config) -> Result<RawConn, Error> {
+pub(crate) async fn connect(
+    target: &Target,
+    pg: &tokio_postgres::Config,
+) -> Result<RawConn, Error> {
     let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
-    let socket = open_socket(target).await.map_err(|e| fail(&e.to_string()).with_source(e))?;
+    let socket = open_socket(target)
+        .await
+        .map_err(|e| fail(&e.to_string()).with_source(e))?;
     let tap = Arc::new(TapState::new());
     let (client, connection) = pg
         .connect_raw(TapStream::new(socket, tap.clone()), NoTls)
@@ -151,12 +156,15 @@ mod tests {
 
     #[test]
     fn command_timeout_and_server_settings_become_startup_options() {
-        let target = Target::parse("postgres://app:pw@db:5432/x?options=-c%20search_path%3Dapp").unwrap();
+        let target =
+            Target::parse("postgres://app:pw@db:5432/x?options=-c%20search_path%3Dapp").unwrap();
         let mut config = PoolConfig {
             command_timeout: Some(Duration::from_millis(1500)),
             ..PoolConfig::default()
         };
-        config.server_settings.insert("work_mem".into(), "64MB".into());
+        config
+            .server_settings
+            .insert("work_mem".into(), "64MB".into());
         let pg = pg_config(&target, &config);
         assert_eq!(
             pg.get_options(),

@@ -96,7 +96,11 @@ impl Error {
         self
     }
 
-    pub(crate) fn timeout(stage: TimeoutStage, after: Duration, message: impl Into<String>) -> Self {
+    pub(crate) fn timeout(
+        stage: TimeoutStage,
+        after: Duration,
+        message: impl Into<String>,
+    ) -> Self {
         Error::new(ErrorKind::Timeout { stage, after }, message)
     }
 
@@ -164,7 +168,8 @@ impl Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
-        d.field("kind", &self.0.kind).field("message", &self.0.message);
+        d.field("kind", &self.0.kind)
+            .field("message", &self.0.message);
         if let Some(source) = &self.0.source {
             // The cause's Display, not its Debug: tokio-postgres' Debug of a
             // connect error can include the configuration it was given.
@@ -213,7 +218,10 @@ mod tests {
     fn display_prints_own_message_and_report_walks_sources() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let err = Error::connect("could not connect to postgres://app@db:5432/x").with_source(io);
-        assert_eq!(err.to_string(), "could not connect to postgres://app@db:5432/x");
+        assert_eq!(
+            err.to_string(),
+            "could not connect to postgres://app@db:5432/x"
+        );
         assert_eq!(
             report(&err),
             "could not connect to postgres://app@db:5432/x: refused"

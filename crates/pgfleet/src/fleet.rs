@@ -91,7 +91,9 @@ impl Fleet {
         let inner = &self.inner;
         let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::closed(format!("the fleet is closed; no pool for {target}")));
+            return Err(Error::closed(format!(
+                "the fleet is closed; no pool for {target}"
+            )));
         }
         if let Some(handle) = self.lookup(target.key(), config) {
             return Ok(handle);
@@ -134,7 +136,9 @@ impl Fleet {
                 "pool exists with a different configuration; sharing the existing pool"
             );
         }
-        Some(PoolHandle { entry: entry.clone() })
+        Some(PoolHandle {
+            entry: entry.clone(),
+        })
     }
 
     /// Creates the pools for `targets` and waits until each has its warm
@@ -157,7 +161,10 @@ impl Fleet {
                         (url, handle, result.map(|()| started.elapsed()))
                     });
                 }
-                Err(error) => outcomes.push(WarmupOutcome { url, result: Err(error) }),
+                Err(error) => outcomes.push(WarmupOutcome {
+                    url,
+                    result: Err(error),
+                }),
             }
         }
         while let Some(joined) = tasks.join_next().await {
@@ -167,7 +174,11 @@ impl Fleet {
             match &result {
                 Ok(took) => {
                     tracing::info!(pool = %url, took = ?took, "pool warmed up");
-                    self.inner.pinned.lock().unwrap_or_else(PoisonError::into_inner).push(handle);
+                    self.inner
+                        .pinned
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(handle);
                 }
                 Err(error) => tracing::warn!(pool = %url, %error, "warm-up failed"),
             }
@@ -188,7 +199,8 @@ impl Fleet {
             inner.closed.store(true, Ordering::SeqCst);
             inner.pools.swap(Arc::new(HashMap::new()))
         };
-        let pinned = std::mem::take(&mut *inner.pinned.lock().unwrap_or_else(PoisonError::into_inner));
+        let pinned =
+            std::mem::take(&mut *inner.pinned.lock().unwrap_or_else(PoisonError::into_inner));
         drop(pinned);
         for entry in entries.values() {
             entry.pool.close();
@@ -236,7 +248,13 @@ impl fmt::Debug for Fleet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pools = self.inner.pools.load();
         f.debug_struct("Fleet")
-            .field("pools", &pools.values().map(|e| e.pool.target().to_string()).collect::<Vec<_>>())
+            .field(
+                "pools",
+                &pools
+                    .values()
+                    .map(|e| e.pool.target().to_string())
+                    .collect::<Vec<_>>(),
+            )
             .field("closed", &self.is_closed())
             .finish()
     }
@@ -272,7 +290,8 @@ impl Entry {
             return;
         };
         let _writer = fleet.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.zero_epoch.load(Ordering::SeqCst) != epoch || self.refs.load(Ordering::SeqCst) != 0 {
+        if self.zero_epoch.load(Ordering::SeqCst) != epoch || self.refs.load(Ordering::SeqCst) != 0
+        {
             return;
         }
         self.retiring.store(true, Ordering::SeqCst);
@@ -282,7 +301,10 @@ impl Entry {
             return;
         }
         let current = fleet.pools.load();
-        if current.get(&self.key).is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), self)) {
+        if current
+            .get(&self.key)
+            .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), self))
+        {
             let mut pools = HashMap::clone(&current);
             pools.remove(&self.key);
             fleet.pools.store(Arc::new(pools));

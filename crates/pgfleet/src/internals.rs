@@ -110,7 +110,9 @@ impl State {
         }
         let for_waiters = self.waiting.saturating_sub(self.connecting);
         let for_floor = min_size.saturating_sub(self.size);
-        let connects = for_waiters.max(for_floor).min(max_size.saturating_sub(self.size));
+        let connects = for_waiters
+            .max(for_floor)
+            .min(max_size.saturating_sub(self.size));
         self.size += connects;
         self.connecting += connects;
         Plan {

@@ -13,7 +13,10 @@
 /// # Errors
 /// A message for an unterminated `${`, an empty name, an unknown resolver, or
 /// an unset variable without default.
-pub(crate) fn interpolate(input: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+pub(crate) fn interpolate(
+    input: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(pos) = rest.find(['$', '\\']) {
@@ -23,7 +26,8 @@ pub(crate) fn interpolate(input: &str, env: &dyn Fn(&str) -> Option<String>) -> 
             out.push_str("${");
             rest = after;
         } else if let Some(after) = tail.strip_prefix("${") {
-            let end = closing_brace(after).ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+            let end =
+                closing_brace(after).ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
             out.push_str(&resolve(&after[..end], env)?);
             rest = &after[end + 1..];
         } else {
@@ -80,14 +84,18 @@ fn resolve(body: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
             None => (args.trim(), None),
         }
     } else if let Some((resolver, _)) = body.split_once(':') {
-        return Err(format!("unknown resolver `{resolver}` in `${{{body}}}` (supported: oc.env)"));
+        return Err(format!(
+            "unknown resolver `{resolver}` in `${{{body}}}` (supported: oc.env)"
+        ));
     } else {
         (body.trim(), None)
     };
     if name.is_empty() {
         return Err(format!("empty variable name in `${{{body}}}`"));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.starts_with(|c: char| c.is_ascii_digit()) {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        || name.starts_with(|c: char| c.is_ascii_digit())
+    {
         return Err(format!(
             "`{name}` in `${{{body}}}` is not an environment variable name (node references are not supported; use ${{oc.env:VAR}})"
         ));
@@ -95,7 +103,9 @@ fn resolve(body: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
     match (env(name), default) {
         (Some(value), _) => Ok(value),
         (None, Some(default)) => interpolate(unquote(default), env),
-        (None, None) => Err(format!("environment variable {name} is not set and `${{{body}}}` has no default")),
+        (None, None) => Err(format!(
+            "environment variable {name} is not set and `${{{body}}}` has no default"
+        )),
     }
 }
 
@@ -133,7 +143,10 @@ mod tests {
         assert_eq!(i("${oc.env:NOPE,'a,b'}").unwrap(), "a,b");
         assert_eq!(i("${oc.env:HOST}").unwrap(), "db.internal");
         assert_eq!(i("${oc.env:EMPTY,x}").unwrap(), "");
-        assert_eq!(i("postgres://${HOST}:${oc.env:PORT,5432}/x").unwrap(), "postgres://db.internal:5432/x");
+        assert_eq!(
+            i("postgres://${HOST}:${oc.env:PORT,5432}/x").unwrap(),
+            "postgres://db.internal:5432/x"
+        );
     }
 
     #[test]
@@ -149,9 +162,13 @@ mod tests {
         assert!(i("${oc.env:HOST").unwrap_err().contains("unterminated"));
         assert!(i("${}").unwrap_err().contains("empty variable name"));
         assert!(i("${oc.env:}").unwrap_err().contains("empty variable name"));
-        assert!(i("${foo:bar}").unwrap_err().contains("unknown resolver `foo`"));
+        assert!(i("${foo:bar}")
+            .unwrap_err()
+            .contains("unknown resolver `foo`"));
         assert!(i("${NOPE}").unwrap_err().contains("NOPE is not set"));
-        assert!(i("${a.b}").unwrap_err().contains("node references are not supported"));
+        assert!(i("${a.b}")
+            .unwrap_err()
+            .contains("node references are not supported"));
     }
 
     proptest! {

@@ -11,7 +11,7 @@
 //! `postgres.*` < `database.postgres.*` < `store.database.postgres.*`, then
 //! the environment: `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DB`,
 //! `POSTGRES_USER`, `POSTGRES_PASSWORD`, and last `DATABASE_URL`. String
-//! values are interpolated first (see [`crate::interpolate`]'s rules in
+//! values are interpolated first (see the interpolation rules in
 //! `docs/CONFIGURATION.md`). Every effective value remembers its source.
 
 use std::collections::BTreeMap;
@@ -27,7 +27,11 @@ use crate::interpolate::interpolate;
 use crate::target::Target;
 
 /// The sections that hold pool settings, lowest priority first.
-pub const LAYERS: &[&[&str]] = &[&["postgres"], &["database", "postgres"], &["store", "database", "postgres"]];
+pub const LAYERS: &[&[&str]] = &[
+    &["postgres"],
+    &["database", "postgres"],
+    &["store", "database", "postgres"],
+];
 
 /// Environment variables that override target keys, applied in this order
 /// after every file (`DATABASE_URL` last, so it wins).
@@ -109,7 +113,10 @@ impl Loader {
 
     /// A loader with no files: defaults plus the environment.
     pub fn without_files() -> Loader {
-        Loader { dir: None, env: None }
+        Loader {
+            dir: None,
+            env: None,
+        }
     }
 
     /// Uses these variables instead of the process environment (tests, or
@@ -120,7 +127,11 @@ impl Loader {
         K: Into<String>,
         V: Into<String>,
     {
-        self.env = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self.env = Some(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         self
     }
 
@@ -151,7 +162,13 @@ impl Loader {
         }
         for (var, key) in ENV_OVERRIDES {
             if let Some(value) = self.var(var).filter(|v| !v.is_empty()) {
-                settings.set(key, &RawValue::Str(value), Source::Env { var: (*var).to_owned() })?;
+                settings.set(
+                    key,
+                    &RawValue::Str(value),
+                    Source::Env {
+                        var: (*var).to_owned(),
+                    },
+                )?;
             }
         }
         let (target, config) = settings.resolve()?;
@@ -271,7 +288,10 @@ fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
     let mut files = Vec::new();
     let mut root = empty_map("config.yaml");
     let mut choices = BTreeMap::new();
-    let root_file = ["config.yaml", "config.yml"].iter().map(|f| dir.join(f)).find(|p| p.is_file());
+    let root_file = ["config.yaml", "config.yml"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file());
     if let Some(path) = &root_file {
         let name = rel(dir, path);
         root = read_yaml(path, &name)?;
@@ -286,7 +306,10 @@ fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
         .collect();
     groups.sort();
     for group_dir in groups {
-        let group = group_dir.file_name().map(|g| g.to_string_lossy().into_owned()).unwrap_or_default();
+        let group = group_dir
+            .file_name()
+            .map(|g| g.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut options: Vec<String> = std::fs::read_dir(&group_dir)
             .map_err(|e| config_error(format!("cannot read {}: {e}", group_dir.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -348,7 +371,8 @@ fn rel(dir: &Path, path: &Path) -> String {
 fn read_yaml(path: &Path, name: &str) -> Result<Node> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
-    let docs = YamlLoader::load_from_str(&text).map_err(|e| config_error(format!("{name}: malformed YAML: {e}")))?;
+    let docs = YamlLoader::load_from_str(&text)
+        .map_err(|e| config_error(format!("{name}: malformed YAML: {e}")))?;
     let file: Arc<str> = name.into();
     match docs.len() {
         0 => Ok(empty_map(name)),
@@ -357,10 +381,14 @@ fn read_yaml(path: &Path, name: &str) -> Result<Node> {
             match node.value {
                 NodeValue::Map(_) => Ok(node),
                 NodeValue::Scalar(RawValue::Null) => Ok(empty_map(name)),
-                _ => Err(config_error(format!("{name}: the top level must be a mapping"))),
+                _ => Err(config_error(format!(
+                    "{name}: the top level must be a mapping"
+                ))),
             }
         }
-        n => Err(config_error(format!("{name}: {n} YAML documents; expected one"))),
+        n => Err(config_error(format!(
+            "{name}: {n} YAML documents; expected one"
+        ))),
     }
 }
 
@@ -375,7 +403,12 @@ fn convert(yaml: &Yaml, file: &Arc<str>, name: &str) -> Result<Node> {
                 .unwrap_or_else(|_| RawValue::Str(r.clone())),
         ),
         Yaml::String(s) => NodeValue::Scalar(RawValue::Str(s.clone())),
-        Yaml::Array(items) => NodeValue::List(items.iter().map(|i| convert(i, file, name)).collect::<Result<_>>()?),
+        Yaml::Array(items) => NodeValue::List(
+            items
+                .iter()
+                .map(|i| convert(i, file, name))
+                .collect::<Result<_>>()?,
+        ),
         Yaml::Hash(hash) => {
             let mut pairs = Vec::with_capacity(hash.len());
             for (k, v) in hash {
@@ -384,14 +417,20 @@ fn convert(yaml: &Yaml, file: &Arc<str>, name: &str) -> Result<Node> {
                     Yaml::Integer(i) => i.to_string(),
                     Yaml::Boolean(b) => b.to_string(),
                     Yaml::Real(r) => r.clone(),
-                    other => return Err(config_error(format!("{name}: unsupported mapping key {other:?}"))),
+                    other => {
+                        return Err(config_error(format!(
+                            "{name}: unsupported mapping key {other:?}"
+                        )))
+                    }
                 };
                 pairs.push((key, convert(v, file, name)?));
             }
             NodeValue::Map(pairs)
         }
         Yaml::Alias(_) | Yaml::BadValue => {
-            return Err(config_error(format!("{name}: unsupported YAML value (alias or bad value)")))
+            return Err(config_error(format!(
+                "{name}: unsupported YAML value (alias or bad value)"
+            )))
         }
     };
     Ok(Node {
@@ -412,7 +451,10 @@ fn defaults_list(root: &mut Node) -> Result<BTreeMap<String, String>> {
     };
     let (_, list) = pairs.remove(index);
     let NodeValue::List(items) = list.value else {
-        return Err(config_error(format!("{}: `defaults` must be a list", root.file)));
+        return Err(config_error(format!(
+            "{}: `defaults` must be a list",
+            root.file
+        )));
     };
     for item in items {
         if let NodeValue::Map(entry) = item.value {
@@ -454,9 +496,11 @@ fn lookup<'a>(root: &'a Node, path: &[&str]) -> Option<&'a Node> {
 /// Converts a node to a raw value, interpolating strings.
 fn raw(node: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RawValue> {
     Ok(match &node.value {
-        NodeValue::Scalar(RawValue::Str(s)) => RawValue::Str(interpolate(s, env).map_err(|why| {
-            config_error(format!("{path} = {s:?} ({}: {path}): {why}", node.file))
-        })?),
+        NodeValue::Scalar(RawValue::Str(s)) => {
+            RawValue::Str(interpolate(s, env).map_err(|why| {
+                config_error(format!("{path} = {s:?} ({}: {path}): {why}", node.file))
+            })?)
+        }
         NodeValue::Scalar(v) => v.clone(),
         NodeValue::Map(pairs) => RawValue::Map(
             pairs
@@ -484,7 +528,10 @@ fn apply_section(
         if matches!(section.value, NodeValue::Scalar(RawValue::Null)) {
             return Ok(());
         }
-        return Err(config_error(format!("{}: `{path}` must be a mapping", section.file)));
+        return Err(config_error(format!(
+            "{}: `{path}` must be a mapping",
+            section.file
+        )));
     };
     for (key, node) in pairs {
         let key_path = format!("{path}.{key}");
@@ -507,7 +554,10 @@ fn startup(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(Vec<WarmupEntry>, Vec<PrecacheEntry>)> {
     let NodeValue::Map(pairs) = &block.value else {
-        return Err(config_error(format!("{}: `connection_pool` must be a mapping", block.file)));
+        return Err(config_error(format!(
+            "{}: `connection_pool` must be a mapping",
+            block.file
+        )));
     };
     let mut warmup = Vec::new();
     let mut precache = Vec::new();
@@ -516,7 +566,12 @@ fn startup(
         let items = match &node.value {
             NodeValue::List(items) => items.as_slice(),
             NodeValue::Scalar(RawValue::Null) => &[],
-            _ => return Err(config_error(format!("{path} ({}): expected a list", node.file))),
+            _ => {
+                return Err(config_error(format!(
+                    "{path} ({}): expected a list",
+                    node.file
+                )))
+            }
         };
         match key.as_str() {
             "warmup_configs" => {
@@ -543,9 +598,16 @@ fn startup(
     Ok((warmup, precache))
 }
 
-fn precache_entry(item: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<PrecacheEntry> {
+fn precache_entry(
+    item: &Node,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PrecacheEntry> {
     let RawValue::Map(pairs) = raw(item, path, env)? else {
-        return Err(config_error(format!("{path} ({}): expected a mapping with `user`", item.file)));
+        return Err(config_error(format!(
+            "{path} ({}): expected a mapping with `user`",
+            item.file
+        )));
     };
     let mut user = None;
     let mut services = None;
@@ -553,7 +615,10 @@ fn precache_entry(item: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>)
         match (key.as_str(), value) {
             ("user", RawValue::Str(s)) if !s.trim().is_empty() => user = Some(s),
             ("user", v) => {
-                return Err(config_error(format!("{path}.user = {v} ({}): expected a non-empty user id", item.file)))
+                return Err(config_error(format!(
+                    "{path}.user = {v} ({}): expected a non-empty user id",
+                    item.file
+                )))
             }
             ("services", RawValue::List(list)) => {
                 let mut names = Vec::new();
@@ -571,7 +636,10 @@ fn precache_entry(item: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>)
                 services = Some(names);
             }
             ("services", v) => {
-                return Err(config_error(format!("{path}.services = {v} ({}): expected a list", item.file)))
+                return Err(config_error(format!(
+                    "{path}.services = {v} ({}): expected a list",
+                    item.file
+                )))
             }
             (other, _) => {
                 return Err(config_error(format!(
@@ -582,7 +650,9 @@ fn precache_entry(item: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>)
         }
     }
     Ok(PrecacheEntry {
-        user: user.ok_or_else(|| config_error(format!("{path} ({}): `user` is missing", item.file)))?,
-        services: services.unwrap_or_else(|| DEFAULT_SERVICES.iter().map(|s| (*s).to_owned()).collect()),
+        user: user
+            .ok_or_else(|| config_error(format!("{path} ({}): `user` is missing", item.file)))?,
+        services: services
+            .unwrap_or_else(|| DEFAULT_SERVICES.iter().map(|s| (*s).to_owned()).collect()),
     })
 }

@@ -1,5 +1,12 @@
-//! pgfleet: one shared, bounded, observable PostgreSQL pool per database for
-//! the whole process.
+#![doc = include_str!("../../../README.md")]
+
+/// The configuration reference (`docs/CONFIGURATION.md`).
+#[doc = include_str!("../../../docs/CONFIGURATION.md")]
+pub mod configuration_reference {}
+
+/// How pgfleet is built (`docs/ARCHITECTURE.md`).
+#[doc = include_str!("../../../docs/ARCHITECTURE.md")]
+pub mod architecture {}
 
 pub mod config;
 mod conn;
@@ -15,8 +22,8 @@ pub mod target;
 
 pub use config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 pub use error::{Error, ErrorKind, Result, TimeoutStage};
-pub use layered::{Loaded, Loader, PrecacheEntry, WarmupEntry};
 pub use fleet::{CloseReport, Fleet, FleetStats, PoolHandle, WarmupOutcome, WarmupReport};
+pub use layered::{Loaded, Loader, PrecacheEntry, WarmupEntry};
 pub use pool::{Pool, PooledConnection};
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};
 pub use target::{Host, Target};

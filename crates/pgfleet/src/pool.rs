@@ -5,7 +5,7 @@
 //! Connections are opened by background tasks, never by the caller of
 //! `get()`: a caller that gives up (timeout, dropped future) does not abort a
 //! connect half-way, and the connection goes to the next caller in line.
-//! Capacity is an RAII [`Slot`] inside each connection, so a connection lost
+//! Capacity is an RAII `Slot` inside each connection, so a connection lost
 //! anywhere (a panicking task, a dropped channel) still gives its unit back.
 
 use std::fmt;
@@ -190,7 +190,11 @@ impl Shared {
             Verdict::Close(CloseReason::Broken)
         } else if !conn.raw.tap.is_clean() {
             Verdict::Clean
-        } else if self.config.max_queries.is_some_and(|max| conn.raw.tap.queries() >= max) {
+        } else if self
+            .config
+            .max_queries
+            .is_some_and(|max| conn.raw.tap.queries() >= max)
+        {
             Verdict::Close(CloseReason::MaxQueries)
         } else if conn.is_expired(now) {
             Verdict::Close(CloseReason::Lifetime)
@@ -229,7 +233,12 @@ impl Shared {
 /// Opens one connection for the pool and hands it to the next waiter.
 async fn open(shared: Arc<Shared>, mut slot: Slot) {
     let started = Instant::now();
-    let result = match timeout(shared.config.connect_timeout, conn::connect(&shared.target, &shared.pg)).await {
+    let result = match timeout(
+        shared.config.connect_timeout,
+        conn::connect(&shared.target, &shared.pg),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(Error::timeout(
             TimeoutStage::Connect,
@@ -243,7 +252,10 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
     };
     match result {
         Ok(raw) => {
-            shared.counters.connections_created.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .connections_created
+                .fetch_add(1, Ordering::Relaxed);
             shared.counters.connect.record(started.elapsed());
             let expires = shared.config.max_lifetime.map(|lifetime| {
                 // Up to 10% off, so connections opened together do not
@@ -265,7 +277,10 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
             shared.connect_events.notify_waiters();
         }
         Err(err) => {
-            shared.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .connect_errors
+                .fetch_add(1, Ordering::Relaxed);
             let message = err.to_string();
             let code = err.code().map(str::to_owned);
             let permanent = code.as_deref().is_some_and(conn::is_permanent);
@@ -300,7 +315,11 @@ async fn clean(shared: Arc<Shared>, conn: Conn, location: &'static Location<'sta
         // connection can come back, rather than leave a busy backend behind.
         let token = conn.raw.client.cancel_token();
         if let Ok(socket) = conn::open_socket(&shared.target).await {
-            let _ = timeout(shared.config.connect_timeout, token.cancel_query_raw(socket, NoTls)).await;
+            let _ = timeout(
+                shared.config.connect_timeout,
+                token.cancel_query_raw(socket, NoTls),
+            )
+            .await;
             settled = timeout(shared.config.connect_timeout, tap.settled())
                 .await
                 .unwrap_or(false);
@@ -312,15 +331,21 @@ async fn clean(shared: Arc<Shared>, conn: Conn, location: &'static Location<'sta
         return;
     }
     if tap.status() != TxStatus::Idle {
-        shared.counters.dirty_returns.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .dirty_returns
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             pool = %shared.label,
             taken_at = %location,
             "connection returned inside a transaction; rolled back"
         );
-        let rolled_back = timeout(shared.config.connect_timeout, conn.raw.client.batch_execute("ROLLBACK"))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let rolled_back = timeout(
+            shared.config.connect_timeout,
+            conn.raw.client.batch_execute("ROLLBACK"),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
         if !rolled_back || !tap.is_clean() {
             conn.close(CloseReason::Dirty);
             return;
@@ -359,7 +384,9 @@ async fn maintain(weak: Weak<Shared>, tick: Duration) {
                     Some(CloseReason::Broken)
                 } else if conn.is_expired(now) {
                     Some(CloseReason::Lifetime)
-                } else if above_floor > 0 && idle_timeout.is_some_and(|t| now - conn.idle_since >= t) {
+                } else if above_floor > 0
+                    && idle_timeout.is_some_and(|t| now - conn.idle_since >= t)
+                {
                     Some(CloseReason::Idle)
                 } else {
                     None
@@ -404,7 +431,9 @@ impl Pool {
     pub fn new(target: Target, config: PoolConfig) -> Result<Pool> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::config("pgfleet pools must be created inside a tokio runtime (no runtime is running)")
+            Error::config(
+                "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
+            )
         })?;
         let label = target.to_string();
         let shared = Arc::new(Shared {
@@ -499,7 +528,11 @@ impl Pool {
                         rx: Some(rx),
                         shared: shared.clone(),
                     };
-                    let outcome = tokio::time::timeout_at(deadline.into(), wait.rx.as_mut().expect("set above")).await;
+                    let outcome = tokio::time::timeout_at(
+                        deadline.into(),
+                        wait.rx.as_mut().expect("set above"),
+                    )
+                    .await;
                     let received = match outcome {
                         Ok(Ok(received)) => {
                             wait.rx = None;
@@ -518,14 +551,20 @@ impl Pool {
                             match wait.cancel() {
                                 Some(received) => received,
                                 None => {
-                                    shared.counters.acquires_timed_out.fetch_add(1, Ordering::Relaxed);
+                                    shared
+                                        .counters
+                                        .acquires_timed_out
+                                        .fetch_add(1, Ordering::Relaxed);
                                     return Err(error);
                                 }
                             }
                         }
                     };
                     let conn = received?;
-                    shared.counters.acquires_waited.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .counters
+                        .acquires_waited
+                        .fetch_add(1, Ordering::Relaxed);
                     conn
                 }
             };
@@ -545,7 +584,10 @@ impl Pool {
     /// it fails.
     async fn check(&self, conn: Conn, deadline: Instant) -> Option<Conn> {
         let shared = &self.shared;
-        shared.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .health_checks
+            .fetch_add(1, Ordering::Relaxed);
         let limit = shared
             .config
             .connect_timeout
@@ -608,7 +650,10 @@ impl Pool {
                     return Err(err);
                 }
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 return Err(Error::timeout(
                     TimeoutStage::Connect,
                     limit,
@@ -656,7 +701,10 @@ impl Pool {
             if self.shared.lock().size == 0 {
                 return 0;
             }
-            if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
                 let st = self.shared.lock();
                 for driver in st.live.values() {
                     driver.abort();
@@ -686,7 +734,11 @@ impl Pool {
         let shared = &self.shared;
         let (gauges, closed, last) = {
             let st = shared.lock();
-            (st.gauges(), st.closed, st.last_failure.as_ref().map(|f| f.message.clone()))
+            (
+                st.gauges(),
+                st.closed,
+                st.last_failure.as_ref().map(|f| f.message.clone()),
+            )
         };
         let bounds = self.bounds();
         PoolStats {
@@ -811,7 +863,10 @@ impl Drop for PooledConnection {
         let shared = &self.pool;
         shared.counters.hold.record(held);
         if shared.config.leak_threshold.is_some_and(|t| held >= t) {
-            shared.counters.leaks_reported.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .leaks_reported
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 pool = %shared.label,
                 held = %humantime::format_duration(held),

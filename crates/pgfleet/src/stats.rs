@@ -58,7 +58,11 @@ impl Histogram {
     }
 
     pub(crate) fn snapshot(&self) -> TimingStats {
-        let buckets: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let count: u64 = buckets.iter().sum();
         let quantile = |q: f64| -> u64 {
             if count == 0 {

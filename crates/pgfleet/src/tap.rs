@@ -194,7 +194,12 @@ impl Framer {
                     } else {
                         (self.header[0], &self.header[1..5])
                     };
-                    let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+                    let len = u32::from_be_bytes([
+                        len_bytes[0],
+                        len_bytes[1],
+                        len_bytes[2],
+                        len_bytes[3],
+                    ]);
                     self.tag = tag;
                     self.header_len = 0;
                     self.header_size = 5;
@@ -300,7 +305,9 @@ impl<S> TapStream<S> {
                 b'E' => {
                     if let (Some(severity), code) = error_fields(body) {
                         if severity == b"FATAL" || severity == b"PANIC" {
-                            state.fatal.store(pack_code(code.unwrap_or(b"XX000")), Ordering::Release);
+                            state
+                                .fatal
+                                .store(pack_code(code.unwrap_or(b"XX000")), Ordering::Release);
                             state.ready.notify_waiters();
                         }
                     }
@@ -338,7 +345,11 @@ impl<S> TapStream<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for TapStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -359,7 +370,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for TapStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write(cx, data);
         match &poll {
@@ -380,7 +395,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
 }
 
 impl AsyncRead for Socket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
@@ -389,7 +408,11 @@ impl AsyncRead for Socket {
 }
 
 impl AsyncWrite for Socket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
@@ -432,7 +455,12 @@ mod tests {
 
     fn error_body(severity: &str, code: &str) -> Vec<u8> {
         let mut b = Vec::new();
-        for (f, v) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', "boom")] {
+        for (f, v) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', "boom"),
+        ] {
             b.push(f);
             b.extend_from_slice(v.as_bytes());
             b.push(0);
@@ -469,7 +497,11 @@ mod tests {
             let mut rest = &data[..];
             let mut i = 0;
             while !rest.is_empty() {
-                let n = sizes.get(i).copied().unwrap_or(rest.len()).clamp(1, rest.len());
+                let n = sizes
+                    .get(i)
+                    .copied()
+                    .unwrap_or(rest.len())
+                    .clamp(1, rest.len());
                 f(&rest[..n]);
                 rest = &rest[n..];
                 i += 1;

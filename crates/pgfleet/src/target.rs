@@ -59,7 +59,11 @@ pub struct Target {
 
 /// Characters left as they are in user names, database names and hosts of
 /// the displayed URL and the key.
-const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 fn encode(s: &str) -> String {
     utf8_percent_encode(s, COMPONENT).to_string()
@@ -69,7 +73,12 @@ fn decode(s: &str, what: &str, url: &str) -> Result<String> {
     percent_decode_str(s)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| Error::config(format!("invalid database URL {}: {what} is not valid UTF-8 once decoded", mask_url_text(url))))
+        .map_err(|_| {
+            Error::config(format!(
+                "invalid database URL {}: {what} is not valid UTF-8 once decoded",
+                mask_url_text(url)
+            ))
+        })
 }
 
 /// Best-effort masking of a URL that may not parse: hides whatever stands
@@ -117,7 +126,12 @@ impl Target {
     /// # Errors
     /// A `Config` error naming the problem; the password is masked in it.
     pub fn parse(url: &str) -> Result<Target> {
-        let bad = |why: String| Error::config(format!("invalid database URL {}: {why}", mask_url_text(url)));
+        let bad = |why: String| {
+            Error::config(format!(
+                "invalid database URL {}: {why}",
+                mask_url_text(url)
+            ))
+        };
         let rest = url
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
@@ -133,7 +147,10 @@ impl Target {
         };
         let (mut user, mut password) = match userinfo {
             Some(info) => match info.split_once(':') {
-                Some((u, p)) => (decode(u, "the user", url)?, Some(decode(p, "the password", url)?)),
+                Some((u, p)) => (
+                    decode(u, "the user", url)?,
+                    Some(decode(p, "the password", url)?),
+                ),
                 None => (decode(info, "the user", url)?, None),
             },
             None => (String::new(), None),
@@ -209,7 +226,7 @@ impl Target {
         }
         let port = match port.as_deref() {
             None | Some("") => 5432,
-            Some(p) => parse_port(p).map_err(|why| bad(why))?,
+            Some(p) => parse_port(p).map_err(bad)?,
         };
         let mut target = Target::from_parts(&host, port, &database, &user, password.as_deref())?;
         target.options = options.filter(|o| !o.is_empty());
@@ -225,7 +242,13 @@ impl Target {
     ///
     /// # Errors
     /// `Config` for an empty host or port 0.
-    pub fn from_parts(host: &str, port: u16, database: &str, user: &str, password: Option<&str>) -> Result<Target> {
+    pub fn from_parts(
+        host: &str,
+        port: u16,
+        database: &str,
+        user: &str,
+        password: Option<&str>,
+    ) -> Result<Target> {
         if host.is_empty() {
             return Err(Error::config("invalid target: the host is empty"));
         }
@@ -238,7 +261,11 @@ impl Target {
             Host::Tcp(host.to_ascii_lowercase())
         };
         let user = if user.is_empty() { "postgres" } else { user }.to_owned();
-        let database = if database.is_empty() { user.clone() } else { database.to_owned() };
+        let database = if database.is_empty() {
+            user.clone()
+        } else {
+            database.to_owned()
+        };
         let mut target = Target {
             host,
             port,
@@ -400,7 +427,13 @@ impl fmt::Display for Target {
         if self.password.is_some() {
             f.write_str(":***")?;
         }
-        write!(f, "@{}:{}/{}", self.host_text(), self.port, encode(&self.database))
+        write!(
+            f,
+            "@{}:{}/{}",
+            self.host_text(),
+            self.port,
+            encode(&self.database)
+        )
     }
 }
 
@@ -454,13 +487,19 @@ mod tests {
         ] {
             assert_ne!(key(url), k, "{url}");
         }
-        assert_ne!(key("postgres://a@localhost/x"), key("postgres://a@127.0.0.1/x"));
+        assert_ne!(
+            key("postgres://a@localhost/x"),
+            key("postgres://a@127.0.0.1/x")
+        );
     }
 
     #[test]
     fn defaults_user_postgres_and_database_user() {
         let t = Target::parse("postgres://db").unwrap();
-        assert_eq!((t.user(), t.database(), t.port()), ("postgres", "postgres", 5432));
+        assert_eq!(
+            (t.user(), t.database(), t.port()),
+            ("postgres", "postgres", 5432)
+        );
         let t = Target::parse("postgres://app@db").unwrap();
         assert_eq!(t.database(), "app");
     }
@@ -480,7 +519,10 @@ mod tests {
 
     #[test]
     fn url_behaviour_parameters_are_kept_outside_the_key() {
-        let t = Target::parse("postgres://u@h/d?application_name=svc&connect_timeout=7&options=-c%20a%3Db").unwrap();
+        let t = Target::parse(
+            "postgres://u@h/d?application_name=svc&connect_timeout=7&options=-c%20a%3Db",
+        )
+        .unwrap();
         assert_eq!(t.url_application_name(), Some("svc"));
         assert_eq!(t.url_connect_timeout(), Some(Duration::from_secs(7)));
         assert_eq!(t.options(), Some("-c a=b"));
@@ -490,15 +532,27 @@ mod tests {
     fn malformed_urls_are_clear_errors_with_the_password_masked() {
         for (url, needle) in [
             ("mysql://u:Secret1@h/d", "must start with postgres://"),
-            ("postgres://u:Secret1@h:abc/d", "port \"abc\" is not a number"),
+            (
+                "postgres://u:Secret1@h:abc/d",
+                "port \"abc\" is not a number",
+            ),
             ("postgres://u:Secret1@h:0/d", "out of range"),
             ("postgres://u:Secret1@h:70000/d", "out of range"),
             ("postgres://u:Secret1@h1,h2/d", "several hosts"),
-            ("postgres://u:Secret1@h/d?sslmode=require", "TLS is not supported"),
-            ("postgres://u:Secret1@h/d?frobnicate=1", "unknown parameter \"frobnicate\""),
+            (
+                "postgres://u:Secret1@h/d?sslmode=require",
+                "TLS is not supported",
+            ),
+            (
+                "postgres://u:Secret1@h/d?frobnicate=1",
+                "unknown parameter \"frobnicate\"",
+            ),
             ("postgres://u:Secret1@[::1/d", "unterminated ["),
             ("postgres://u:Secret1@/d", "no host"),
-            ("postgres://u:Secret1@h/d?connect_timeout=-1", "connect_timeout"),
+            (
+                "postgres://u:Secret1@h/d?connect_timeout=-1",
+                "connect_timeout",
+            ),
         ] {
             let err = Target::parse(url).unwrap_err();
             let msg = err.to_string();
@@ -538,7 +592,7 @@ mod tests {
             prop_assert_eq!(t.database(), db.as_str());
             prop_assert_eq!(t.port(), port);
             // The key is stable: parsing the displayed form gives it again.
-            let again = Target::parse(&t.key().to_string()).unwrap();
+            let again = Target::parse(t.key()).unwrap();
             prop_assert_eq!(again.key(), t.key());
         }
 

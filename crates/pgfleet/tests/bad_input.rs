@@ -12,22 +12,35 @@ use pgfleet::{Pool, PoolConfig, Target};
 async fn wrong_password_fails_at_once_with_the_servers_reason() {
     let app = app("wrongpw");
     let c = cluster();
-    let url = format!("postgres://postgres:not-the-password@127.0.0.1:{}/postgres", c.port());
+    let url = format!(
+        "postgres://postgres:not-the-password@127.0.0.1:{}/postgres",
+        c.port()
+    );
     let pool = Pool::new(Target::parse(&url).unwrap(), config(&app, 0, 2)).unwrap();
     let started = Instant::now();
     let err = pool.get().await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(5), "permanent errors do not wait out the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "permanent errors do not wait out the timeout"
+    );
     assert!(err.is_connect(), "{err:?}");
     assert_eq!(err.code(), Some("28P01"));
     let message = err.to_string();
-    assert!(message.contains("password authentication failed"), "{message}");
+    assert!(
+        message.contains("password authentication failed"),
+        "{message}"
+    );
     assert!(!message.contains("not-the-password"), "{message}");
 }
 
 #[tokio::test]
 async fn missing_database_fails_at_once_naming_it() {
     let app = app("nodb");
-    let pool = Pool::new(Target::parse(&cluster().url("no_such_db")).unwrap(), config(&app, 0, 2)).unwrap();
+    let pool = Pool::new(
+        Target::parse(&cluster().url("no_such_db")).unwrap(),
+        config(&app, 0, 2),
+    )
+    .unwrap();
     let err = pool.get().await.unwrap_err();
     assert!(err.is_connect(), "{err:?}");
     assert_eq!(err.code(), Some("3D000"));
@@ -38,7 +51,11 @@ async fn missing_database_fails_at_once_naming_it() {
 async fn unreachable_host_times_out_with_the_last_connect_error() {
     let app = app("unreach");
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut cfg = config(&app, 0, 2);
     cfg.acquire_timeout = Duration::from_millis(400);
     let pool = Pool::new(

@@ -8,7 +8,9 @@ use std::time::Duration;
 use pgfleet::{Loader, Source};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn no_env() -> Vec<(String, String)> {
@@ -35,25 +37,56 @@ fn seed_files_load_unchanged_with_store_layer_winning() {
     assert_eq!((c.min_size, c.max_size), (15, 40));
     assert_eq!(c.acquire_timeout, Duration::from_secs(45));
     assert_eq!(c.max_lifetime, Some(Duration::from_secs(3600)));
-    assert_eq!(source_of(&loaded, "min_size"), "store/pgai.yaml: store.database.postgres.pool_size");
-    assert_eq!(source_of(&loaded, "max_size"), "store/pgai.yaml: store.database.postgres.max_overflow");
-    assert_eq!(source_of(&loaded, "timeout"), "store/pgai.yaml: store.database.postgres.pool_timeout");
-    assert_eq!(source_of(&loaded, "max_lifetime"), "database/default.yaml: database.postgres.pool_recycle");
-    assert_eq!(source_of(&loaded, "host"), "database/default.yaml: database.postgres.host");
+    assert_eq!(
+        source_of(&loaded, "min_size"),
+        "store/pgai.yaml: store.database.postgres.pool_size"
+    );
+    assert_eq!(
+        source_of(&loaded, "max_size"),
+        "store/pgai.yaml: store.database.postgres.max_overflow"
+    );
+    assert_eq!(
+        source_of(&loaded, "timeout"),
+        "store/pgai.yaml: store.database.postgres.pool_timeout"
+    );
+    assert_eq!(
+        source_of(&loaded, "max_lifetime"),
+        "database/default.yaml: database.postgres.pool_recycle"
+    );
+    assert_eq!(
+        source_of(&loaded, "host"),
+        "database/default.yaml: database.postgres.host"
+    );
     assert_eq!(source_of(&loaded, "idle_timeout"), "default");
-    assert_eq!(loaded.files(), ["config.yaml", "database/default.yaml", "store/pgai.yaml"]);
+    assert_eq!(
+        loaded.files(),
+        ["config.yaml", "database/default.yaml", "store/pgai.yaml"]
+    );
     // Seed 004's connection_pool block.
     assert_eq!(loaded.warmup().len(), 1);
-    assert_eq!(loaded.warmup()[0].target.key(), "postgres://postgres@localhost:5432/memfuse");
-    assert_eq!(loaded.warmup()[0].config.max_size, 40, "warm-up entries inherit the pool settings");
+    assert_eq!(
+        loaded.warmup()[0].target.key(),
+        "postgres://postgres@localhost:5432/memfuse"
+    );
+    assert_eq!(
+        loaded.warmup()[0].config.max_size,
+        40,
+        "warm-up entries inherit the pool settings"
+    );
     assert_eq!(loaded.precache().len(), 1);
     assert_eq!(loaded.precache()[0].user, "default_user");
-    assert_eq!(loaded.precache()[0].services, ["memory", "buffer", "storage"]);
+    assert_eq!(
+        loaded.precache()[0].services,
+        ["memory", "buffer", "storage"]
+    );
 }
 
 #[test]
 fn seed_small_example_gives_pool_size_plus_overflow() {
-    let loaded = Loader::new(fixture("seed_small")).env(no_env()).load().unwrap();
+    let loaded = Loader::new(fixture("seed_small"))
+        .env(no_env())
+        .load()
+        .unwrap();
     let c = loaded.pool_config();
     assert_eq!((c.min_size, c.max_size), (10, 30));
     assert_eq!(c.acquire_timeout, Duration::from_secs(30));
@@ -63,18 +96,29 @@ fn seed_small_example_gives_pool_size_plus_overflow() {
 fn environment_overrides_files_and_database_url_wins() {
     let secret = "s3cr3t-xyz";
     let loaded = Loader::new(fixture("seed"))
-        .env([("POSTGRES_HOST", "db.internal"), ("POSTGRES_PASSWORD", secret), ("POSTGRES_PORT", "6543")])
+        .env([
+            ("POSTGRES_HOST", "db.internal"),
+            ("POSTGRES_PASSWORD", secret),
+            ("POSTGRES_PORT", "6543"),
+        ])
         .load()
         .unwrap();
-    assert_eq!(loaded.target().key(), "postgres://postgres@db.internal:6543/memfuse");
+    assert_eq!(
+        loaded.target().key(),
+        "postgres://postgres@db.internal:6543/memfuse"
+    );
     assert_eq!(source_of(&loaded, "host"), "env POSTGRES_HOST");
     assert_eq!(source_of(&loaded, "port"), "env POSTGRES_PORT");
-    let shown = serde_json::to_string(&loaded.report()).unwrap() + &format!("{:?}", loaded.explain());
+    let shown =
+        serde_json::to_string(&loaded.report()).unwrap() + &format!("{:?}", loaded.explain());
     assert!(!shown.contains(secret), "{shown}");
     assert!(shown.contains("***"));
 
     let loaded = Loader::new(fixture("seed"))
-        .env([("POSTGRES_HOST", "db.internal"), ("DATABASE_URL", "postgresql://app:pw@primary:5433/app")])
+        .env([
+            ("POSTGRES_HOST", "db.internal"),
+            ("DATABASE_URL", "postgresql://app:pw@primary:5433/app"),
+        ])
         .load()
         .unwrap();
     assert_eq!(loaded.target().key(), "postgres://app@primary:5433/app");
@@ -86,17 +130,32 @@ fn environment_overrides_files_and_database_url_wins() {
 fn interpolation_reads_the_injected_environment() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "config.yaml", "postgres:\n  host: ${DBHOST}\n  database: ${oc.env:DBNAME,fallback}\n  application_name: app-${oc.env:REPLICA,0}\n");
-    let loaded = Loader::new(dir.path()).env([("DBHOST", "h1")]).load().unwrap();
-    assert_eq!(loaded.target().key(), "postgres://postgres@h1:5432/fallback");
+    let loaded = Loader::new(dir.path())
+        .env([("DBHOST", "h1")])
+        .load()
+        .unwrap();
+    assert_eq!(
+        loaded.target().key(),
+        "postgres://postgres@h1:5432/fallback"
+    );
     assert_eq!(loaded.pool_config().application_name, "app-0");
 }
 
 #[test]
 fn without_files_defaults_and_environment_apply() {
-    let loaded = Loader::without_files().env([("POSTGRES_DB", "x")]).load().unwrap();
-    assert_eq!(loaded.target().key(), "postgres://postgres@localhost:5432/x");
+    let loaded = Loader::without_files()
+        .env([("POSTGRES_DB", "x")])
+        .load()
+        .unwrap();
+    assert_eq!(
+        loaded.target().key(),
+        "postgres://postgres@localhost:5432/x"
+    );
     assert_eq!(loaded.pool_config(), &pgfleet::PoolConfig::default());
-    assert!(loaded.explain().iter().any(|e| e.key == "min_size" && e.source == Source::Default));
+    assert!(loaded
+        .explain()
+        .iter()
+        .any(|e| e.key == "min_size" && e.source == Source::Default));
 }
 
 fn write(dir: &Path, file: &str, text: &str) {
@@ -120,25 +179,77 @@ fn every_invalid_configuration_names_key_value_and_file() {
         (
             "database/default.yaml",
             "postgres:\n  max_sise: 3\n",
-            &["unknown key `max_sise`", "database/default.yaml", "did you mean `max_size`"][..],
+            &[
+                "unknown key `max_sise`",
+                "database/default.yaml",
+                "did you mean `max_size`",
+            ][..],
         ),
         (
             "database/default.yaml",
             "postgres:\n  min_size: 50\n  max_size: 20\n",
             &["min_size = 50", "max_size = 20", "database/default.yaml"][..],
         ),
-        ("config.yaml", "postgres:\n  max_size: 0\n", &["max_size = 0", "config.yaml: postgres.max_size"][..]),
-        ("config.yaml", "postgres:\n  pool_timeout: 0\n", &["pool_timeout = 0", "greater than zero"][..]),
-        ("config.yaml", "postgres:\n  pool_timeout: -5\n", &["pool_timeout = -5", "negative"][..]),
-        ("config.yaml", "postgres:\n  connect_timeout: 99999999\n", &["connect_timeout = 99999999", "check the unit"][..]),
-        ("config.yaml", "postgres:\n  port: fivefour\n", &["port = \"fivefour\"", "config.yaml"][..]),
-        ("config.yaml", "postgres:\n  url: 'postgres://u:pw@h:x/d'\n", &["port \"x\" is not a number", "config.yaml: postgres.url"][..]),
-        ("config.yaml", "postgres:\n  host: ${oc.env:HOST\n", &["unterminated", "postgres.host", "config.yaml"][..]),
-        ("config.yaml", "postgres:\n  host: ${NOT_SET_ANYWHERE}\n", &["NOT_SET_ANYWHERE is not set", "postgres.host"][..]),
-        ("config.yaml", "postgres: [1, 2]\n", &["`postgres` must be a mapping"][..]),
-        ("config.yaml", "postgres:\n  host: [unclosed\n", &["config.yaml: malformed YAML"][..]),
-        ("config.yaml", "connection_pool:\n  warmup_config: []\n", &["unknown key `warmup_config`"][..]),
-        ("config.yaml", "connection_pool:\n  precache_configs:\n    - services: [memory]\n", &["`user` is missing"][..]),
+        (
+            "config.yaml",
+            "postgres:\n  max_size: 0\n",
+            &["max_size = 0", "config.yaml: postgres.max_size"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  pool_timeout: 0\n",
+            &["pool_timeout = 0", "greater than zero"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  pool_timeout: -5\n",
+            &["pool_timeout = -5", "negative"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  connect_timeout: 99999999\n",
+            &["connect_timeout = 99999999", "check the unit"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  port: fivefour\n",
+            &["port = \"fivefour\"", "config.yaml"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  url: 'postgres://u:pw@h:x/d'\n",
+            &["port \"x\" is not a number", "config.yaml: postgres.url"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  host: ${oc.env:HOST\n",
+            &["unterminated", "postgres.host", "config.yaml"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  host: ${NOT_SET_ANYWHERE}\n",
+            &["NOT_SET_ANYWHERE is not set", "postgres.host"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres: [1, 2]\n",
+            &["`postgres` must be a mapping"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  host: [unclosed\n",
+            &["config.yaml: malformed YAML"][..],
+        ),
+        (
+            "config.yaml",
+            "connection_pool:\n  warmup_config: []\n",
+            &["unknown key `warmup_config`"][..],
+        ),
+        (
+            "config.yaml",
+            "connection_pool:\n  precache_configs:\n    - services: [memory]\n",
+            &["`user` is missing"][..],
+        ),
         (
             "config.yaml",
             "connection_pool:\n  warmup_configs:\n    - host: h\n      max_size: none\n",
@@ -147,7 +258,10 @@ fn every_invalid_configuration_names_key_value_and_file() {
     ] {
         let msg = error_for(file, text);
         for needle in needles {
-            assert!(msg.contains(needle), "{text:?}\n  message: {msg}\n  missing: {needle}");
+            assert!(
+                msg.contains(needle),
+                "{text:?}\n  message: {msg}\n  missing: {needle}"
+            );
         }
     }
 }
@@ -157,26 +271,50 @@ fn password_in_a_bad_value_is_never_echoed() {
     let msg = error_for("config.yaml", "postgres:\n  password: [Hunter2-Secret]\n");
     assert!(msg.contains("password = ***"), "{msg}");
     assert!(!msg.contains("Hunter2"), "{msg}");
-    let msg = error_for("config.yaml", "postgres:\n  url: 'postgres://u:Hunter2-Secret@h:99999/d'\n");
+    let msg = error_for(
+        "config.yaml",
+        "postgres:\n  url: 'postgres://u:Hunter2-Secret@h:99999/d'\n",
+    );
     assert!(!msg.contains("Hunter2"), "{msg}");
 }
 
 #[test]
 fn group_options_are_chosen_by_the_defaults_list() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "config.yaml", "defaults:\n  - store: pgai\n  - _self_\n");
-    write(dir.path(), "store/pgai.yaml", "database:\n  postgres:\n    pool_size: 7\n");
-    write(dir.path(), "store/other.yaml", "database:\n  postgres:\n    pool_size: 2\n");
+    write(
+        dir.path(),
+        "config.yaml",
+        "defaults:\n  - store: pgai\n  - _self_\n",
+    );
+    write(
+        dir.path(),
+        "store/pgai.yaml",
+        "database:\n  postgres:\n    pool_size: 7\n",
+    );
+    write(
+        dir.path(),
+        "store/other.yaml",
+        "database:\n  postgres:\n    pool_size: 2\n",
+    );
     let loaded = Loader::new(dir.path()).env(no_env()).load().unwrap();
     assert_eq!(loaded.pool_config().min_size, 7);
     // Without a choice, several options are an error listing them.
     write(dir.path(), "config.yaml", "postgres: {}\n");
     let err = Loader::new(dir.path()).env(no_env()).load().unwrap_err();
-    assert!(err.to_string().contains("several options (other, pgai)"), "{err}");
+    assert!(
+        err.to_string().contains("several options (other, pgai)"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_missing_directory_is_a_clear_error() {
-    let err = Loader::new("/nonexistent/pgfleet-config").load().unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/pgfleet-config does not exist"), "{err}");
+    let err = Loader::new("/nonexistent/pgfleet-config")
+        .load()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/pgfleet-config does not exist"),
+        "{err}"
+    );
 }

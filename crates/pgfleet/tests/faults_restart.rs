@@ -47,8 +47,13 @@ async fn server_restart_under_load_fails_fast_then_recovers_by_itself() {
     let slowest_failure_ms = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let (pool, stop, ok, failed, slowest) =
-            (pool.clone(), stop.clone(), ok.clone(), failed.clone(), slowest_failure_ms.clone());
+        let (pool, stop, ok, failed, slowest) = (
+            pool.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            slowest_failure_ms.clone(),
+        );
         workers.push(tokio::spawn(async move {
             // Bounded: stops when told, or after 20k iterations.
             for _ in 0..20_000 {
@@ -58,7 +63,9 @@ async fn server_restart_under_load_fails_fast_then_recovers_by_itself() {
                 let started = Instant::now();
                 let result = async {
                     let conn = pool.get().await.map_err(|e| e.to_string())?;
-                    conn.query_one("SELECT 1", &[]).await.map_err(|e| e.to_string())?;
+                    conn.query_one("SELECT 1", &[])
+                        .await
+                        .map_err(|e| e.to_string())?;
                     Ok::<_, String>(())
                 }
                 .await;
@@ -78,7 +85,10 @@ async fn server_restart_under_load_fails_fast_then_recovers_by_itself() {
 
     // Outage: acquires fail with a clear error within their timeout.
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.stop()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || c.stop())
+        .await
+        .unwrap()
+        .unwrap();
     let err = pool.get().await.map(|_| ()).unwrap_err();
     assert!(err.is_timeout() || err.is_connect(), "{err}");
     let message = err.to_string();
@@ -92,10 +102,15 @@ async fn server_restart_under_load_fails_fast_then_recovers_by_itself() {
 
     // Back: the pool recovers without help.
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.resume()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || c.resume())
+        .await
+        .unwrap()
+        .unwrap();
     let before = ok.load(Ordering::SeqCst);
     assert!(
-        common::eventually(Duration::from_secs(15), || ok.load(Ordering::SeqCst) > before + 50).await,
+        common::eventually(Duration::from_secs(15), || ok.load(Ordering::SeqCst)
+            > before + 50)
+        .await,
         "no recovery: {:?}",
         pool.stats()
     );
@@ -110,5 +125,8 @@ async fn server_restart_under_load_fails_fast_then_recovers_by_itself() {
     let s = pool.stats();
     assert!(s.gauges.size <= 4);
     assert!(s.counters.connect_errors > 0);
-    assert_eq!(settle_backends_on(&cluster, &app, s.gauges.size as usize).await, s.gauges.size as usize);
+    assert_eq!(
+        settle_backends_on(&cluster, &app, s.gauges.size as usize).await,
+        s.gauges.size as usize
+    );
 }

@@ -47,7 +47,10 @@ async fn fifteen_stores_share_one_pool_and_load_stays_within_max_size() {
         tasks.push(tokio::spawn(async move {
             let store = &stores[i % stores.len()];
             let conn = store.get().await.expect("acquire");
-            let row = conn.query_one("SELECT $1::int + 1", &[&(i as i32)]).await.unwrap();
+            let row = conn
+                .query_one("SELECT $1::int + 1", &[&(i as i32)])
+                .await
+                .unwrap();
             assert_eq!(row.get::<_, i32>(0), i as i32 + 1);
             conn.execute("SELECT pg_sleep(0.002)", &[]).await.unwrap();
         }));
@@ -63,7 +66,11 @@ async fn fifteen_stores_share_one_pool_and_load_stays_within_max_size() {
     let stats = stores[0].stats();
     assert_eq!(stats.counters.acquires, 300);
     assert!(stats.gauges.size <= 6);
-    assert!(stats.counters.connections_created <= 6, "{:?}", stats.counters);
+    assert!(
+        stats.counters.connections_created <= 6,
+        "{:?}",
+        stats.counters
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +82,8 @@ async fn hundred_concurrent_first_requests_create_one_pool() {
     let barrier = Arc::new(tokio::sync::Barrier::new(100));
     let mut tasks = Vec::new();
     for _ in 0..100 {
-        let (fleet, cfg, target, barrier) = (fleet.clone(), cfg.clone(), target.clone(), barrier.clone());
+        let (fleet, cfg, target, barrier) =
+            (fleet.clone(), cfg.clone(), target.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             fleet.pool(&target, &cfg).unwrap()
@@ -87,7 +95,10 @@ async fn hundred_concurrent_first_requests_create_one_pool() {
     }
     assert_eq!(fleet.len(), 1);
     assert_eq!(handles[0].active_references(), 100);
-    handles[0].wait_ready(Duration::from_secs(10)).await.unwrap();
+    handles[0]
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .unwrap();
     // One set of connections: the warm floor, once.
     assert_eq!(settle_backends(&app, 3).await, 3);
     assert_eq!(handles[0].stats().counters.connections_created, 3);
@@ -107,17 +118,27 @@ async fn equivalent_urls_share_a_pool_and_different_ones_do_not() {
         format!("postgres://postgres@127.0.0.1:{port}/postgres?password={pw}"),
         format!("postgres://postgres:{pw}@127.0.0.1:{port}/postgres?application_name=x&connect_timeout=3"),
     ];
-    let handles: Vec<_> = same.iter().map(|u| fleet.pool_url(u, &cfg).unwrap()).collect();
+    let handles: Vec<_> = same
+        .iter()
+        .map(|u| fleet.pool_url(u, &cfg).unwrap())
+        .collect();
     assert_eq!(fleet.len(), 1, "keys: {:?}", fleet.stats().pools.keys());
     assert_eq!(handles[0].active_references(), 4);
     // Another database is another pool.
     c.create_database("norm_other").await.unwrap();
     let other = fleet
-        .pool_url(&format!("postgres://postgres:{pw}@127.0.0.1:{port}/norm_other"), &cfg)
+        .pool_url(
+            &format!("postgres://postgres:{pw}@127.0.0.1:{port}/norm_other"),
+            &cfg,
+        )
         .unwrap();
     assert_eq!(fleet.len(), 2);
     let conn = other.get().await.unwrap();
-    let db: String = conn.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let db: String = conn
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(db, "norm_other");
 }
 
@@ -136,12 +157,20 @@ async fn pool_without_handles_lingers_then_closes_and_a_later_request_makes_a_ne
     let again = fleet.pool(&target, &cfg).unwrap();
     assert_eq!(again.stats().counters.connections_created, 2);
     drop(again);
-    assert_eq!(settle_backends(&app, 0).await, 0, "backends left after linger");
+    assert_eq!(
+        settle_backends(&app, 0).await,
+        0,
+        "backends left after linger"
+    );
     assert!(common::eventually(Duration::from_secs(5), || fleet.is_empty()).await);
     let fresh = fleet.pool(&target, &cfg).unwrap();
     fresh.wait_ready(Duration::from_secs(10)).await.unwrap();
     assert!(!fresh.is_closed());
-    assert_eq!(fresh.stats().counters.connections_created, 2, "a fresh pool");
+    assert_eq!(
+        fresh.stats().counters.connections_created,
+        2,
+        "a fresh pool"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +187,11 @@ async fn close_all_closes_idle_now_fails_waiters_and_closes_checked_out_on_retur
         let h = handle.clone();
         tokio::spawn(async move { h.get().await.map(|_| ()) })
     };
-    assert!(common::eventually(Duration::from_secs(5), || handle.stats().gauges.waiting == 1).await);
+    assert!(
+        common::eventually(Duration::from_secs(5), || handle.stats().gauges.waiting
+            == 1)
+        .await
+    );
     let closing = {
         let fleet = fleet.clone();
         tokio::spawn(async move { fleet.close_all(Duration::from_secs(3)).await })
@@ -194,7 +227,11 @@ async fn warmup_opens_floors_and_reports_a_bad_target_without_failing_the_rest()
     let good_b = Target::parse(&c.url("warm_b")).unwrap();
     let bad = Target::parse(&c.url("warm_does_not_exist")).unwrap();
     let report = fleet
-        .warmup([(good_a, cfg.clone()), (bad, cfg.clone()), (good_b, cfg.clone())])
+        .warmup([
+            (good_a, cfg.clone()),
+            (bad, cfg.clone()),
+            (good_b, cfg.clone()),
+        ])
         .await;
     assert!(!report.is_ok());
     let failures: Vec<_> = report.failures().collect();
@@ -221,7 +258,10 @@ async fn stats_carry_the_seed_fields_keyed_by_masked_url_as_json() {
     drop(handle.get().await.unwrap());
     let json = serde_json::to_value(fleet.stats()).unwrap();
     let (key, pool) = json["pools"].as_object().unwrap().iter().next().unwrap();
-    assert!(key.starts_with("postgres://postgres:***@127.0.0.1:"), "{key}");
+    assert!(
+        key.starts_with("postgres://postgres:***@127.0.0.1:"),
+        "{key}"
+    );
     assert!(!key.contains(pgfleet_testkit::TempCluster::superuser_password()));
     assert_eq!(pool["min_size"], 1);
     assert_eq!(pool["max_size"], 4);

@@ -27,8 +27,12 @@ async fn raw_begin_left_open_is_rolled_back_before_reuse() {
     let table = format!("dirty_{}", app.replace('-', "_"));
     {
         let conn = pool.get().await.unwrap();
-        conn.batch_execute(&format!("CREATE TABLE {table} (v int)")).await.unwrap();
-        conn.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)")).await.unwrap();
+        conn.batch_execute(&format!("CREATE TABLE {table} (v int)"))
+            .await
+            .unwrap();
+        conn.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)"))
+            .await
+            .unwrap();
         // Dropped inside the transaction.
     }
     let conn = pool.get().await.unwrap();
@@ -41,7 +45,10 @@ async fn raw_begin_left_open_is_rolled_back_before_reuse() {
     assert_eq!(n, 0, "the uncommitted row must not be visible");
     let stats = pool.stats();
     assert_eq!(stats.counters.dirty_returns, 1);
-    assert_eq!(stats.counters.connections_created, 1, "rolled back, not reconnected");
+    assert_eq!(
+        stats.counters.connections_created, 1,
+        "rolled back, not reconnected"
+    );
 }
 
 #[tokio::test]
@@ -70,7 +77,9 @@ async fn transaction_api_dropped_without_commit_leaves_nothing_behind() {
     {
         let mut conn = pool.get().await.unwrap();
         let tx = conn.transaction().await.unwrap();
-        tx.batch_execute("SET LOCAL work_mem = '77MB'").await.unwrap();
+        tx.batch_execute("SET LOCAL work_mem = '77MB'")
+            .await
+            .unwrap();
         // tokio-postgres queues a ROLLBACK when a Transaction is dropped.
         drop(tx);
     }
@@ -110,5 +119,8 @@ async fn guard_dropped_mid_query_does_not_poison_the_next_borrower() {
         .backends(&pgfleet_testkit::BackendFilter::all().application_name(&app))
         .await
         .unwrap();
-    assert!(rows.iter().all(|b| b.state.as_deref() != Some("active")), "{rows:?}");
+    assert!(
+        rows.iter().all(|b| b.state.as_deref() != Some("active")),
+        "{rows:?}"
+    );
 }

@@ -12,7 +12,10 @@ use pgfleet::Pool;
 
 async fn backend_pid(pool: &Pool) -> i32 {
     let conn = pool.get().await.unwrap();
-    conn.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+    conn.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test]
@@ -99,7 +102,11 @@ async fn idle_connection_is_health_checked_and_hot_one_is_not() {
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     backend_pid(&pool).await;
     backend_pid(&pool).await;
-    assert_eq!(pool.stats().counters.health_checks, 0, "hot connections need no round trip");
+    assert_eq!(
+        pool.stats().counters.health_checks,
+        0,
+        "hot connections need no round trip"
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     backend_pid(&pool).await;
     assert_eq!(pool.stats().counters.health_checks, 1);
@@ -111,11 +118,16 @@ async fn command_timeout_server_settings_and_application_name_reach_the_server()
     let mut cfg = config(&app, 0, 1);
     cfg.command_timeout = Some(Duration::from_millis(150));
     cfg.server_settings.insert("work_mem".into(), "7MB".into());
-    cfg.server_settings.insert("search_path".into(), "pg_catalog, public".into());
+    cfg.server_settings
+        .insert("search_path".into(), "pg_catalog, public".into());
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     let conn = pool.get().await.unwrap();
     let err = conn.batch_execute("SELECT pg_sleep(5)").await.unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "57014", "statement_timeout cancels: {err}");
+    assert_eq!(
+        err.code().unwrap().code(),
+        "57014",
+        "statement_timeout cancels: {err}"
+    );
     let row = conn
         .query_one(
             "SELECT current_setting('work_mem'), current_setting('search_path'), \

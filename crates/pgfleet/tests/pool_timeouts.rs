@@ -30,10 +30,15 @@ async fn acquire_times_out_when_pool_is_exhausted_and_says_why() {
     );
     let message = err.to_string();
     assert!(
-        message.starts_with("timed out after 200ms waiting for a connection to postgres://postgres:***@127.0.0.1:"),
+        message.starts_with(
+            "timed out after 200ms waiting for a connection to postgres://postgres:***@127.0.0.1:"
+        ),
         "{message}"
     );
-    assert!(message.contains("(size=1, idle=0, in_use=1, waiting=1"), "{message}");
+    assert!(
+        message.contains("(size=1, idle=0, in_use=1, waiting=1"),
+        "{message}"
+    );
     assert_eq!(pool.stats().counters.acquires_timed_out, 1);
     drop(held);
     // The pool is whole afterwards.
@@ -56,7 +61,11 @@ async fn waiters_are_served_in_arrival_order() {
             conn.query_one("SELECT 1", &[]).await.unwrap();
         }));
         // Enqueue strictly one after the other.
-        assert!(common::eventually(Duration::from_secs(5), || pool.stats().gauges.waiting == i + 1).await);
+        assert!(
+            common::eventually(Duration::from_secs(5), || pool.stats().gauges.waiting
+                == i + 1)
+            .await
+        );
     }
     drop(held);
     for t in tasks {
@@ -91,7 +100,10 @@ async fn gauges_are_exact_under_a_known_load() {
         pool.stats().gauges
     );
     let g = pool.stats().gauges;
-    assert_eq!((g.size, g.idle, g.in_use, g.waiting, g.connecting), (4, 0, 4, 3, 0));
+    assert_eq!(
+        (g.size, g.idle, g.in_use, g.waiting, g.connecting),
+        (4, 0, 4, 3, 0)
+    );
     gate.add_permits(7);
     for t in tasks {
         t.await.unwrap();

@@ -75,7 +75,11 @@ async fn a_distinctive_password_never_appears_in_any_output() {
     outputs.push(format!("{report:?}"));
     fleet.close_all(Duration::from_secs(2)).await;
     outputs.push(String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned());
-    assert!(outputs.last().unwrap().contains("connect failed"), "logs were captured: {}", outputs.last().unwrap());
+    assert!(
+        outputs.last().unwrap().contains("connect failed"),
+        "logs were captured: {}",
+        outputs.last().unwrap()
+    );
     for out in &outputs {
         assert!(!out.contains(SECRET), "password leaked in: {out}");
     }

@@ -1,0 +1,88 @@
+//! `pgfleet config check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use pgfleet::Loader;
+
+/// Arguments of `pgfleet config check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Configuration directory (Hydra layout: config.yaml, database/, store/).
+    /// Default: ./config if it exists, else defaults and environment only.
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit code for an invalid configuration.
+const INVALID: u8 = 2;
+
+pub fn run(args: &CheckArgs) -> ExitCode {
+    let (loader, described) = match &args.config {
+        Some(dir) => (Loader::new(dir), dir.display().to_string()),
+        None if PathBuf::from("config").is_dir() => (Loader::new("config"), "./config".to_owned()),
+        None => (
+            Loader::without_files(),
+            "none (no --config and no ./config: defaults and environment only)".to_owned(),
+        ),
+    };
+    let loaded = match loader.load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("pgfleet: {e}");
+            return ExitCode::from(INVALID);
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&loaded.report()) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("pgfleet: cannot serialise the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!("configuration directory: {described}");
+    if !loaded.files().is_empty() {
+        println!("files read: {}", loaded.files().join(", "));
+    }
+    println!("target: {}", loaded.target());
+    println!();
+    let rows = loaded.explain();
+    let key_width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0);
+    let value_width = rows
+        .iter()
+        .map(|r| r.value.len())
+        .max()
+        .unwrap_or(0)
+        .min(60);
+    println!("{:key_width$}  {:value_width$}  source", "key", "value");
+    for row in &rows {
+        println!(
+            "{:key_width$}  {:value_width$}  {}",
+            row.key, row.value, row.source
+        );
+    }
+    if !loaded.warmup().is_empty() {
+        println!("\nwarm-up at start:");
+        for w in loaded.warmup() {
+            println!(
+                "  {} (min_size {}, max_size {})",
+                w.target, w.config.min_size, w.config.max_size
+            );
+        }
+    }
+    if !loaded.precache().is_empty() {
+        println!("\npre-created services:");
+        for p in loaded.precache() {
+            println!("  user {}: {}", p.user, p.services.join(", "));
+        }
+    }
+    println!("\nconfiguration is valid");
+    ExitCode::SUCCESS
+}
