@@ -57,7 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!(
-        "{} stores -> {} pool(s), active_references = {}",
+        "{} stores -> {} pool(s), active_references = {} (the stores, plus the fleet's own handle from warm-up)",
         stores.len(),
         fleet.len(),
         stores[0].1.active_references()
