@@ -270,20 +270,14 @@ impl TempCluster {
     /// # Errors
     /// If the admin query fails.
     pub async fn terminate(&self, filter: &BackendFilter) -> Result<u64> {
-        let client = self.admin().await?;
-        let (clause, params) = filter.clause();
-        let sql = format!(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {clause}"
-        );
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-            .iter()
-            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let row = client
-            .query_one(&sql, &refs)
-            .await
-            .map_err(|e| Error::query("pg_terminate_backend", e))?;
-        Ok(row.get::<_, i64>(0) as u64)
+        let rows = self
+            .select_backends(
+                "count(*) FILTER (WHERE pg_terminate_backend(pid))",
+                filter,
+                "",
+            )
+            .await?;
+        Ok(rows[0].get::<_, i64>(0) as u64)
     }
 
     /// The client backends matching `filter`, from `pg_stat_activity`.
@@ -291,19 +285,13 @@ impl TempCluster {
     /// # Errors
     /// If the admin query fails.
     pub async fn backends(&self, filter: &BackendFilter) -> Result<Vec<Backend>> {
-        let client = self.admin().await?;
-        let (clause, params) = filter.clause();
-        let sql = format!(
-            "SELECT pid, datname::text, application_name, state FROM pg_stat_activity WHERE {clause} ORDER BY pid"
-        );
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-            .iter()
-            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let rows = client
-            .query(&sql, &refs)
-            .await
-            .map_err(|e| Error::query("pg_stat_activity", e))?;
+        let rows = self
+            .select_backends(
+                "pid, datname::text, application_name, state",
+                filter,
+                "ORDER BY pid",
+            )
+            .await?;
         Ok(rows
             .iter()
             .map(|r| Backend {
@@ -313,6 +301,26 @@ impl TempCluster {
                 state: r.get(3),
             })
             .collect())
+    }
+
+    /// `SELECT <columns> FROM pg_stat_activity WHERE <filter> <tail>`.
+    async fn select_backends(
+        &self,
+        columns: &str,
+        filter: &BackendFilter,
+        tail: &str,
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let client = self.admin().await?;
+        let (clause, params) = filter.clause();
+        let sql = format!("SELECT {columns} FROM pg_stat_activity WHERE {clause} {tail}");
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        client
+            .query(&sql, &refs)
+            .await
+            .map_err(|e| Error::query("pg_stat_activity", e))
     }
 
     /// How many client backends match `filter`.

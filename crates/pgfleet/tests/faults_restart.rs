@@ -36,8 +36,8 @@ async fn server_restart_under_load_fails_fast_then_recovers_by_itself() {
     let cluster = Arc::new(TempCluster::start().unwrap());
     let app = app("restart");
     let mut cfg = config(&app, 2, 4);
-    cfg.acquire_timeout = Duration::from_millis(800);
-    cfg.connect_timeout = Duration::from_millis(500);
+    cfg.acquire_timeout = Duration::from_millis(1500);
+    cfg.connect_timeout = Duration::from_secs(2);
     let pool = Pool::new(target(&cluster), cfg).unwrap();
     pool.wait_ready(Duration::from_secs(10)).await.unwrap();
 

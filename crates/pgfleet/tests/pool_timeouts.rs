@@ -12,9 +12,12 @@ use pgfleet::{ErrorKind, Pool, TimeoutStage};
 #[tokio::test]
 async fn acquire_times_out_when_pool_is_exhausted_and_says_why() {
     let app = app("timeout");
-    let mut cfg = config(&app, 0, 1);
+    let mut cfg = config(&app, 1, 1);
     cfg.acquire_timeout = Duration::from_millis(200);
     let pool = Pool::new(target(cluster()), cfg).unwrap();
+    // Open the one connection first: on a loaded machine opening it can
+    // itself take longer than 200ms.
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
     let held = pool.get().await.unwrap();
     let started = Instant::now();
     let err = pool.get().await.unwrap_err();

@@ -48,6 +48,7 @@ async fn a_distinctive_password_never_appears_in_any_output() {
     let mut cfg = config(&app, 1, 1);
     cfg.acquire_timeout = Duration::from_millis(300);
     let handle = fleet.pool(&target, &cfg).unwrap();
+    handle.wait_ready(Duration::from_secs(10)).await.unwrap();
     let conn = handle.get().await.unwrap();
     let mut outputs = vec![
         target.to_string(),
