@@ -137,6 +137,9 @@ pub(crate) fn connect_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// SQLSTATE 53300: `FATAL: sorry, too many clients already`.
+pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
+
 /// Connect errors that waiting will not cure: bad credentials, missing
 /// database or role. Waiters fail at once instead of running out their
 /// timeout.

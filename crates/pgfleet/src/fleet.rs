@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::budget::{BudgetConfig, BudgetMode, BudgetStats, ServerBudget};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
@@ -32,9 +33,20 @@ pub struct Fleet {
     inner: Arc<FleetInner>,
 }
 
+/// Fleet-wide settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FleetConfig {
+    /// Server budgets: how many connections this process may hold on each
+    /// server, across all its pools there.
+    pub budget: BudgetConfig,
+}
+
 #[derive(Default)]
 struct FleetInner {
+    config: FleetConfig,
     pools: ArcSwap<HashMap<Arc<str>, Arc<Entry>>>,
+    /// One budget per server (`host:port`); created under `writer`.
+    budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
     /// Held while creating or retiring a pool; lookups never take it.
     writer: Mutex<()>,
     closed: AtomicBool,
@@ -63,9 +75,28 @@ pub struct PoolHandle {
 }
 
 impl Fleet {
-    /// A new, empty fleet.
+    /// A new, empty fleet with default settings (server budgets `auto`).
     pub fn new() -> Fleet {
         Fleet::default()
+    }
+
+    /// A new, empty fleet with these settings.
+    ///
+    /// # Errors
+    /// `Config` if the settings are invalid.
+    pub fn with_config(config: FleetConfig) -> Result<Fleet> {
+        config.budget.validate()?;
+        Ok(Fleet {
+            inner: Arc::new(FleetInner {
+                config,
+                ..FleetInner::default()
+            }),
+        })
+    }
+
+    /// The fleet's settings.
+    pub fn config(&self) -> &FleetConfig {
+        &self.inner.config
     }
 
     /// The process-wide fleet.
@@ -99,9 +130,24 @@ impl Fleet {
             return Ok(handle);
         }
         let key: Arc<str> = target.key().into();
+        let server = target.server_key();
+        let budget = match inner.config.budget.mode_for(&server) {
+            BudgetMode::Off => None,
+            BudgetMode::Auto | BudgetMode::Fixed(_) => Some(
+                inner
+                    .budgets
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(server)
+                    .or_insert_with_key(|server| {
+                        ServerBudget::new(server.clone(), &inner.config.budget)
+                    })
+                    .clone(),
+            ),
+        };
         let entry = Arc::new(Entry {
             key: key.clone(),
-            pool: Pool::new(target.clone(), config.clone())?,
+            pool: Pool::build(target.clone(), config.clone(), budget)?,
             refs: AtomicUsize::new(1),
             retiring: AtomicBool::new(false),
             zero_epoch: AtomicU64::new(0),
@@ -218,10 +264,20 @@ impl Fleet {
         self.inner.closed.load(Ordering::SeqCst)
     }
 
-    /// Statistics of every pool, keyed by masked URL.
+    /// Statistics of every pool, keyed by masked URL, and of every server
+    /// budget, keyed by `host:port`.
     pub fn stats(&self) -> FleetStats {
         let pools = self.inner.pools.load();
+        let servers = self
+            .inner
+            .budgets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(server, budget)| (server.clone(), budget.stats()))
+            .collect();
         FleetStats {
+            servers,
             pools: pools
                 .values()
                 .map(|entry| {
@@ -362,6 +418,8 @@ impl fmt::Debug for PoolHandle {
 pub struct FleetStats {
     /// Per pool, keyed by masked URL.
     pub pools: BTreeMap<String, PoolStats>,
+    /// Per server budget, keyed by `host:port`.
+    pub servers: BTreeMap<String, BudgetStats>,
 }
 
 /// What [`Fleet::warmup`] did for each target.

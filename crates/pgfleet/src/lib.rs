@@ -8,6 +8,7 @@ pub mod configuration_reference {}
 #[doc = include_str!("../../../docs/ARCHITECTURE.md")]
 pub mod architecture {}
 
+pub mod budget;
 pub mod config;
 mod conn;
 pub mod error;
@@ -20,9 +21,12 @@ pub mod stats;
 mod tap;
 pub mod target;
 
+pub use budget::{BudgetConfig, BudgetMode, BudgetStats, Derivation};
 pub use config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 pub use error::{Error, ErrorKind, Result, TimeoutStage};
-pub use fleet::{CloseReport, Fleet, FleetStats, PoolHandle, WarmupOutcome, WarmupReport};
+pub use fleet::{
+    CloseReport, Fleet, FleetConfig, FleetStats, PoolHandle, WarmupOutcome, WarmupReport,
+};
 pub use layered::{Loaded, Loader, PrecacheEntry, WarmupEntry};
 pub use pool::{Pool, PooledConnection};
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};

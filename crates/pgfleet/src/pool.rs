@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
 use tokio_postgres::{Client, NoTls};
 
+use crate::budget::{ServerBudget, Unit};
 use crate::config::PoolConfig;
 use crate::conn::{self, RawConn};
 use crate::error::{Error, Result, TimeoutStage};
@@ -43,6 +44,9 @@ pub struct Pool {
 }
 
 pub(crate) struct Shared {
+    /// Identifies the pool in its server budget.
+    id: u64,
+    budget: Option<Arc<ServerBudget>>,
     target: Target,
     config: PoolConfig,
     pg: tokio_postgres::Config,
@@ -78,11 +82,17 @@ impl Drop for Slot {
         let (plan, drained) = {
             let mut st = shared.lock();
             st.size -= 1;
-            if self.connecting {
-                st.connecting -= 1;
-            }
             st.live.remove(&self.id);
-            let plan = shared.plan(&mut st);
+            // A connect that never finished does not replan here: its task
+            // replans after a failure, and a task dropped by a runtime that is
+            // shutting down must not spawn another one (which would be dropped
+            // at once, and so on).
+            let plan = if self.connecting {
+                st.connecting -= 1;
+                Plan::default()
+            } else {
+                shared.plan(&mut st)
+            };
             (plan, st.closed && st.size == 0)
         };
         shared.execute(plan);
@@ -99,6 +109,8 @@ pub(crate) struct Conn {
     expires: Option<Instant>,
     idle_since: Instant,
     slot: Slot,
+    /// The server-budget unit, given back after the slot.
+    _unit: Option<Unit>,
 }
 
 impl Conn {
@@ -217,6 +229,26 @@ impl Shared {
         }
     }
 
+    /// Closes the longest-idle connection if the pool is above its floor,
+    /// to free a server-budget unit for another pool. Returns whether one
+    /// was closed.
+    pub(crate) fn reclaim_idle(&self) -> bool {
+        let victim = {
+            let mut st = self.lock();
+            if st.size - st.connecting <= self.config.min_size {
+                return false;
+            }
+            st.idle.pop_front()
+        };
+        match victim {
+            Some(conn) => {
+                conn.close(CloseReason::Reclaimed);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn snapshot_line(&self) -> String {
         let g = self.lock().gauges();
         format!(
@@ -232,6 +264,21 @@ impl Shared {
 
 /// Opens one connection for the pool and hands it to the next waiter.
 async fn open(shared: Arc<Shared>, mut slot: Slot) {
+    let unit = match &shared.budget {
+        Some(budget) => {
+            let still_needed = || {
+                let st = shared.lock();
+                // This connect counts in `size`: it is needed while callers
+                // wait, or while it is part of the floor.
+                !st.closed && (st.waiting > 0 || st.size <= shared.config.min_size)
+            };
+            match budget.acquire(shared.id, still_needed).await {
+                Some(unit) => Some(unit),
+                None => return,
+            }
+        }
+        None => None,
+    };
     let started = Instant::now();
     let result = match timeout(
         shared.config.connect_timeout,
@@ -252,6 +299,9 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
     };
     match result {
         Ok(raw) => {
+            if let Some(budget) = shared.budget.as_ref().filter(|b| b.needs_derivation()) {
+                derive_budget(budget, &raw.client).await;
+            }
             shared
                 .counters
                 .connections_created
@@ -272,6 +322,7 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
                 expires,
                 idle_since: Instant::now(),
                 slot,
+                _unit: unit,
             };
             shared.hand_off(st, conn);
             shared.connect_events.notify_waiters();
@@ -284,6 +335,15 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
             let message = err.to_string();
             let code = err.code().map(str::to_owned);
             let permanent = code.as_deref().is_some_and(conn::is_permanent);
+            if code.as_deref() == Some(conn::TOO_MANY_CONNECTIONS) {
+                shared
+                    .counters
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(budget) = &shared.budget {
+                    budget.refused();
+                }
+            }
             tracing::warn!(pool = %shared.label, error = %message, "connect failed");
             {
                 let mut st = shared.lock();
@@ -300,6 +360,28 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
             }
             shared.connect_events.notify_waiters();
             drop(slot);
+            drop(unit);
+            // Retry after the backoff if callers or the floor still need it.
+            let plan = shared.plan(&mut shared.lock());
+            shared.execute(plan);
+        }
+    }
+}
+
+/// Reads the server's connection limits on the first connection to a server
+/// whose budget is `auto`.
+async fn derive_budget(budget: &Arc<ServerBudget>, client: &Client) {
+    let query = "SELECT current_setting('max_connections')::int, \
+                 current_setting('superuser_reserved_connections')::int, \
+                 coalesce(current_setting('reserved_connections', true), '0')::int";
+    match client.query_one(query, &[]).await {
+        Ok(row) => {
+            let get = |i: usize| u32::try_from(row.get::<_, i32>(i)).unwrap_or(0);
+            budget.derive(get(0), get(1), get(2));
+        }
+        Err(e) => {
+            tracing::warn!(server = %budget.server(), error = %e, "could not read the server's connection limits");
+            budget.derivation_failed();
         }
     }
 }
@@ -429,6 +511,16 @@ impl Pool {
     /// A `Config` error if the configuration is invalid or if called outside
     /// a tokio runtime.
     pub fn new(target: Target, config: PoolConfig) -> Result<Pool> {
+        Pool::build(target, config, None)
+    }
+
+    /// A pool that takes its connections from a server budget.
+    pub(crate) fn build(
+        target: Target,
+        config: PoolConfig,
+        budget: Option<Arc<ServerBudget>>,
+    ) -> Result<Pool> {
+        static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config(
@@ -437,6 +529,8 @@ impl Pool {
         })?;
         let label = target.to_string();
         let shared = Arc::new(Shared {
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+            budget,
             pg: conn::pg_config(&target, &config),
             target,
             state: Mutex::new(State::new()),
@@ -448,6 +542,14 @@ impl Pool {
             label,
             config,
         });
+        if let Some(budget) = &shared.budget {
+            budget.join(
+                shared.id,
+                Arc::downgrade(&shared),
+                shared.label.clone(),
+                shared.config.min_size,
+            )?;
+        }
         let plan = shared.plan(&mut shared.lock());
         shared.execute(plan);
         shared
@@ -616,6 +718,10 @@ impl Pool {
             shared.label,
             shared.snapshot_line()
         );
+        if let Some(budget) = &shared.budget {
+            message.push_str("; ");
+            message.push_str(&budget.summary());
+        }
         if let Some(last) = shared.last_failure_text() {
             message.push_str("; last connect error: ");
             message.push_str(&last);
@@ -684,6 +790,9 @@ impl Pool {
         };
         for conn in idle {
             conn.close(CloseReason::Shutdown);
+        }
+        if let Some(budget) = &self.shared.budget {
+            budget.leave(self.shared.id);
         }
         if drained {
             self.shared.drained.notify_waiters();

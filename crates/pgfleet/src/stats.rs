@@ -22,6 +22,9 @@ pub(crate) enum CloseReason {
     MaxQueries,
     /// The pool was closed.
     Shutdown,
+    /// Closed while idle above the floor to free a unit of the server budget
+    /// for another pool.
+    Reclaimed,
 }
 
 /// A histogram of durations in power-of-two microsecond buckets, plus count,
@@ -128,6 +131,8 @@ pub(crate) struct Counters {
     pub(crate) closed_dirty: AtomicU64,
     pub(crate) closed_max_queries: AtomicU64,
     pub(crate) closed_shutdown: AtomicU64,
+    pub(crate) closed_reclaimed: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
     pub(crate) dirty_returns: AtomicU64,
     pub(crate) health_checks: AtomicU64,
     pub(crate) leaks_reported: AtomicU64,
@@ -151,6 +156,8 @@ impl Counters {
             closed_dirty: z(),
             closed_max_queries: z(),
             closed_shutdown: z(),
+            closed_reclaimed: z(),
+            connections_refused: z(),
             dirty_returns: z(),
             health_checks: z(),
             leaks_reported: z(),
@@ -168,6 +175,7 @@ impl Counters {
             CloseReason::Dirty => &self.closed_dirty,
             CloseReason::MaxQueries => &self.closed_max_queries,
             CloseReason::Shutdown => &self.closed_shutdown,
+            CloseReason::Reclaimed => &self.closed_reclaimed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -186,6 +194,8 @@ impl Counters {
             connections_closed_dirty: r(&self.closed_dirty),
             connections_closed_max_queries: r(&self.closed_max_queries),
             connections_closed_shutdown: r(&self.closed_shutdown),
+            connections_closed_reclaimed: r(&self.closed_reclaimed),
+            connections_refused: r(&self.connections_refused),
             dirty_returns: r(&self.dirty_returns),
             health_checks: r(&self.health_checks),
             leaks_reported: r(&self.leaks_reported),
@@ -234,6 +244,10 @@ pub struct CounterStats {
     pub connections_closed_max_queries: u64,
     /// Connections closed because the pool closed.
     pub connections_closed_shutdown: u64,
+    /// Idle connections closed to free server-budget units for another pool.
+    pub connections_closed_reclaimed: u64,
+    /// Connect attempts the server refused with 53300 (too many clients).
+    pub connections_refused: u64,
     /// Connections returned inside a transaction and rolled back.
     pub dirty_returns: u64,
     /// Round-trip health checks run on connections that sat idle.

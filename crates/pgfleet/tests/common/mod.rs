@@ -78,3 +78,39 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Samples the number of backends matching a filter every 10ms until
+/// stopped, keeping the peak.
+pub struct PeakSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl PeakSampler {
+    /// Starts sampling `filter` on `cluster`.
+    pub fn start(cluster: std::sync::Arc<TempCluster>, filter: BackendFilter) -> PeakSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut peak = 0;
+            // Bounded: at most 10 minutes of samples.
+            for _ in 0..60_000 {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(n) = cluster.count_backends(&filter).await {
+                    peak = peak.max(n);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            peak
+        });
+        PeakSampler { stop, task }
+    }
+
+    /// Stops and returns the peak.
+    pub async fn finish(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("sampler")
+    }
+}

@@ -1,0 +1,627 @@
+//! Server budgets: all pools of a fleet whose targets live on the same
+//! server share one budget of physical connections, so the process can never
+//! be the one that trips `FATAL: sorry, too many clients already`.
+//!
+//! Every open connection, and every connect in progress, holds one [`Unit`]
+//! for its whole life. Floors are reserved: a pool below its `min_size` can
+//! always get a unit, and pools above their floors can grow only into what
+//! the others' floors leave free:
+//!
+//! ```text
+//! sum over pools of max(units held, min_size)  <=  capacity
+//! ```
+//!
+//! A pool that needs a unit while the budget is spent waits (FIFO among
+//! pools above their floor) and asks the other pools on the server to close
+//! an idle connection above their floor (reclaim). When the server refuses a
+//! connection with 53300 anyway (other clients took the slots), the
+//! effective capacity drops to what is open, and creeps back up by one unit a
+//! second while probing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::pool::Shared;
+
+/// How a server's budget is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetMode {
+    /// Derived at first contact: `max_connections` minus
+    /// `superuser_reserved_connections` and `reserved_connections`, minus the
+    /// headroom, divided by the replicas.
+    Auto,
+    /// A fixed number of connections for this process.
+    Fixed(u32),
+    /// No budget: pools are bounded by their own `max_size` only.
+    Off,
+}
+
+impl fmt::Display for BudgetMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BudgetMode::Auto => f.write_str("auto"),
+            BudgetMode::Fixed(n) => write!(f, "{n}"),
+            BudgetMode::Off => f.write_str("off"),
+        }
+    }
+}
+
+/// Fleet-wide settings of server budgets (the `fleet:` section).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BudgetConfig {
+    /// The mode for servers not listed in `servers`. Default `auto`.
+    pub mode: BudgetMode,
+    /// Connections left for other clients (psql, monitoring, migrations) by
+    /// `auto`. Default 3.
+    pub headroom: u32,
+    /// How many replicas of this application share the server; `auto`
+    /// divides by it. Default 1.
+    pub replicas: u32,
+    /// Per-server modes, keyed by `host:port` ([`crate::Target::server_key`]).
+    pub servers: BTreeMap<String, BudgetMode>,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            mode: BudgetMode::Auto,
+            headroom: 3,
+            replicas: 1,
+            servers: BTreeMap::new(),
+        }
+    }
+}
+
+impl BudgetConfig {
+    /// The mode for one server.
+    pub fn mode_for(&self, server: &str) -> BudgetMode {
+        self.servers.get(server).copied().unwrap_or(self.mode)
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// `Config` for zero replicas or a fixed budget of zero.
+    pub fn validate(&self) -> Result<()> {
+        if self.replicas == 0 {
+            return Err(Error::config(
+                "invalid configuration: fleet.replicas = 0: expected at least 1",
+            ));
+        }
+        for (server, mode) in std::iter::once(("default", &self.mode))
+            .chain(self.servers.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            if *mode == BudgetMode::Fixed(0) {
+                return Err(Error::config(format!(
+                    "invalid configuration: budget of {server} = 0: expected at least 1, `auto` or `off`"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How an `auto` budget was derived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Derivation {
+    /// The server's `max_connections`.
+    pub max_connections: u32,
+    /// `superuser_reserved_connections`.
+    pub superuser_reserved_connections: u32,
+    /// `reserved_connections` (PostgreSQL 16+; 0 before).
+    pub reserved_connections: u32,
+    /// Headroom left for other clients.
+    pub headroom: u32,
+    /// Replicas sharing the server.
+    pub replicas: u32,
+    /// The result: `(max - reserved - headroom) / replicas`, at least 1.
+    pub budget: u32,
+}
+
+impl Derivation {
+    pub(crate) fn new(
+        max_connections: u32,
+        superuser_reserved: u32,
+        reserved: u32,
+        headroom: u32,
+        replicas: u32,
+    ) -> Self {
+        let usable = max_connections
+            .saturating_sub(superuser_reserved)
+            .saturating_sub(reserved)
+            .saturating_sub(headroom);
+        Derivation {
+            max_connections,
+            superuser_reserved_connections: superuser_reserved,
+            reserved_connections: reserved,
+            headroom,
+            replicas,
+            budget: (usable / replicas.max(1)).max(1),
+        }
+    }
+}
+
+/// How long the capacity stays lowered after a refusal before it probes one
+/// unit higher.
+const RECOVERY_STEP: Duration = Duration::from_secs(1);
+
+/// The shared budget of one server.
+pub(crate) struct ServerBudget {
+    server: String,
+    mode: BudgetMode,
+    headroom: u32,
+    replicas: u32,
+    state: Mutex<BudgetState>,
+    reclaims: AtomicU64,
+    refusals: AtomicU64,
+    waits: AtomicU64,
+}
+
+struct Member {
+    pool_id: u64,
+    pool: Weak<Shared>,
+    label: String,
+    min_size: u32,
+    units: u32,
+}
+
+struct BudgetWaiter {
+    pool_id: u64,
+    above_floor: bool,
+    tx: oneshot::Sender<Unit>,
+}
+
+struct BudgetState {
+    /// Configured or derived; `None` until an `auto` budget is derived.
+    target: Option<u32>,
+    /// What may be used now: the target, or less after refusals.
+    capacity: Option<u32>,
+    derivation: Option<Derivation>,
+    /// An `auto` budget lets one connection through to read the server's
+    /// settings.
+    probing: bool,
+    in_use: u32,
+    members: Vec<Member>,
+    waiters: VecDeque<BudgetWaiter>,
+    lowered_until: Option<Instant>,
+}
+
+/// One unit of a server budget; dropping it gives the unit back.
+pub(crate) struct Unit {
+    /// `None` once disarmed (given back by hand under the budget's lock).
+    budget: Option<Arc<ServerBudget>>,
+    pool_id: u64,
+}
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget.take() {
+            let mut st = budget.lock();
+            st.give_back(self.pool_id);
+            budget.grant_waiters(&mut st);
+        }
+    }
+}
+
+impl BudgetState {
+    fn give_back(&mut self, pool_id: u64) {
+        self.in_use -= 1;
+        if let Some(m) = self.members.iter_mut().find(|m| m.pool_id == pool_id) {
+            m.units -= 1;
+        }
+        if self.target.is_none() {
+            // The probe of an `auto` budget ended without deriving it.
+            self.probing = false;
+        }
+    }
+}
+
+impl ServerBudget {
+    pub(crate) fn new(server: String, config: &BudgetConfig) -> Arc<Self> {
+        let mode = config.mode_for(&server);
+        let target = match mode {
+            BudgetMode::Fixed(n) => Some(n),
+            BudgetMode::Auto | BudgetMode::Off => None,
+        };
+        Arc::new(ServerBudget {
+            server,
+            mode,
+            headroom: config.headroom,
+            replicas: config.replicas,
+            state: Mutex::new(BudgetState {
+                target,
+                capacity: target,
+                derivation: None,
+                probing: false,
+                in_use: 0,
+                members: Vec::new(),
+                waiters: VecDeque::new(),
+                lowered_until: None,
+            }),
+            reclaims: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Adds a pool to the budget.
+    ///
+    /// # Errors
+    /// `Config` if the floors of the pools on this server, this one
+    /// included, exceed a known budget; the message names the pools.
+    pub(crate) fn join(
+        &self,
+        pool_id: u64,
+        pool: Weak<Shared>,
+        label: String,
+        min_size: u32,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        st.members
+            .retain(|m| m.pool.strong_count() > 0 || m.units > 0);
+        st.members.push(Member {
+            pool_id,
+            pool,
+            label,
+            min_size,
+            units: 0,
+        });
+        if let Some(target) = st.target {
+            let floors: u32 = st.members.iter().map(|m| m.min_size).sum();
+            if floors > target {
+                let listed = floor_list(&st.members);
+                st.members.pop();
+                return Err(Error::config(format!(
+                    "invalid configuration: the warm floors of the pools on server {} add up to {floors}, more than its budget of {target}: {listed}",
+                    self.server
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a pool (closed) from the budget.
+    pub(crate) fn leave(self: &Arc<Self>, pool_id: u64) {
+        let mut st = self.lock();
+        st.members.retain(|m| m.pool_id != pool_id || m.units > 0);
+        if let Some(m) = st.members.iter_mut().find(|m| m.pool_id == pool_id) {
+            m.min_size = 0;
+        }
+        self.grant_waiters(&mut st);
+    }
+
+    /// Whether `auto` still has to read the server's settings.
+    pub(crate) fn needs_derivation(&self) -> bool {
+        self.mode == BudgetMode::Auto && self.lock().target.is_none()
+    }
+
+    /// Sets an `auto` budget from the server's settings.
+    pub(crate) fn derive(
+        self: &Arc<Self>,
+        max_connections: u32,
+        superuser_reserved: u32,
+        reserved: u32,
+    ) {
+        let derivation = Derivation::new(
+            max_connections,
+            superuser_reserved,
+            reserved,
+            self.headroom,
+            self.replicas,
+        );
+        let mut st = self.lock();
+        if st.target.is_some() {
+            return;
+        }
+        st.target = Some(derivation.budget);
+        st.capacity = Some(derivation.budget);
+        st.derivation = Some(derivation);
+        st.probing = false;
+        let floors: u32 = st.members.iter().map(|m| m.min_size).sum();
+        if floors > derivation.budget {
+            tracing::error!(
+                server = %self.server,
+                budget = derivation.budget,
+                floors,
+                pools = %floor_list(&st.members),
+                "the warm floors of the pools on this server exceed its budget; floors are not guaranteed"
+            );
+        }
+        tracing::info!(server = %self.server, budget = derivation.budget, ?derivation, "server budget derived");
+        self.grant_waiters(&mut st);
+    }
+
+    /// The derivation query failed: let another connection probe.
+    pub(crate) fn derivation_failed(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.probing = false;
+        self.grant_waiters(&mut st);
+    }
+
+    /// The server refused a connection with 53300: lower the capacity to
+    /// what is open, so the pools stop pushing, and probe upwards later.
+    pub(crate) fn refused(&self) {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        // The refused connect's own unit is still counted.
+        let open = st.in_use.saturating_sub(1).max(1);
+        let before = st.capacity;
+        st.capacity = Some(before.map_or(open, |c| c.min(open)));
+        st.lowered_until = Some(Instant::now() + RECOVERY_STEP);
+        tracing::warn!(
+            server = %self.server,
+            from = ?before,
+            to = open,
+            "the server refused a connection (too many clients): lowering this process's budget"
+        );
+    }
+
+    /// Whether pool `pool_id` may take a unit now; applies the slow recovery
+    /// of a lowered capacity.
+    fn may_grant(&self, st: &mut BudgetState, pool_id: u64) -> bool {
+        let Some(target) = st.target else {
+            // `auto` before derivation: one probe connection at a time.
+            return !st.probing;
+        };
+        let mut capacity = st.capacity.unwrap_or(target);
+        if capacity < target && st.lowered_until.is_none_or(|t| Instant::now() >= t) {
+            capacity += 1;
+            st.capacity = Some(capacity);
+            st.lowered_until = (capacity < target).then(|| Instant::now() + RECOVERY_STEP);
+        }
+        let member = st.members.iter().find(|m| m.pool_id == pool_id);
+        let below_floor = member.is_some_and(|m| m.units < m.min_size);
+        if st.in_use >= capacity {
+            return false;
+        }
+        if below_floor {
+            return true;
+        }
+        let committed: u32 = st.members.iter().map(|m| m.units.max(m.min_size)).sum();
+        committed < capacity
+    }
+
+    fn take(self: &Arc<Self>, st: &mut BudgetState, pool_id: u64) -> Unit {
+        st.in_use += 1;
+        if st.target.is_none() {
+            st.probing = true;
+        }
+        if let Some(m) = st.members.iter_mut().find(|m| m.pool_id == pool_id) {
+            m.units += 1;
+        }
+        Unit {
+            budget: Some(self.clone()),
+            pool_id,
+        }
+    }
+
+    /// Hands units to waiters that may take one, oldest first.
+    fn grant_waiters(self: &Arc<Self>, st: &mut BudgetState) {
+        let me = self;
+        let mut i = 0;
+        while i < st.waiters.len() {
+            if st.waiters[i].tx.is_closed() {
+                st.waiters.remove(i);
+                continue;
+            }
+            let pool_id = st.waiters[i].pool_id;
+            if me.may_grant(st, pool_id) {
+                let waiter = st.waiters.remove(i).expect("index checked");
+                let unit = me.take(st, pool_id);
+                if let Err(mut unit) = waiter.tx.send(unit) {
+                    // The connect gave up meanwhile; give the unit back here
+                    // rather than in Unit::drop, which would take the lock.
+                    unit.budget = None;
+                    st.give_back(pool_id);
+                }
+                continue;
+            }
+            if st.waiters[i].above_floor {
+                // Above-floor requests are served strictly in order.
+                i += 1;
+                while i < st.waiters.len() && st.waiters[i].above_floor {
+                    i += 1;
+                }
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    /// Waits for a unit for pool `pool_id`, reclaiming idle connections of
+    /// other pools when the budget is spent. Gives up (returns `None`) when
+    /// `still_needed` turns false — checked every 50ms.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        pool_id: u64,
+        still_needed: impl Fn() -> bool,
+    ) -> Option<Unit> {
+        let mut rx = {
+            let mut st = self.lock();
+            if self.may_grant(&mut st, pool_id) && st.waiters.is_empty() {
+                return Some(self.take(&mut st, pool_id));
+            }
+            let above_floor = st
+                .members
+                .iter()
+                .find(|m| m.pool_id == pool_id)
+                .is_none_or(|m| m.units >= m.min_size);
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(BudgetWaiter {
+                pool_id,
+                above_floor,
+                tx,
+            });
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            // A request below its floor may pass the queue at once.
+            self.grant_waiters(&mut st);
+            rx
+        };
+        self.reclaim_for(pool_id);
+        loop {
+            match tokio::time::timeout(Duration::from_millis(50), &mut rx).await {
+                Ok(Ok(unit)) => return Some(unit),
+                Ok(Err(_)) => return None,
+                Err(_) => {
+                    if !still_needed() {
+                        rx.close();
+                        // A unit sent before the close goes back on drop.
+                        drop(rx.try_recv());
+                        return None;
+                    }
+                    // Recovery of a lowered capacity, or a probe slot, may
+                    // have opened up without any unit being returned.
+                    {
+                        let mut st = self.lock();
+                        self.grant_waiters(&mut st);
+                    }
+                    self.reclaim_for(pool_id);
+                }
+            }
+        }
+    }
+
+    /// Asks the other pools on the server to close one idle connection
+    /// above their floor; the freed unit goes to the oldest waiter.
+    fn reclaim_for(&self, pool_id: u64) {
+        let candidates: Vec<Arc<Shared>> = {
+            let st = self.lock();
+            if st.target.is_none() {
+                return;
+            }
+            st.members
+                .iter()
+                .filter(|m| m.pool_id != pool_id && m.units > m.min_size)
+                .filter_map(|m| m.pool.upgrade())
+                .collect()
+        };
+        for shared in candidates {
+            if shared.reclaim_idle() {
+                self.reclaims.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// A one-line summary for error messages.
+    pub(crate) fn summary(&self) -> String {
+        let st = self.lock();
+        match st.capacity {
+            Some(c) => format!(
+                "server {} budget {}/{} connections in use, {} pool connect(s) waiting",
+                self.server,
+                st.in_use,
+                c,
+                st.waiters.iter().filter(|w| !w.tx.is_closed()).count()
+            ),
+            None => format!("server {} budget not derived yet", self.server),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> BudgetStats {
+        let st = self.lock();
+        BudgetStats {
+            server: self.server.clone(),
+            mode: self.mode,
+            budget: st.target,
+            capacity: st.capacity,
+            derivation: st.derivation,
+            in_use: st.in_use,
+            waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
+            pools: st
+                .members
+                .iter()
+                .map(|m| (m.label.clone(), m.units))
+                .collect(),
+            reclaims: self.reclaims.load(Ordering::Relaxed),
+            refusals: self.refusals.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn floor_list(members: &[Member]) -> String {
+    members
+        .iter()
+        .filter(|m| m.min_size > 0)
+        .map(|m| format!("{} (min_size {})", m.label, m.min_size))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Statistics of one server budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BudgetStats {
+    /// `host:port` of the server.
+    pub server: String,
+    /// How the budget is set.
+    pub mode: BudgetMode,
+    /// The configured or derived budget (`None` until `auto` is derived).
+    pub budget: Option<u32>,
+    /// What may be used now (lower than `budget` after refusals).
+    pub capacity: Option<u32>,
+    /// How `auto` derived the budget.
+    pub derivation: Option<Derivation>,
+    /// Units held (open connections plus connects in progress).
+    pub in_use: u32,
+    /// Pool connects waiting for a unit.
+    pub waiting: usize,
+    /// Units held per pool (masked URL).
+    pub pools: BTreeMap<String, u32>,
+    /// Idle connections closed in other pools to free units.
+    pub reclaims: u64,
+    /// Connections the server refused with 53300 (too many clients).
+    pub refusals: u64,
+    /// Connects that had to wait for a unit.
+    pub waits: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_budget_subtracts_reserved_and_headroom_and_divides_by_replicas() {
+        let d = Derivation::new(100, 3, 0, 5, 2);
+        assert_eq!(d.budget, 46);
+        let d = Derivation::new(20, 3, 2, 3, 1);
+        assert_eq!(d.budget, 12);
+        assert_eq!(Derivation::new(5, 3, 0, 10, 4).budget, 1, "never zero");
+    }
+
+    #[test]
+    fn zero_replicas_or_zero_budget_are_invalid() {
+        let bad = BudgetConfig {
+            replicas: 0,
+            ..BudgetConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replicas = 0"));
+        let mut bad = BudgetConfig::default();
+        bad.servers.insert("db:5432".into(), BudgetMode::Fixed(0));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("db:5432 = 0"));
+    }
+}
