@@ -68,6 +68,20 @@ pub fn run(args: &CheckArgs) -> ExitCode {
             row.key, row.value, row.source
         );
     }
+    let budget = &loaded.fleet_config().budget;
+    println!("\nserver budget (connections this process may hold per server):");
+    let describe = |mode: &pgfleet::BudgetMode| match mode {
+        pgfleet::BudgetMode::Auto => format!(
+            "auto: (max_connections - reserved - headroom {}) / replicas {}, read at first contact",
+            budget.headroom, budget.replicas
+        ),
+        pgfleet::BudgetMode::Fixed(n) => format!("{n} connections"),
+        pgfleet::BudgetMode::Off => "off: pools are bounded by max_size only".to_owned(),
+    };
+    println!("  default: {}", describe(&budget.mode));
+    for (server, mode) in &budget.servers {
+        println!("  {server}: {}", describe(mode));
+    }
     if !loaded.warmup().is_empty() {
         println!("\nwarm-up at start:");
         for w in loaded.warmup() {

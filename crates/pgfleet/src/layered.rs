@@ -21,8 +21,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use yaml_rust2::{Yaml, YamlLoader};
 
+use crate::budget::{BudgetConfig, BudgetMode};
 use crate::config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 use crate::error::{Error, Result};
+use crate::fleet::FleetConfig;
 use crate::interpolate::interpolate;
 use crate::target::Target;
 
@@ -78,6 +80,7 @@ pub struct Loaded {
     config: PoolConfig,
     warmup: Vec<WarmupEntry>,
     precache: Vec<PrecacheEntry>,
+    fleet: FleetConfig,
 }
 
 /// One pool to create and warm at start-up (`connection_pool.warmup_configs`).
@@ -176,6 +179,10 @@ impl Loader {
             Some(block) => startup(block, &settings, &env)?,
             None => (Vec::new(), Vec::new()),
         };
+        let fleet = match lookup(&root, &["fleet"]) {
+            Some(section) => fleet_config(section, &env)?,
+            None => FleetConfig::default(),
+        };
         Ok(Loaded {
             files,
             settings,
@@ -183,6 +190,7 @@ impl Loader {
             config,
             warmup,
             precache,
+            fleet,
         })
     }
 }
@@ -218,6 +226,11 @@ impl Loaded {
         &self.precache
     }
 
+    /// Fleet-wide settings (the `fleet:` section): server budgets.
+    pub fn fleet_config(&self) -> &FleetConfig {
+        &self.fleet
+    }
+
     /// The files read, relative to the configuration directory.
     pub fn files(&self) -> &[String] {
         &self.files
@@ -238,6 +251,7 @@ impl Loaded {
                 })
                 .collect(),
             precache: self.precache.clone(),
+            fleet: self.fleet.clone(),
         }
     }
 }
@@ -253,6 +267,8 @@ pub struct LoadedReport {
     pub warmup: Vec<WarmupReportEntry>,
     /// Users to pre-cache.
     pub precache: Vec<PrecacheEntry>,
+    /// Fleet-wide settings.
+    pub fleet: FleetConfig,
 }
 
 /// One warm-up target in a [`LoadedReport`].
@@ -655,4 +671,71 @@ fn precache_entry(
         services: services
             .unwrap_or_else(|| DEFAULT_SERVICES.iter().map(|s| (*s).to_owned()).collect()),
     })
+}
+
+/// Reads the `fleet:` section: `budget` (`auto`, `off` or a number),
+/// `headroom`, `replicas`, and `servers` (per `host:port` budgets).
+fn fleet_config(section: &Node, env: &dyn Fn(&str) -> Option<String>) -> Result<FleetConfig> {
+    let RawValue::Map(pairs) = raw(section, "fleet", env)? else {
+        return Err(config_error(format!(
+            "{}: `fleet` must be a mapping",
+            section.file
+        )));
+    };
+    let at = |key: &str| format!("fleet.{key} ({})", section.file);
+    let whole = |key: &str, value: &RawValue, min: i64| -> Result<u32> {
+        let n = match value {
+            RawValue::Int(i) => Some(*i),
+            RawValue::Str(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        n.filter(|n| *n >= min && *n <= 100_000)
+            .map(|n| n as u32)
+            .ok_or_else(|| {
+                config_error(format!(
+                    "{} = {value}: expected a whole number >= {min}",
+                    at(key)
+                ))
+            })
+    };
+    let mode = |key: &str, value: &RawValue| -> Result<BudgetMode> {
+        match value {
+            RawValue::Str(s) if s.trim() == "auto" => Ok(BudgetMode::Auto),
+            RawValue::Str(s) if s.trim() == "off" => Ok(BudgetMode::Off),
+            RawValue::Null => Ok(BudgetMode::Off),
+            other => whole(key, other, 1).map(BudgetMode::Fixed).map_err(|_| {
+                config_error(format!(
+                    "{} = {other}: expected `auto`, `off` or a number >= 1",
+                    at(key)
+                ))
+            }),
+        }
+    };
+    let mut budget = BudgetConfig::default();
+    for (key, value) in &pairs {
+        match key.as_str() {
+            "budget" => budget.mode = mode("budget", value)?,
+            "headroom" => budget.headroom = whole("headroom", value, 0)?,
+            "replicas" => budget.replicas = whole("replicas", value, 1)?,
+            "servers" => {
+                let RawValue::Map(servers) = value else {
+                    return Err(config_error(format!(
+                        "{}: expected a mapping of host:port to budgets",
+                        at("servers")
+                    )));
+                };
+                for (server, value) in servers {
+                    budget
+                        .servers
+                        .insert(server.clone(), mode(&format!("servers.{server}"), value)?);
+                }
+            }
+            other => return Err(config_error(format!(
+                "unknown key `{other}` in fleet ({}); known: budget, headroom, replicas, servers",
+                section.file
+            ))),
+        }
+    }
+    budget.validate()?;
+    Ok(FleetConfig { budget })
 }

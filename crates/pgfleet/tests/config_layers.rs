@@ -318,3 +318,39 @@ fn a_missing_directory_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn fleet_section_sets_server_budgets() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "config.yaml",
+        "fleet:\n  budget: auto\n  headroom: 5\n  replicas: ${oc.env:REPLICAS,1}\n  servers:\n    \"db:5432\": 40\n    \"other:5432\": off\n",
+    );
+    let loaded = Loader::new(dir.path())
+        .env([("REPLICAS", "4")])
+        .load()
+        .unwrap();
+    let b = &loaded.fleet_config().budget;
+    assert_eq!(
+        (b.mode, b.headroom, b.replicas),
+        (pgfleet::BudgetMode::Auto, 5, 4)
+    );
+    assert_eq!(b.mode_for("db:5432"), pgfleet::BudgetMode::Fixed(40));
+    assert_eq!(b.mode_for("other:5432"), pgfleet::BudgetMode::Off);
+    assert_eq!(b.mode_for("elsewhere:5432"), pgfleet::BudgetMode::Auto);
+    for (text, needle) in [
+        (
+            "fleet:\n  replicas: 0\n",
+            "fleet.replicas (config.yaml) = 0",
+        ),
+        (
+            "fleet:\n  budget: lots\n",
+            "fleet.budget (config.yaml) = \"lots\": expected `auto`, `off` or a number",
+        ),
+        ("fleet:\n  budgets: 3\n", "unknown key `budgets` in fleet"),
+    ] {
+        let msg = error_for("config.yaml", text);
+        assert!(msg.contains(needle), "{text}: {msg}");
+    }
+}
