@@ -3,9 +3,13 @@
 //! * `pgfleet config check [--config DIR] [--json]` prints the effective
 //!   configuration with the source of every value (passwords masked) and
 //!   exits 2 when it is invalid.
+//! * `pgfleet demo [--naive | --compare]` reproduces the "too many clients"
+//!   incident with per-store pools and shows the fleet holding.
 
 mod check;
+mod demo;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +24,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Reproduce the "too many clients" incident with per-store pools, and
+    /// show one fleet (one pool per database, a budget per server) holding
+    /// under the same load.
+    Demo(demo::DemoArgs),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -35,14 +43,23 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo provokes connect failures on purpose and counts them in its
+    // table; its default log level keeps the terminal readable.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(&args),
         Command::Config {
             command: ConfigCommand::Check(args),
         } => check::run(&args),

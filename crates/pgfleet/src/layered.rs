@@ -730,10 +730,12 @@ fn fleet_config(section: &Node, env: &dyn Fn(&str) -> Option<String>) -> Result<
                         .insert(server.clone(), mode(&format!("servers.{server}"), value)?);
                 }
             }
-            other => return Err(config_error(format!(
+            other => {
+                return Err(config_error(format!(
                 "unknown key `{other}` in fleet ({}); known: budget, headroom, replicas, servers",
                 section.file
-            ))),
+            )))
+            }
         }
     }
     budget.validate()?;
