@@ -5,9 +5,12 @@
 //!   exits 2 when it is invalid.
 //! * `pgfleet demo [--naive | --compare]` reproduces the "too many clients"
 //!   incident with per-store pools and shows the fleet holding.
+//! * `pgfleet monitor [--interval S] [--duration S] [--max N]` samples the
+//!   server's client connections from `pg_stat_activity`.
 
 mod check;
 mod demo;
+mod monitor;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -28,6 +31,10 @@ enum Command {
     /// show one fleet (one pool per database, a budget per server) holding
     /// under the same load.
     Demo(demo::DemoArgs),
+    /// Watch the server's client connections (pg_stat_activity): total, by
+    /// state, database and application, the fleet's own marked. One sample
+    /// by default; exit status 3 if --max was exceeded.
+    Monitor(monitor::MonitorArgs),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Monitor(args) => monitor::run(&args),
         Command::Config {
             command: ConfigCommand::Check(args),
         } => check::run(&args),

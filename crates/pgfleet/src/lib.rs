@@ -8,6 +8,7 @@ pub mod configuration_reference {}
 #[doc = include_str!("../../../docs/ARCHITECTURE.md")]
 pub mod architecture {}
 
+pub mod activity;
 pub mod budget;
 pub mod config;
 mod conn;
@@ -21,6 +22,7 @@ pub mod stats;
 mod tap;
 pub mod target;
 
+pub use activity::{sample as sample_activity, ActivitySample};
 pub use budget::{BudgetConfig, BudgetMode, BudgetStats, Derivation};
 pub use config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 pub use error::{Error, ErrorKind, Result, TimeoutStage};

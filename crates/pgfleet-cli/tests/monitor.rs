@@ -1,0 +1,108 @@
+//! `pgfleet monitor` against a real server.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pgfleet::{Pool, PoolConfig, Target};
+use pgfleet_testkit::TempCluster;
+
+fn monitor(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+        .arg("monitor")
+        .args(["--database-url", url])
+        .args(args)
+        .output()
+        .expect("run pgfleet monitor");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_connections_marks_the_fleet_and_enforces_max() {
+    let cluster = TempCluster::start().unwrap();
+    let url = cluster.url("postgres");
+    let pool = Pool::new(
+        Target::parse(&url).unwrap(),
+        PoolConfig {
+            min_size: 3,
+            max_size: 3,
+            application_name: "pgfleet-monitored".into(),
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let (other, conn) = tokio_postgres::connect(
+        &format!("{url}?application_name=psql"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+
+    // One-shot table.
+    let url2 = url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || monitor(&url2, &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("client connections 4 of max_connections 100 (3 marked *"),
+        "{out}"
+    );
+    assert!(out.contains("*pgfleet-monitored"), "{out}");
+    assert!(out.contains("    1  psql"), "{out}");
+    assert!(!out.contains(TempCluster::superuser_password()), "{out}");
+
+    // Continuous, piped: one line per sample, bounded by --duration.
+    let url2 = url.clone();
+    let (code, out, _) = tokio::task::spawn_blocking(move || {
+        monitor(&url2, &["--interval", "0.1", "--duration", "0.5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0);
+    let lines: Vec<_> = out.lines().collect();
+    assert!(lines.len() >= 3, "{out}");
+    assert!(
+        lines.iter().all(|l| l.contains("total=4/100 fleet=3")),
+        "{out}"
+    );
+
+    // JSON lines and --max: exceeded -> status 3.
+    let url2 = url.clone();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || monitor(&url2, &["--json", "--max", "2"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("4 client connections seen, more than --max 2"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["total"], 4);
+    assert_eq!(v["fleet"], 3);
+    assert_eq!(v["by_application"]["psql"], 1);
+
+    let (code, _, _) = tokio::task::spawn_blocking(move || monitor(&url, &["--max", "10"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    drop(other);
+}
+
+#[test]
+fn without_a_server_it_says_what_to_give() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+        .arg("monitor")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("give --database-url, set DATABASE_URL, or give --config DIR"));
+}
