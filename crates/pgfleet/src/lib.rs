@@ -10,6 +10,7 @@ pub mod architecture {}
 
 pub mod activity;
 pub mod budget;
+pub mod cache;
 pub mod config;
 mod conn;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod fleet;
 mod internals;
 mod interpolate;
 pub mod layered;
+pub mod metrics;
 pub mod pool;
 pub mod stats;
 mod tap;
@@ -24,6 +26,7 @@ pub mod target;
 
 pub use activity::{sample as sample_activity, ActivitySample};
 pub use budget::{BudgetConfig, BudgetMode, BudgetStats, Derivation};
+pub use cache::{CacheStats, ServiceCache};
 pub use config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 pub use error::{Error, ErrorKind, Result, TimeoutStage};
 pub use fleet::{
