@@ -2,7 +2,7 @@
 //! server share one budget of physical connections, so the process can never
 //! be the one that trips `FATAL: sorry, too many clients already`.
 //!
-//! Every open connection, and every connect in progress, holds one [`Unit`]
+//! Every open connection, and every connect in progress, holds one `Unit`
 //! for its whole life. Floors are reserved: a pool below its `min_size` can
 //! always get a unit, and pools above their floors can grow only into what
 //! the others' floors leave free:

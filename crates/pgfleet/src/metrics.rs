@@ -49,6 +49,9 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Poo
     family
 }
 
+type PoolValue<T> = fn(&crate::PoolStats) -> T;
+type BudgetValue<T> = fn(&crate::BudgetStats) -> T;
+
 fn as_i64<T: TryInto<i64>>(v: T) -> i64 {
     v.try_into().unwrap_or(i64::MAX)
 }
@@ -57,7 +60,7 @@ fn as_i64<T: TryInto<i64>>(v: T) -> i64 {
 /// server budget in `stats`.
 pub fn registry(stats: &FleetStats) -> Registry {
     let mut registry = Registry::with_prefix("pgfleet");
-    let gauges: Vec<(Family<PoolLabel, Gauge>, fn(&crate::PoolStats) -> i64)> = vec![
+    let gauges: Vec<(Family<PoolLabel, Gauge>, PoolValue<i64>)> = vec![
         (
             gauge_family(&mut registry, "pool_size", "Open plus opening connections"),
             |p| as_i64(p.gauges.size),
@@ -99,7 +102,7 @@ pub fn registry(stats: &FleetStats) -> Registry {
             |p| as_i64(p.active_references),
         ),
     ];
-    let counters: Vec<(Family<PoolLabel, Counter>, fn(&crate::PoolStats) -> u64)> = vec![
+    let counters: Vec<(Family<PoolLabel, Counter>, PoolValue<u64>)> = vec![
         (
             counter_family(&mut registry, "acquires", "Successful acquires"),
             |p| p.counters.acquires,
@@ -159,33 +162,28 @@ pub fn registry(stats: &FleetStats) -> Registry {
         "Connections closed, by reason",
         closed.clone(),
     );
-    let timing_families: Vec<(
-        Family<PoolLabel, Counter<f64>>,
-        Family<PoolLabel, Counter>,
-        fn(&crate::PoolStats) -> &TimingStats,
-    )> = ["wait", "hold", "connect"]
-        .into_iter()
-        .zip([
-            (|p: &crate::PoolStats| &p.timings.wait) as fn(&crate::PoolStats) -> &TimingStats,
-            |p: &crate::PoolStats| &p.timings.hold,
-            |p: &crate::PoolStats| &p.timings.connect,
-        ])
-        .map(|(name, get)| {
-            let sum = Family::<PoolLabel, Counter<f64>>::default();
-            let count = Family::<PoolLabel, Counter>::default();
-            registry.register(
-                format!("{name}_seconds"),
-                format!("Total {name} time"),
-                sum.clone(),
-            );
-            registry.register(
-                format!("{name}_samples"),
-                format!("Number of {name} samples"),
-                count.clone(),
-            );
-            (sum, count, get)
-        })
-        .collect();
+    // Timings: total seconds and sample count per pool.
+    let timings: [(&str, fn(&crate::PoolStats) -> &TimingStats); 3] = [
+        ("wait", |p| &p.timings.wait),
+        ("hold", |p| &p.timings.hold),
+        ("connect", |p| &p.timings.connect),
+    ];
+    let mut timing_families = Vec::new();
+    for (name, get) in timings {
+        let sum = Family::<PoolLabel, Counter<f64>>::default();
+        let count = Family::<PoolLabel, Counter>::default();
+        registry.register(
+            format!("{name}_seconds"),
+            format!("Total {name} time"),
+            sum.clone(),
+        );
+        registry.register(
+            format!("{name}_samples"),
+            format!("Number of {name} samples"),
+            count.clone(),
+        );
+        timing_families.push((sum, count, get));
+    }
     for (url, pool) in &stats.pools {
         let label = PoolLabel { pool: url.clone() };
         for (family, get) in &gauges {
@@ -217,7 +215,7 @@ pub fn registry(stats: &FleetStats) -> Registry {
             count.get_or_create(&label).inc_by(t.count);
         }
     }
-    let budget_gauges: Vec<(&str, &str, fn(&crate::BudgetStats) -> i64)> = vec![
+    let budget_gauges: Vec<(&str, &str, BudgetValue<i64>)> = vec![
         (
             "server_budget",
             "Connections this process may hold on the server (0 until auto is derived)",
@@ -235,7 +233,7 @@ pub fn registry(stats: &FleetStats) -> Registry {
             |b| as_i64(b.waiting),
         ),
     ];
-    let budget_counters: Vec<(&str, &str, fn(&crate::BudgetStats) -> u64)> = vec![
+    let budget_counters: Vec<(&str, &str, BudgetValue<u64>)> = vec![
         (
             "server_reclaims",
             "Idle connections closed to free units for another pool",
