@@ -51,6 +51,7 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Poo
 
 type PoolValue<T> = fn(&crate::PoolStats) -> T;
 type BudgetValue<T> = fn(&crate::BudgetStats) -> T;
+type PoolTiming = fn(&crate::PoolStats) -> &TimingStats;
 
 fn as_i64<T: TryInto<i64>>(v: T) -> i64 {
     v.try_into().unwrap_or(i64::MAX)
@@ -163,7 +164,7 @@ pub fn registry(stats: &FleetStats) -> Registry {
         closed.clone(),
     );
     // Timings: total seconds and sample count per pool.
-    let timings: [(&str, fn(&crate::PoolStats) -> &TimingStats); 3] = [
+    let timings: [(&str, PoolTiming); 3] = [
         ("wait", |p| &p.timings.wait),
         ("hold", |p| &p.timings.hold),
         ("connect", |p| &p.timings.connect),
