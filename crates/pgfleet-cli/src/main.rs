@@ -5,12 +5,17 @@
 //!   exits 2 when it is invalid.
 //! * `pgfleet demo [--naive | --compare]` reproduces the "too many clients"
 //!   incident with per-store pools and shows the fleet holding.
+//! * `pgfleet serve [--config DIR] [--listen ADDR]` runs the multi-user
+//!   memory API on one fleet.
 //! * `pgfleet monitor [--interval S] [--duration S] [--max N]` samples the
 //!   server's client connections from `pg_stat_activity`.
 
+mod api;
 mod check;
 mod demo;
+mod memory;
 mod monitor;
+mod serve;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -27,6 +32,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the multi-user memory API (M0 messages, M1 episodes, M2 facts) on
+    /// one fleet; without a configured database, on a throwaway local cluster.
+    Serve(serve::ServeArgs),
     /// Reproduce the "too many clients" incident with per-store pools, and
     /// show one fleet (one pool per database, a budget per server) holding
     /// under the same load.
@@ -66,6 +74,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor::run(&args),
         Command::Config {
