@@ -1,0 +1,561 @@
+//! `pgfleet serve` over HTTP against real PostgreSQL servers: every
+//! endpoint, bad input, outage and recovery, load, metrics against stats,
+//! graceful shutdown.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgfleet::{Pool, PoolConfig, Target};
+use pgfleet_testkit::{unique_name, TempCluster};
+use serde_json::{json, Value};
+
+/// A running `pgfleet serve` child process.
+struct Server {
+    child: Child,
+    base: String,
+    app: String,
+    output: Arc<Mutex<Vec<String>>>,
+    _config: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(cluster: &TempCluster, timeout_s: u32) -> Server {
+        let app = unique_name("serve");
+        let config = tempfile::tempdir().unwrap();
+        std::fs::write(
+            config.path().join("config.yaml"),
+            format!(
+                "postgres:\n  min_size: 2\n  max_size: 10\n  timeout: {timeout_s}\n  connect_timeout: 2\n  application_name: {app}\n\
+                 connection_pool:\n  precache_configs:\n    - user: alice\n      services: [memory, buffer, storage]\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shutdown-timeout",
+                "5",
+                "--config",
+            ])
+            .arg(config.path())
+            .env("DATABASE_URL", cluster.url("postgres"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("serve did not start: {:?}", output.lock().unwrap()));
+        Server {
+            child,
+            base,
+            app,
+            output,
+            _config: config,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_ready(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client.get(self.url("/health")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit status.
+    fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn post(client: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    let r = client.post(url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post_raw(client: &reqwest::Client, url: String, body: String) -> (u16, Value) {
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Parses the Prometheus text format: `name{labels} value` lines.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let name = series.split('{').next().unwrap().to_owned();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        *out.entry(name).or_default() += value;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
+    let cluster = TempCluster::start().unwrap();
+    let server = Server::start(&cluster, 5);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+
+    let (status, body) = post(
+        &client,
+        server.url("/users/alice/messages"),
+        json!({"session_id": "s1", "messages": [
+            {"role": "user", "content": "I live in Lisbon"},
+            {"role": "assistant", "content": "Lisbon is sunny"},
+            {"role": "user", "content": "My cat is called Miso"},
+            {"role": "assistant", "content": "Miso is a nice name"},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body, json!({"messages": 4, "episodes": 1, "facts": 2}));
+    let (status, body) = post(
+        &client,
+        server.url("/users/alice/facts"),
+        json!({"facts": ["alice drinks tea"]}),
+    )
+    .await;
+    assert_eq!((status, body), (201, json!({"stored": 1})));
+    let (status, body) = post(
+        &client,
+        server.url("/users/alice/query"),
+        json!({"query": "Lisbon tea", "top_k": 10}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let layers: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["layer"].as_str().unwrap())
+        .collect();
+    for layer in ["M0", "M1", "M2"] {
+        assert!(layers.contains(&layer), "{layer} missing: {body}");
+    }
+    // Another user sees nothing of alice's.
+    let (status, body) = post(
+        &client,
+        server.url("/users/bob/query"),
+        json!({"query": "Lisbon"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["results"].as_array().unwrap().len()),
+        (200, 0)
+    );
+
+    for (path, raw, status, needle) in [
+        (
+            "/users/alice/query",
+            "{bad".to_owned(),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "/users/alice/query",
+            r#"{"top_k": 3}"#.to_owned(),
+            400,
+            "missing field `query`",
+        ),
+        (
+            "/users/alice/query",
+            r#"{"query": "   "}"#.to_owned(),
+            400,
+            "query must not be empty",
+        ),
+        (
+            "/users/alice/query",
+            r#"{"query": "?!"}"#.to_owned(),
+            400,
+            "no searchable words",
+        ),
+        (
+            "/users/alice/query",
+            r#"{"query": "x", "top_k": 0}"#.to_owned(),
+            400,
+            "top_k = 0",
+        ),
+        (
+            "/users/alice/query",
+            r#"{"query": "x", "top_k": 51}"#.to_owned(),
+            400,
+            "top_k = 51",
+        ),
+        (
+            "/users/alice/query",
+            r#"{"query": "x", "extra": 1}"#.to_owned(),
+            400,
+            "unknown field `extra`",
+        ),
+        (
+            "/users/a%20b/query",
+            r#"{"query": "x"}"#.to_owned(),
+            400,
+            "invalid user id",
+        ),
+        (
+            &format!("/users/{}/query", "u".repeat(65)),
+            r#"{"query": "x"}"#.to_owned(),
+            400,
+            "invalid user id",
+        ),
+        (
+            "/users/alice/messages",
+            r#"{"session_id": "s", "messages": []}"#.to_owned(),
+            400,
+            "1 to 100 messages",
+        ),
+        (
+            "/users/alice/messages",
+            r#"{"session_id": "s", "messages": [{"role": "robot", "content": "x"}]}"#.to_owned(),
+            400,
+            "messages[0].role",
+        ),
+        (
+            "/users/alice/facts",
+            r#"{"facts": [""]}"#.to_owned(),
+            400,
+            "facts[0] must not be empty",
+        ),
+        (
+            "/users/alice/facts",
+            format!(r#"{{"facts": ["{}"]}}"#, "x".repeat(70_000)),
+            413,
+            "larger than 65536 bytes",
+        ),
+    ] {
+        let (got, body) = post_raw(&client, server.url(path), raw.clone()).await;
+        assert_eq!(got, status, "{path} {}: {body}", &raw[..raw.len().min(60)]);
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{path}: {message}");
+    }
+
+    let health: Value = client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health, json!({"status": "ready"}));
+
+    // /metrics agrees with /stats (nothing acquires between the two calls).
+    let stats: Value = client
+        .get(server.url("/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let metrics_response = client.get(server.url("/metrics")).send().await.unwrap();
+    assert!(metrics_response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let metrics = parse_metrics(&metrics_response.text().await.unwrap());
+    assert_eq!(stats["ready"], true);
+    let pools = stats["fleet"]["pools"].as_object().unwrap();
+    assert_eq!(pools.len(), 1, "one pool for every store of every user");
+    let pool = pools.values().next().unwrap();
+    assert_eq!(pool["max_size"], 10);
+    assert_eq!(metrics["pgfleet_pool_max_size"], 10.0);
+    assert_eq!(
+        metrics["pgfleet_acquires_total"],
+        pool["counters"]["acquires"].as_f64().unwrap()
+    );
+    assert_eq!(
+        metrics["pgfleet_pool_size"],
+        pool["gauges"]["size"].as_f64().unwrap()
+    );
+    assert_eq!(
+        metrics["pgfleet_pool_active_references"],
+        pool["active_references"].as_f64().unwrap()
+    );
+    assert_eq!(
+        metrics["pgfleet_service_cache_hits_total"],
+        stats["services"]["hits"].as_f64().unwrap()
+    );
+    assert_eq!(
+        stats["services"]["entries"], 2,
+        "alice (pre-cached) and bob"
+    );
+    assert!(
+        stats["services"]["hits"].as_u64().unwrap() >= 3,
+        "{}",
+        stats["services"]
+    );
+    // 3 stores per user, plus the fleet's warm-up handle.
+    assert_eq!(pool["active_references"], 3 * 2 + 1);
+    let text = serde_json::to_string(&stats).unwrap();
+    assert!(!text.contains(TempCluster::superuser_password()));
+    assert!(text.contains("postgres://postgres:***@127.0.0.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_gives_503_within_the_timeout_and_recovers_by_itself() {
+    let cluster = Arc::new(TempCluster::start().unwrap());
+    let server = Server::start(&cluster, 1);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+    let query = json!({"query": "anything"});
+    assert_eq!(
+        post(&client, server.url("/users/carol/query"), query.clone())
+            .await
+            .0,
+        200
+    );
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+    let (status, body) = post(&client, server.url("/users/carol/query"), query.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "no hang: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("database unavailable"),
+        "{body}"
+    );
+    // Health turns degraded with the reason.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = client.get(server.url("/health")).send().await.unwrap();
+        let (code, health): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
+        if code == 503 && health["status"] == "degraded" {
+            assert!(
+                health["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("could not connect"),
+                "{health}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "health never degraded: {health}");
+        // Traffic makes the pool notice the dead connections.
+        let _ = post(&client, server.url("/users/carol/query"), query.clone()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.resume())
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if post(&client, server.url("/users/carol/query"), query.clone())
+            .await
+            .0
+            == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.wait_ready(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_users_with_mixed_requests_stay_within_the_pool() {
+    let cluster = Arc::new(TempCluster::start().unwrap());
+    let server = Server::start(&cluster, 30);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+
+    // The monitor's sampling code, on a connection of the test's own.
+    let sampler_pool = Pool::new(
+        Target::parse(&cluster.url("postgres")).unwrap(),
+        PoolConfig {
+            min_size: 1,
+            max_size: 1,
+            application_name: "serve-test-sampler".into(),
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop, app) = (peak.clone(), stop.clone(), server.app.clone());
+        tokio::spawn(async move {
+            let conn = sampler_pool.get().await.unwrap();
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let sample = pgfleet::sample_activity(&conn).await.unwrap();
+                peak.fetch_max(sample.count_applications(|a| a == app), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let server_errors = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for u in 0..200 {
+        let (client, base, server_errors, ok) = (
+            client.clone(),
+            server.base.clone(),
+            server_errors.clone(),
+            ok.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let user = format!("user{u}");
+            for i in 0..20 {
+                let (path, body) = match i % 3 {
+                    0 => (
+                        "messages",
+                        json!({"session_id": "s", "messages": [{"role": "user", "content": format!("I like item {i} of user {u}")}]}),
+                    ),
+                    1 => ("facts", json!({"facts": [format!("fact {i} for {user}")]})),
+                    _ => ("query", json!({"query": format!("item {i} fact"), "top_k": 5})),
+                };
+                let r = client.post(format!("{base}/users/{user}/{path}")).json(&body).send().await.unwrap();
+                if r.status().is_server_error() {
+                    server_errors.fetch_add(1, Ordering::SeqCst);
+                } else if r.status().is_success() {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    sampler.await.unwrap();
+    assert_eq!(server_errors.load(Ordering::SeqCst), 0);
+    assert_eq!(ok.load(Ordering::SeqCst), 4000);
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        (1..=10).contains(&peak),
+        "peak backends {peak} for a pool of max_size 10"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight_then_leaves_no_backends() {
+    let cluster = TempCluster::start().unwrap();
+    let mut server = Server::start(&cluster, 10);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+    let mut tasks = Vec::new();
+    for u in 0..60 {
+        let (client, url) = (client.clone(), server.url(&format!("/users/u{u}/messages")));
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&json!({"session_id": "s", "messages": [{"role": "user", "content": "I am in flight"}]}))
+                .send()
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let status = tokio::task::block_in_place(|| server.terminate());
+    assert_eq!(
+        status,
+        Some(0),
+        "exit status; output: {:?}",
+        server.output.lock().unwrap()
+    );
+    let mut completed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.status(), 201, "a request in flight completed");
+                completed += 1;
+            }
+            // Not accepted before the listener closed: never started.
+            Err(e) => assert!(e.is_connect(), "a request was cut off: {e}"),
+        }
+    }
+    assert!(completed > 0);
+    let output = server.output.lock().unwrap().join("\n");
+    assert!(
+        output.contains("closed 1 pool(s); connections cut at the deadline: 0"),
+        "{output}"
+    );
+    let filter = pgfleet_testkit::BackendFilter::all().application_name(&server.app);
+    let left = cluster
+        .wait_for_backends(&filter, |n| n == 0, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "backends left after shutdown");
+}
