@@ -109,14 +109,15 @@ impl Fleet {
     }
 
     /// The pool for `target`, created with `config` if the fleet has none
-    /// yet. If a pool exists already, it is shared as it is (its
-    /// configuration wins; a different `config` is reported with a warning).
+    /// yet. If a pool exists already, it is shared as it is: its
+    /// configuration wins, and `config` is not even compared (this is the
+    /// hot path of every store; `stats()` shows the configuration in force).
     ///
     /// # Errors
     /// `Closed` after [`close_all`](Self::close_all); `Config` if the pool
     /// has to be created and `config` is invalid or no tokio runtime runs.
     pub fn pool(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
-        if let Some(handle) = self.lookup(target.key(), config) {
+        if let Some(handle) = self.lookup(target.key()) {
             return Ok(handle);
         }
         let inner = &self.inner;
@@ -126,7 +127,7 @@ impl Fleet {
                 "the fleet is closed; no pool for {target}"
             )));
         }
-        if let Some(handle) = self.lookup(target.key(), config) {
+        if let Some(handle) = self.lookup(target.key()) {
             return Ok(handle);
         }
         let key: Arc<str> = target.key().into();
@@ -168,19 +169,13 @@ impl Fleet {
         self.pool(&Target::parse(url)?, config)
     }
 
-    fn lookup(&self, key: &str, config: &PoolConfig) -> Option<PoolHandle> {
+    fn lookup(&self, key: &str) -> Option<PoolHandle> {
         let pools = self.inner.pools.load();
         let entry = pools.get(key)?;
         entry.refs.fetch_add(1, Ordering::SeqCst);
         if entry.retiring.load(Ordering::SeqCst) {
             entry.release_ref();
             return None;
-        }
-        if entry.pool.config() != config {
-            tracing::debug!(
-                pool = %entry.pool.target(),
-                "pool exists with a different configuration; sharing the existing pool"
-            );
         }
         Some(PoolHandle {
             entry: entry.clone(),

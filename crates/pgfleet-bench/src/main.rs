@@ -1,0 +1,653 @@
+//! `pgfleet-bench`: pgfleet side by side with deadpool-postgres, bb8-postgres,
+//! sqlx and raw tokio-postgres baselines, against one throwaway cluster, in
+//! one run, interleaved so machine noise hits all alike.
+//!
+//! ```text
+//! cargo run --release -p pgfleet-bench -- --json bench.json --markdown BENCHMARKS.md
+//! cargo run -p pgfleet-bench -- --quick     # smoke test, under a minute
+//! ```
+
+mod peers;
+mod report;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use peers::{Kind, Op, Subject};
+use serde::Serialize;
+
+/// Benchmark pgfleet against its peers.
+#[derive(Debug, Parser)]
+#[command(name = "pgfleet-bench", version, about)]
+struct Args {
+    /// Short run (smoke test): fewer concurrencies, shorter measurements, one
+    /// repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measurement.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Repetitions of every measurement (median and min are reported).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Pool size (max connections) of every pool.
+    #[arg(long, default_value_t = 16)]
+    pool_size: u32,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Regenerate this markdown report (and an SVG chart beside it).
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+}
+
+/// One measurement, aggregated over repetitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Scenario letter and name.
+    pub scenario: String,
+    /// Implementation.
+    pub subject: &'static str,
+    /// Operation.
+    pub op: &'static str,
+    /// Concurrent tasks.
+    pub concurrency: usize,
+    /// Operations per second: median over repetitions.
+    pub ops_per_s: f64,
+    /// Operations per second: lowest repetition.
+    pub ops_per_s_min: f64,
+    /// Latency percentiles in microseconds (median over repetitions).
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Jain's fairness index of per-task completions (1 = perfectly even).
+    pub jain: f64,
+    /// Client CPU, cores busy on average.
+    pub client_cpu: f64,
+    /// Server CPU, cores busy on average.
+    pub server_cpu: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// Machine and settings.
+    pub setup: BTreeMap<String, String>,
+    /// Scenarios A-C.
+    pub rows: Vec<Row>,
+    /// Scenario D: pool creation, milliseconds.
+    pub creation: Vec<CreationRow>,
+    /// Scenario E: registry lookups.
+    pub lookups: Vec<LookupRow>,
+    /// Scenario F: client memory per idle connection.
+    pub memory: Vec<MemoryRow>,
+}
+
+/// Scenario D.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreationRow {
+    /// Implementation.
+    pub subject: &'static str,
+    /// Build plus first connection handed out, ms (median).
+    pub first_connection_ms: f64,
+    /// Build plus 5 connections open, ms (median).
+    pub five_warm_ms: f64,
+}
+
+/// Scenario E.
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupRow {
+    /// Registry.
+    pub registry: &'static str,
+    /// Threads looking up.
+    pub threads: usize,
+    /// Lookups per second (all threads).
+    pub lookups_per_s: f64,
+    /// Nanoseconds per lookup per thread.
+    pub ns_per_lookup: f64,
+}
+
+/// Scenario F.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRow {
+    /// Implementation.
+    pub subject: &'static str,
+    /// Resident memory added per idle pooled connection, KiB.
+    pub kib_per_connection: f64,
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("pgfleet-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let seconds = args.seconds.unwrap_or(if args.quick { 0.25 } else { 2.0 });
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let measure = Duration::from_secs_f64(seconds);
+    eprintln!("starting a throwaway PostgreSQL cluster (max_connections=300)");
+    let cluster = tokio::task::spawn_blocking(|| {
+        pgfleet_testkit::TempCluster::builder()
+            .setting("max_connections", "300")
+            .setting("shared_buffers", "64MB")
+            .start()
+    })
+    .await??;
+    let url = cluster.url("postgres");
+    cluster
+        .execute(&format!(
+            "DROP TABLE IF EXISTS bench; CREATE TABLE bench (id int PRIMARY KEY, v text); \
+             INSERT INTO bench SELECT g, md5(g::text) FROM generate_series(1, {}) g; ANALYZE bench;",
+            peers::ROWS
+        ))
+        .await?;
+    let server_pid = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))?
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+        .ok_or("cannot read postmaster.pid")?;
+
+    let mut setup = BTreeMap::new();
+    setup.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map_or(0, |n| n.get())
+            .to_string(),
+    );
+    setup.insert("pool_size".into(), args.pool_size.to_string());
+    setup.insert("seconds_per_measurement".into(), seconds.to_string());
+    setup.insert("repetitions".into(), repeat.to_string());
+    setup.insert("quick".into(), args.quick.to_string());
+    setup.insert(
+        "build".into(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into(),
+    );
+
+    // Scenario F first, while the heap is fresh: later scenarios leave freed
+    // memory behind that new connections would reuse unseen.
+    let memory = memory(&url).await?;
+
+    let size = args.pool_size;
+    let mut subjects: Vec<(Kind, Subject)> = Vec::new();
+    for kind in Kind::POOLS {
+        let s = Subject::build(kind, &url, size, 0).await?;
+        s.fill(size as usize).await?;
+        subjects.push((kind, s));
+    }
+    let dedicated = Subject::build(Kind::Dedicated, &url, size, 0).await?;
+    let pipelined = Subject::build(Kind::Pipelined, &url, 1, 0).await?;
+
+    let (a_conc, b_conc): (&[usize], &[usize]) = if args.quick {
+        (&[1, 16, 256], &[16, 256])
+    } else {
+        (&[1, 16, 256, 1024], &[16, 256, 1024])
+    };
+    let mut rows = Vec::new();
+    let mut plan: Vec<Step> = Vec::new();
+    for &c in a_conc {
+        plan.push((
+            "A acquire+release".into(),
+            Op::AcquireRelease,
+            c,
+            subjects.clone(),
+        ));
+    }
+    let b_ops: &[Op] = if args.quick {
+        &[Op::Select1Extended, Op::PointSimple]
+    } else {
+        &[
+            Op::Select1Extended,
+            Op::Select1Simple,
+            Op::PointExtended,
+            Op::PointSimple,
+        ]
+    };
+    for &op in b_ops {
+        for &c in b_conc {
+            let mut with_baselines = subjects.clone();
+            with_baselines.push((Kind::Dedicated, dedicated.clone()));
+            with_baselines.push((Kind::Pipelined, pipelined.clone()));
+            plan.push(("B/C queries".into(), op, c, with_baselines));
+        }
+    }
+    let total: usize = plan.iter().map(|p| p.3.len() * repeat).sum();
+    let mut done = 0;
+    for (scenario, op, c, subjects) in plan {
+        let mut samples: HashMap<&'static str, Vec<Sample>> = HashMap::new();
+        for rep in 0..repeat {
+            // Interleave: rotate the order every repetition.
+            for i in 0..subjects.len() {
+                let (kind, subject) = &subjects[(i + rep) % subjects.len()];
+                // Dedicated connections are one per task: the baseline is
+                // `pool_size` tasks, whatever the concurrency.
+                let tasks = if *kind == Kind::Dedicated {
+                    c.min(size as usize)
+                } else {
+                    c
+                };
+                let sample = measure_once(subject, op, tasks, measure, server_pid).await;
+                samples.entry(kind.name()).or_default().push(sample);
+                done += 1;
+                eprint!("\r  measured {done}/{total}");
+            }
+        }
+        for (kind, _) in &subjects {
+            rows.push(aggregate(
+                &scenario,
+                kind.name(),
+                op,
+                c,
+                &samples[kind.name()],
+            ));
+        }
+    }
+    eprintln!();
+    for (_, s) in subjects {
+        s.close().await;
+    }
+
+    let creation = creation(&url, repeat.max(3)).await?;
+    let handle = tokio::runtime::Handle::current();
+    let lookups = tokio::task::spawn_blocking(move || lookups(measure, handle)).await?;
+    let results = Results {
+        setup,
+        rows,
+        creation,
+        lookups,
+        memory,
+    };
+    print!("{}", report::table(&results));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    if let Some(path) = &args.markdown {
+        report::markdown(&results, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// One planned measurement: scenario, operation, tasks, subjects.
+type Step = (String, Op, usize, Vec<(Kind, Subject)>);
+
+/// One measurement of one subject.
+struct Sample {
+    ops: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_ns: Vec<u64>,
+    per_task: Vec<u64>,
+    client_cpu: f64,
+    server_cpu: f64,
+}
+
+async fn measure_once(
+    subject: &Subject,
+    op: Op,
+    tasks: usize,
+    duration: Duration,
+    server_pid: u32,
+) -> Sample {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = (cpu_ticks_self(), cpu_ticks_server(server_pid));
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(tasks);
+    for task in 0..tasks {
+        let (subject, stop) = (subject.clone(), stop.clone());
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1024);
+            let (mut ok, mut errors) = (0u64, 0u64);
+            let mut key = (task as i32 * 7919) % peers::ROWS;
+            // Bounded by time and by count.
+            while !stop.load(Ordering::Relaxed) && ok + errors < 50_000_000 {
+                key = key % peers::ROWS + 1;
+                let t = Instant::now();
+                match subject.run(op, task, key).await {
+                    Ok(()) => ok += 1,
+                    Err(_) => errors += 1,
+                }
+                lat.push(t.elapsed().as_nanos() as u64);
+                if op == Op::AcquireRelease && ok % 64 == 0 {
+                    // Pools whose acquire never waits would otherwise hog
+                    // the worker: let the others run.
+                    tokio::task::yield_now().await;
+                }
+            }
+            (ok, errors, lat)
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sample = Sample {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_ns: Vec::new(),
+        per_task: Vec::with_capacity(tasks),
+        client_cpu: 0.0,
+        server_cpu: 0.0,
+    };
+    for h in handles {
+        let (ok, errors, lat) = h.await.unwrap_or((0, 1, Vec::new()));
+        sample.ops += ok;
+        sample.errors += errors;
+        sample.per_task.push(ok);
+        sample.latencies_ns.extend(lat);
+    }
+    sample.elapsed = started.elapsed();
+    let secs = sample.elapsed.as_secs_f64();
+    let tick = 100.0; // USER_HZ on Linux
+    sample.client_cpu = (cpu_ticks_self() - cpu0.0) as f64 / tick / secs;
+    sample.server_cpu = (cpu_ticks_server(server_pid) - cpu0.1) as f64 / tick / secs;
+    sample
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Jain's index: (sum x)^2 / (n * sum x^2).
+pub fn jain(xs: &[u64]) -> f64 {
+    let n = xs.len() as f64;
+    let sum: f64 = xs.iter().map(|&x| x as f64).sum();
+    let squares: f64 = xs.iter().map(|&x| (x as f64).powi(2)).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (n * squares)
+}
+
+fn aggregate(
+    scenario: &str,
+    subject: &'static str,
+    op: Op,
+    concurrency: usize,
+    samples: &[Sample],
+) -> Row {
+    let throughput: Vec<f64> = samples
+        .iter()
+        .map(|s| s.ops as f64 / s.elapsed.as_secs_f64())
+        .collect();
+    let pct = |q: f64| {
+        median(
+            samples
+                .iter()
+                .map(|s| {
+                    let mut l = s.latencies_ns.clone();
+                    l.sort_unstable();
+                    percentile(&l, q)
+                })
+                .collect(),
+        )
+    };
+    Row {
+        scenario: scenario.to_owned(),
+        subject,
+        op: op.name(),
+        concurrency,
+        ops_per_s: median(throughput.clone()),
+        ops_per_s_min: throughput.iter().copied().fold(f64::INFINITY, f64::min),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        errors: samples.iter().map(|s| s.errors).sum(),
+        jain: median(samples.iter().map(|s| jain(&s.per_task)).collect()),
+        client_cpu: median(samples.iter().map(|s| s.client_cpu).collect()),
+        server_cpu: median(samples.iter().map(|s| s.server_cpu).collect()),
+    }
+}
+
+/// utime + stime of a process, in clock ticks, from /proc.
+fn cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may contain spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let get = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(14) + get(15)
+}
+
+fn cpu_ticks_self() -> u64 {
+    cpu_ticks("self")
+}
+
+/// CPU of the postmaster and all its children (the backends).
+fn cpu_ticks_server(postmaster: u32) -> u64 {
+    let mut total = cpu_ticks(&postmaster.to_string());
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                total += cpu_ticks(pid);
+            }
+        }
+    }
+    total
+}
+
+/// Scenario D: time from building a pool to its first connection, and to
+/// five connections open (opened in parallel where the pool does that).
+async fn creation(url: &str, repeat: usize) -> Result<Vec<CreationRow>, BoxError> {
+    let mut out = Vec::new();
+    for kind in Kind::POOLS {
+        let (mut first, mut five) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            let t = Instant::now();
+            let s = Subject::build(kind, url, 16, 0).await?;
+            s.run(Op::AcquireRelease, 0, 1).await?;
+            first.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.close().await;
+
+            let t = Instant::now();
+            let s = Subject::build(kind, url, 16, 5).await?;
+            match &s {
+                Subject::Pgfleet(p) => p.wait_ready(Duration::from_secs(30)).await?,
+                // bb8 and sqlx open min_idle / min_connections in build;
+                // deadpool has no floor: take five at once.
+                Subject::Deadpool(_) => {
+                    let mut tasks = Vec::new();
+                    for _ in 0..5 {
+                        let s = s.clone();
+                        tasks.push(tokio::spawn(async move { s.fill(1).await.is_ok() }));
+                    }
+                    for t in tasks {
+                        t.await?;
+                    }
+                }
+                _ => {}
+            }
+            five.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.close().await;
+        }
+        out.push(CreationRow {
+            subject: kind.name(),
+            first_connection_ms: median(first),
+            five_warm_ms: median(five),
+        });
+    }
+    Ok(out)
+}
+
+/// Scenario E: looking up an existing pool in pgfleet's fleet against a
+/// `Mutex<HashMap>` and an `RwLock<HashMap>` registry (the seed's design).
+fn lookups(duration: Duration, runtime: tokio::runtime::Handle) -> Vec<LookupRow> {
+    let _context = runtime.enter();
+    let fleet = pgfleet::Fleet::new();
+    let target = pgfleet::Target::parse("postgres://bench@127.0.0.1:1/lookup").expect("target");
+    let config = pgfleet::PoolConfig {
+        min_size: 0,
+        ..pgfleet::PoolConfig::default()
+    };
+    // A pool that never connects (min_size 0, nobody calls get): lookups only.
+    let _keep = fleet.pool(&target, &config).expect("pool");
+    let key = target.key().to_owned();
+    let mutex: Arc<Mutex<HashMap<String, Arc<u64>>>> =
+        Arc::new(Mutex::new(HashMap::from([(key.clone(), Arc::new(1))])));
+    let rwlock: Arc<RwLock<HashMap<String, Arc<u64>>>> =
+        Arc::new(RwLock::new(HashMap::from([(key.clone(), Arc::new(1))])));
+    let mut out = Vec::new();
+    for threads in [1usize, 2] {
+        for registry in [
+            "pgfleet fleet (arc-swap)",
+            "Mutex<HashMap>",
+            "RwLock<HashMap>",
+        ] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut handles = Vec::new();
+            for _ in 0..threads {
+                let (stop, fleet, target, config, mutex, rwlock, key) = (
+                    stop.clone(),
+                    fleet.clone(),
+                    target.clone(),
+                    config.clone(),
+                    mutex.clone(),
+                    rwlock.clone(),
+                    key.clone(),
+                );
+                let handle = runtime.clone();
+                handles.push(std::thread::spawn(move || {
+                    let _guard = handle.enter();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..256 {
+                            match registry {
+                                "Mutex<HashMap>" => {
+                                    std::hint::black_box(
+                                        mutex.lock().expect("lock").get(&key).cloned(),
+                                    );
+                                }
+                                "RwLock<HashMap>" => {
+                                    std::hint::black_box(
+                                        rwlock.read().expect("lock").get(&key).cloned(),
+                                    );
+                                }
+                                _ => {
+                                    std::hint::black_box(
+                                        fleet.pool(&target, &config).expect("pool"),
+                                    );
+                                }
+                            }
+                        }
+                        n += 256;
+                    }
+                    n
+                }));
+            }
+            std::thread::sleep(duration);
+            stop.store(true, Ordering::Relaxed);
+            let total: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+            let per_s = total as f64 / duration.as_secs_f64();
+            out.push(LookupRow {
+                registry,
+                threads,
+                lookups_per_s: per_s,
+                ns_per_lookup: 1e9 * threads as f64 / per_s.max(1.0),
+            });
+        }
+    }
+    out
+}
+
+/// Resident set size of this process, KiB.
+fn rss_kib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<f64>().ok())
+        })
+        .map_or(0.0, |pages| pages * 4.0)
+}
+
+/// Scenario F: memory added by 64 idle pooled connections, per connection.
+async fn memory(url: &str) -> Result<Vec<MemoryRow>, BoxError> {
+    const N: u32 = 64;
+    let mut out = Vec::new();
+    for kind in Kind::POOLS {
+        let before = rss_kib();
+        let s = Subject::build(kind, url, N, 0).await?;
+        s.fill(N as usize).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = rss_kib();
+        out.push(MemoryRow {
+            subject: kind.name(),
+            kib_per_connection: (after - before) / f64::from(N),
+        });
+        s.close().await;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jain_index_is_one_when_even_and_one_over_n_when_one_task_does_all() {
+        assert!((jain(&[5, 5, 5, 5]) - 1.0).abs() < 1e-9);
+        assert!((jain(&[20, 0, 0, 0]) - 0.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn percentiles_pick_the_rank() {
+        let v: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        assert_eq!(percentile(&v, 0.5), 500.0);
+        assert_eq!(percentile(&v, 0.99), 990.0);
+        assert_eq!(percentile(&v, 0.999), 999.0);
+    }
+}

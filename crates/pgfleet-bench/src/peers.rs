@@ -1,0 +1,289 @@
+//! The pools under test behind one interface: pgfleet, deadpool-postgres,
+//! bb8-postgres, sqlx, and the raw tokio-postgres baselines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+
+/// Which implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// pgfleet's pool.
+    Pgfleet,
+    /// deadpool-postgres (RecyclingMethod::Fast).
+    Deadpool,
+    /// bb8-postgres.
+    Bb8,
+    /// sqlx PgPool.
+    Sqlx,
+    /// N dedicated tokio-postgres connections, one per task (baseline).
+    Dedicated,
+    /// One tokio-postgres connection shared by every task (pipelining).
+    Pipelined,
+}
+
+impl Kind {
+    /// The pools (not the baselines).
+    pub const POOLS: [Kind; 4] = [Kind::Pgfleet, Kind::Deadpool, Kind::Bb8, Kind::Sqlx];
+
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pgfleet => "pgfleet",
+            Kind::Deadpool => "deadpool",
+            Kind::Bb8 => "bb8",
+            Kind::Sqlx => "sqlx",
+            Kind::Dedicated => "dedicated",
+            Kind::Pipelined => "pipelined",
+        }
+    }
+}
+
+/// What one operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    /// Acquire and release, no query.
+    AcquireRelease,
+    /// `SELECT 1`, extended protocol in one round trip (`query_typed`; sqlx:
+    /// its cached prepared statement).
+    Select1Extended,
+    /// `SELECT 1`, simple protocol.
+    Select1Simple,
+    /// Indexed point query, extended protocol.
+    PointExtended,
+    /// Indexed point query, simple protocol.
+    PointSimple,
+}
+
+impl Op {
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::AcquireRelease => "acquire+release",
+            Op::Select1Extended => "SELECT 1 (extended)",
+            Op::Select1Simple => "SELECT 1 (simple)",
+            Op::PointExtended => "point query (extended)",
+            Op::PointSimple => "point query (simple)",
+        }
+    }
+}
+
+/// A pool (or baseline) ready to run operations.
+#[derive(Clone)]
+pub enum Subject {
+    /// pgfleet.
+    Pgfleet(pgfleet::Pool),
+    /// deadpool.
+    Deadpool(deadpool_postgres::Pool),
+    /// bb8.
+    Bb8(bb8::Pool<bb8_postgres::PostgresConnectionManager<NoTls>>),
+    /// sqlx.
+    Sqlx(sqlx::PgPool),
+    /// Dedicated connections: task `i` uses connection `i % n`.
+    Dedicated(Arc<Vec<tokio_postgres::Client>>),
+    /// One shared connection.
+    Pipelined(Arc<tokio_postgres::Client>),
+}
+
+/// Point-query table rows.
+pub const ROWS: i32 = 10_000;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, BoxError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// The sqlx operation, boxed: sqlx's `Executor` bounds are higher-ranked,
+/// and an unboxed future of them is not provably `Send` inside `spawn`.
+fn sqlx_run(
+    pool: sqlx::PgPool,
+    op: Op,
+    key: i32,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>> {
+    Box::pin(async move {
+        let mut conn = pool.acquire().await?;
+        match op {
+            Op::AcquireRelease => {}
+            Op::Select1Extended => {
+                sqlx::query("SELECT 1").fetch_one(conn.as_mut()).await?;
+            }
+            Op::Select1Simple => {
+                // A plain string without arguments runs unprepared (simple protocol).
+                sqlx::Executor::execute(conn.as_mut(), "SELECT 1").await?;
+            }
+            Op::PointExtended => {
+                sqlx::query("SELECT v FROM bench WHERE id = $1")
+                    .bind(key)
+                    .fetch_one(conn.as_mut())
+                    .await?;
+            }
+            Op::PointSimple => {
+                let sql = format!("SELECT v FROM bench WHERE id = {key}");
+                sqlx::Executor::execute(conn.as_mut(), sql.as_str()).await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+impl Subject {
+    /// Builds `kind` with `size` connections (pools: max size; `min` kept
+    /// warm where the pool supports it).
+    pub async fn build(kind: Kind, url: &str, size: u32, min: u32) -> Result<Subject, BoxError> {
+        let pg: tokio_postgres::Config = url.parse()?;
+        Ok(match kind {
+            Kind::Pgfleet => Subject::Pgfleet(pgfleet::Pool::new(
+                pgfleet::Target::parse(url)?,
+                pgfleet::PoolConfig {
+                    min_size: min,
+                    max_size: size,
+                    acquire_timeout: Duration::from_secs(60),
+                    application_name: "bench-pgfleet".into(),
+                    ..pgfleet::PoolConfig::default()
+                },
+            )?),
+            Kind::Deadpool => {
+                let manager = deadpool_postgres::Manager::from_config(
+                    pg,
+                    NoTls,
+                    deadpool_postgres::ManagerConfig {
+                        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+                    },
+                );
+                Subject::Deadpool(
+                    deadpool_postgres::Pool::builder(manager)
+                        .max_size(size as usize)
+                        .build()?,
+                )
+            }
+            Kind::Bb8 => {
+                let manager = bb8_postgres::PostgresConnectionManager::new(pg, NoTls);
+                Subject::Bb8(
+                    bb8::Pool::builder()
+                        .max_size(size)
+                        .min_idle(Some(min))
+                        .connection_timeout(Duration::from_secs(60))
+                        .build(manager)
+                        .await?,
+                )
+            }
+            Kind::Sqlx => Subject::Sqlx(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(size)
+                    .min_connections(min)
+                    .acquire_timeout(Duration::from_secs(60))
+                    .connect(url)
+                    .await?,
+            ),
+            Kind::Dedicated => {
+                let mut clients = Vec::new();
+                for _ in 0..size {
+                    clients.push(raw_connect(url).await?);
+                }
+                Subject::Dedicated(Arc::new(clients))
+            }
+            Kind::Pipelined => Subject::Pipelined(Arc::new(raw_connect(url).await?)),
+        })
+    }
+
+    /// Opens `n` connections at once and returns when all are open (for
+    /// warm-up and the memory measurement), then releases them.
+    pub async fn fill(&self, n: usize) -> Result<(), BoxError> {
+        match self {
+            Subject::Pgfleet(p) => {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    held.push(p.get().await?);
+                }
+            }
+            Subject::Deadpool(p) => {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    held.push(p.get().await?);
+                }
+            }
+            Subject::Bb8(p) => {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    held.push(p.get().await?);
+                }
+            }
+            Subject::Sqlx(p) => {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    held.push(p.acquire().await?);
+                }
+            }
+            Subject::Dedicated(_) | Subject::Pipelined(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Runs one operation for task `task`.
+    pub async fn run(&self, op: Op, task: usize, key: i32) -> Result<(), BoxError> {
+        macro_rules! on_client {
+            ($c:expr) => {{
+                let c: &tokio_postgres::Client = $c;
+                match op {
+                    Op::AcquireRelease => {}
+                    Op::Select1Extended => {
+                        c.query_typed("SELECT 1", &[]).await?;
+                    }
+                    Op::Select1Simple => {
+                        c.simple_query("SELECT 1").await?;
+                    }
+                    Op::PointExtended => {
+                        c.query_typed(
+                            "SELECT v FROM bench WHERE id = $1",
+                            &[(&key, tokio_postgres::types::Type::INT4)],
+                        )
+                        .await?;
+                    }
+                    Op::PointSimple => {
+                        c.simple_query(&format!("SELECT v FROM bench WHERE id = {key}"))
+                            .await?;
+                    }
+                }
+            }};
+        }
+        match self {
+            Subject::Pgfleet(p) => {
+                let conn = p.get().await?;
+                on_client!(&conn);
+            }
+            Subject::Deadpool(p) => {
+                let conn = p.get().await?;
+                on_client!(&conn);
+            }
+            Subject::Bb8(p) => {
+                let conn = p.get().await?;
+                on_client!(&conn);
+            }
+            Subject::Dedicated(clients) => on_client!(&clients[task % clients.len()]),
+            Subject::Pipelined(client) => on_client!(client),
+            Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
+        }
+        Ok(())
+    }
+
+    /// Closes the pool so its connections leave the server.
+    pub async fn close(self) {
+        match self {
+            Subject::Pgfleet(p) => {
+                p.close();
+                p.wait_closed(std::time::Instant::now() + Duration::from_secs(5))
+                    .await;
+            }
+            Subject::Deadpool(p) => p.close(),
+            Subject::Bb8(p) => drop(p),
+            Subject::Sqlx(p) => p.close().await,
+            Subject::Dedicated(_) | Subject::Pipelined(_) => {}
+        }
+    }
+}
