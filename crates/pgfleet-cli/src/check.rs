@@ -1,5 +1,7 @@
 //! `pgfleet config check`.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,6 +18,16 @@ pub struct CheckArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `println!` into a `String` (writing to a `String` cannot fail).
+macro_rules! outln {
+    ($out:expr) => {
+        $out.push('\n')
+    };
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
 }
 
 /// Exit code for an invalid configuration.
@@ -37,22 +49,23 @@ pub fn run(args: &CheckArgs) -> ExitCode {
             return ExitCode::from(INVALID);
         }
     };
+    let mut out = String::new();
     if args.json {
         match serde_json::to_string_pretty(&loaded.report()) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => outln!(out, "{json}"),
             Err(e) => {
                 eprintln!("pgfleet: cannot serialise the report: {e}");
                 return ExitCode::FAILURE;
             }
         }
-        return ExitCode::SUCCESS;
+        return emit(&out);
     }
-    println!("configuration directory: {described}");
+    outln!(out, "configuration directory: {described}");
     if !loaded.files().is_empty() {
-        println!("files read: {}", loaded.files().join(", "));
+        outln!(out, "files read: {}", loaded.files().join(", "));
     }
-    println!("target: {}", loaded.target());
-    println!();
+    outln!(out, "target: {}", loaded.target());
+    outln!(out);
     let rows = loaded.explain();
     let key_width = rows.iter().map(|r| r.key.len()).max().unwrap_or(0);
     let value_width = rows
@@ -61,15 +74,26 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         .max()
         .unwrap_or(0)
         .min(60);
-    println!("{:key_width$}  {:value_width$}  source", "key", "value");
-    for row in &rows {
-        println!(
+    outln!(
+        out,
+        "{:key_width$}  {:value_width$}  source",
+        "key",
+        "value"
+    );
+    for row in rows {
+        outln!(
+            out,
             "{:key_width$}  {:value_width$}  {}",
-            row.key, row.value, row.source
+            row.key,
+            row.value,
+            row.source
         );
     }
     let budget = &loaded.fleet_config().budget;
-    println!("\nserver budget (connections this process may hold per server):");
+    outln!(
+        out,
+        "\nserver budget (connections this process may hold per server):"
+    );
     let describe = |mode: &pgfleet::BudgetMode| match mode {
         pgfleet::BudgetMode::Auto => format!(
             "auto: (max_connections - reserved - headroom {}) / replicas {}, read at first contact",
@@ -78,25 +102,45 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         pgfleet::BudgetMode::Fixed(n) => format!("{n} connections"),
         pgfleet::BudgetMode::Off => "off: pools are bounded by max_size only".to_owned(),
     };
-    println!("  default: {}", describe(&budget.mode));
+    outln!(out, "  default: {}", describe(&budget.mode));
     for (server, mode) in &budget.servers {
-        println!("  {server}: {}", describe(mode));
+        outln!(out, "  {server}: {}", describe(mode));
     }
     if !loaded.warmup().is_empty() {
-        println!("\nwarm-up at start:");
+        outln!(out, "\nwarm-up at start:");
         for w in loaded.warmup() {
-            println!(
+            outln!(
+                out,
                 "  {} (min_size {}, max_size {})",
-                w.target, w.config.min_size, w.config.max_size
+                w.target,
+                w.config.min_size,
+                w.config.max_size
             );
         }
     }
     if !loaded.precache().is_empty() {
-        println!("\npre-created services:");
+        outln!(out, "\npre-created services:");
         for p in loaded.precache() {
-            println!("  user {}: {}", p.user, p.services.join(", "));
+            outln!(out, "  user {}: {}", p.user, p.services.join(", "));
         }
     }
-    println!("\nconfiguration is valid");
-    ExitCode::SUCCESS
+    outln!(out, "\nconfiguration is valid");
+    emit(&out)
+}
+
+/// Writes the report to standard output; a closed pipe (`| head`) is not an
+/// error worth a panic.
+fn emit(out: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgfleet: cannot write the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -77,6 +77,12 @@ fn json_output_is_machine_readable() {
     assert_eq!(min["value"], "15");
     assert_eq!(min["source"]["kind"], "file");
     assert_eq!(v["warmup"][0]["max_size"], 40);
+    assert_eq!(
+        v["target"],
+        "postgres://postgres:***@localhost:5432/memfuse"
+    );
+    assert_eq!(v["pool_config"]["acquire_timeout"], "45s");
+    assert!(!out.contains(":postgres@"), "{out}");
 }
 
 #[test]

@@ -96,16 +96,41 @@ const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Upper bound of pool sizes.
 const MAX_POOL_SIZE: u64 = 10_000;
 
+/// What [`PoolConfig::problem`] found: the field (canonical key), its value
+/// as shown, and what is wrong.
+struct Problem {
+    field: &'static str,
+    value: String,
+    why: String,
+}
+
 impl PoolConfig {
     /// Checks a configuration built in code: sizes, durations, names.
     ///
     /// # Errors
-    /// A `Config` error naming the field and its value.
+    /// A `Config` error naming the field (by its configuration key), its
+    /// value and the source `code`, e.g. `invalid configuration: max_size =
+    /// 0 (code): expected 1..=10000`.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, value: &dyn fmt::Display, why: &str| {
-            Err(Error::config(format!(
-                "invalid pool configuration: {field} = {value}: {why}"
-            )))
+        match self.problem() {
+            None => Ok(()),
+            Some(p) => Err(Error::config(format!(
+                "invalid configuration: {} = {} ({}): {}",
+                p.field,
+                p.value,
+                Source::Code,
+                p.why
+            ))),
+        }
+    }
+
+    fn problem(&self) -> Option<Problem> {
+        let bad = |field: &'static str, value: &dyn fmt::Display, why: &str| {
+            Some(Problem {
+                field,
+                value: value.to_string(),
+                why: why.to_owned(),
+            })
         };
         if self.max_size == 0 || u64::from(self.max_size) > MAX_POOL_SIZE {
             return bad("max_size", &self.max_size, "expected 1..=10000");
@@ -117,7 +142,7 @@ impl PoolConfig {
                 &format!("greater than max_size = {}", self.max_size),
             );
         }
-        let durations: [(&str, Option<Duration>, Duration); 8] = [
+        let durations: [(&'static str, Option<Duration>, Duration); 8] = [
             ("timeout", Some(self.acquire_timeout), MAX_TIMEOUT),
             ("connect_timeout", Some(self.connect_timeout), MAX_TIMEOUT),
             (
@@ -157,16 +182,24 @@ impl PoolConfig {
                 "must be at least 1 (use None / `off` to disable)",
             );
         }
-        check_application_name(&self.application_name).or_else(|why| {
-            bad(
+        if let Err(why) = check_application_name(&self.application_name) {
+            return bad(
                 "application_name",
                 &format!("{:?}", self.application_name),
                 &why,
-            )
-        })?;
-        for name in self.server_settings.keys() {
-            check_setting_name(name)
-                .or_else(|why| bad("server_settings", &format!("{name:?}"), &why))?;
+            );
+        }
+        for (name, value) in &self.server_settings {
+            if let Err(why) = check_setting_name(name) {
+                return bad("server_settings", &format!("{name:?}"), &why);
+            }
+            if value.contains('\0') {
+                return bad(
+                    "server_settings",
+                    &format!("{name:?}"),
+                    "the value contains a NUL byte",
+                );
+            }
         }
         if self.command_timeout.is_some() && self.server_settings.contains_key("statement_timeout")
         {
@@ -176,7 +209,7 @@ impl PoolConfig {
                 "ambiguous: command_timeout already sets statement_timeout; set one of them",
             );
         }
-        Ok(())
+        None
     }
 }
 
@@ -486,12 +519,30 @@ impl PoolSettings {
                 if text.is_empty() {
                     return Err(fail("the host must not be empty".into()));
                 }
+                if text.contains(',') {
+                    return Err(fail(
+                        "several hosts are not supported; give one host".into(),
+                    ));
+                }
                 Typed::Text(text)
             }
             "url" => {
                 let text = text(raw).map_err(fail)?;
-                Target::parse(&text).map_err(|e| Error::config(format!("{e} ({source})")))?;
-                Typed::Text(text)
+                // Pool keys in the URL's query go through the same parser as
+                // every other layer, at the URL's place in the order; the
+                // rest of the URL is the target's.
+                let (url, params) = split_pool_params(&text)
+                    .map_err(|why| Error::config(format!("{why} ({source})")))?;
+                Target::parse(&url).map_err(|e| Error::config(format!("{e} ({source})")))?;
+                let from = Source::Url {
+                    from: Box::new(source.clone()),
+                };
+                let mut staged = self.clone();
+                for (param, value) in &params {
+                    staged.set(param, &RawValue::Str(value.clone()), from.clone())?;
+                }
+                *self = staged;
+                Typed::Text(url)
             }
             _ => Typed::Text(text(raw).map_err(fail)?),
         };
@@ -620,7 +671,16 @@ impl PoolSettings {
                 )));
             }
             (Some((max, _)), _) => max as u32,
-            (None, Some((over, _))) => min_size.saturating_add(over as u32),
+            (None, Some((over, over_src))) => {
+                let sum = u64::from(min_size) + over;
+                if sum > MAX_POOL_SIZE {
+                    let min_src = min.map_or(Source::Default, |(_, s)| s.clone());
+                    return Err(Error::config(format!(
+                        "invalid configuration: max_size = pool_size + max_overflow = {min_size} ({min_src}) + {over} ({over_src}) = {sum}: expected at most {MAX_POOL_SIZE}"
+                    )));
+                }
+                sum as u32
+            }
             (None, None) => defaults.max_size.max(min_size),
         };
         if min_size > max_size {
@@ -679,13 +739,31 @@ impl PoolSettings {
                 _ => BTreeMap::new(),
             },
         };
-        config.validate().map_err(|e| {
+        if let (Some(command), Some(settings)) = (
+            config.command_timeout.and(self.get("command_timeout")),
+            self.get("server_settings"),
+        ) {
+            if config.server_settings.contains_key("statement_timeout") {
+                return Err(Error::config(format!(
+                    "invalid configuration: server_settings.statement_timeout = {:?} ({}) conflicts with command_timeout = {} ({}): ambiguous, both set statement_timeout; set one of them",
+                    config.server_settings["statement_timeout"],
+                    settings.source,
+                    humantime::format_duration(config.command_timeout.unwrap_or_default()),
+                    command.source
+                )));
+            }
+        }
+        // The checks above and in `set` leave nothing for `problem` to find;
+        // it stays as a safety net, naming the source of the field.
+        if let Some(p) = config.problem() {
             let source = self
-                .get("server_settings")
-                .map(|e| e.source.to_string())
-                .unwrap_or_default();
-            Error::config(format!("{e} ({source})"))
-        })?;
+                .get(p.field)
+                .map_or(Source::Default, |e| e.source.clone());
+            return Err(Error::config(format!(
+                "invalid configuration: {} = {} ({source}): {}",
+                p.field, p.value, p.why
+            )));
+        }
         Ok(config)
     }
 
@@ -812,6 +890,44 @@ impl PoolSettings {
     }
 }
 
+/// Splits the pool keys (`max_size=20`, `pool_timeout=5s`, ...) out of a
+/// URL's query: the URL without them, and the (name, decoded value) pairs.
+fn split_pool_params(url: &str) -> std::result::Result<(String, Vec<(String, String)>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let mut kept = Vec::new();
+    let mut params = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match canonical(name) {
+            Some(key) if is_pool_key(key) => {
+                let value = percent_encoding::percent_decode_str(value)
+                    .decode_utf8()
+                    .map_err(|_| {
+                        format!(
+                            "invalid database URL {}: {name} is not valid UTF-8 once decoded",
+                            crate::target::mask_url_text(url)
+                        )
+                    })?;
+                params.push((name.to_owned(), value.into_owned()));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, params))
+}
+
+/// Keys of the pool (not of the target) that a URL's query may carry.
+fn is_pool_key(key: &str) -> bool {
+    !is_target_part(key) && !matches!(key, "url" | "server_settings")
+}
+
 fn is_target_part(key: &str) -> bool {
     matches!(key, "host" | "port" | "database" | "user" | "password")
 }
@@ -935,6 +1051,9 @@ fn settings_map(raw: &RawValue) -> std::result::Result<BTreeMap<String, String>,
         check_setting_name(name).map_err(|why| format!("setting {name:?}: {why}"))?;
         let value =
             text(value).map_err(|_| format!("setting {name:?}: expected a scalar value"))?;
+        if value.contains('\0') {
+            return Err(format!("setting {name:?}: the value contains a NUL byte"));
+        }
         out.insert(name.clone(), value);
     }
     Ok(out)
@@ -1071,6 +1190,93 @@ mod tests {
         .pool_config()
         .unwrap_err();
         assert!(err.to_string().contains("ambiguous"), "{err}");
+    }
+
+    #[test]
+    fn sums_and_conflicts_name_every_source() {
+        let err = settings(&[
+            ("pool_size", RawValue::Int(9000)),
+            ("max_overflow", RawValue::Int(2000)),
+        ])
+        .unwrap()
+        .pool_config()
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: max_size = pool_size + max_overflow = 9000 (database/default.yaml: database.postgres.pool_size) + 2000 (database/default.yaml: database.postgres.max_overflow) = 11000: expected at most 10000"
+        );
+        let mut s = PoolSettings::new();
+        s.set("command_timeout", &"5s".into(), Source::Code)
+            .unwrap();
+        s.set(
+            "server_settings",
+            &RawValue::Map(vec![("statement_timeout".into(), "1s".into())]),
+            file("server_settings"),
+        )
+        .unwrap();
+        let msg = s.pool_config().unwrap_err().to_string();
+        assert!(
+            msg.contains("server_settings.statement_timeout = \"1s\" (database/default.yaml: database.postgres.server_settings)")
+                && msg.contains("command_timeout = 5s (code)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn pool_keys_in_a_url_query_use_the_same_parser() {
+        let env = Source::Env {
+            var: "DATABASE_URL".into(),
+        };
+        let mut s = PoolSettings::new();
+        s.set("pool_timeout", &RawValue::Int(30), file("pool_timeout"))
+            .unwrap();
+        s.set(
+            "url",
+            &"postgres://u:pw@h/d?pool_size=5&max_overflow=5&pool_timeout=2.5&application_name=svc&sslmode=disable&options=-c%20a%3Db".into(),
+            env.clone(),
+        )
+        .unwrap();
+        let (t, c) = s.resolve().unwrap();
+        assert_eq!(t.key(), "postgres://u@h:5432/d?options=-c%20a%3Db");
+        assert_eq!((c.min_size, c.max_size), (5, 10));
+        assert_eq!(c.acquire_timeout, Duration::from_millis(2500));
+        assert_eq!(c.application_name, "svc");
+        let rows = s.explain().unwrap();
+        let timeout = rows.iter().find(|r| r.key == "timeout").unwrap();
+        assert_eq!(timeout.source.to_string(), "url from env DATABASE_URL");
+        // A bad value in the query names the key, the value and the URL's
+        // source; the password stays masked.
+        let err = PoolSettings::new()
+            .set("url", &"postgres://u:Secret9@h/d?max_size=abc".into(), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_size = \"abc\" (url from env DATABASE_URL): expected a whole number"),
+            "{err}"
+        );
+        assert!(!err.contains("Secret9"));
+    }
+
+    #[test]
+    fn validate_names_the_field_and_code_as_the_source() {
+        let bad = PoolConfig {
+            max_size: 0,
+            ..PoolConfig::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "invalid configuration: max_size = 0 (code): expected 1..=10000"
+        );
+        let bad = PoolConfig {
+            min_size: 20,
+            max_size: 10,
+            ..PoolConfig::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("min_size = 20 (code): greater than max_size = 10"));
     }
 
     #[test]

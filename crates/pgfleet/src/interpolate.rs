@@ -12,7 +12,9 @@
 ///
 /// # Errors
 /// A message for an unterminated `${`, an empty name, an unknown resolver, or
-/// an unset variable without default.
+/// an unset variable without default. The message names variables and
+/// resolvers but never repeats the input (it may hold a default password);
+/// the caller shows the value, masked where it is secret.
 pub(crate) fn interpolate(
     input: &str,
     env: &dyn Fn(&str) -> Option<String>,
@@ -26,8 +28,7 @@ pub(crate) fn interpolate(
             out.push_str("${");
             rest = after;
         } else if let Some(after) = tail.strip_prefix("${") {
-            let end =
-                closing_brace(after).ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+            let end = closing_brace(after).ok_or_else(|| "unterminated `${`".to_owned())?;
             out.push_str(&resolve(&after[..end], env)?);
             rest = &after[end + 1..];
         } else {
@@ -84,27 +85,25 @@ fn resolve(body: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
             None => (args.trim(), None),
         }
     } else if let Some((resolver, _)) = body.split_once(':') {
-        return Err(format!(
-            "unknown resolver `{resolver}` in `${{{body}}}` (supported: oc.env)"
-        ));
+        return Err(format!("unknown resolver `{resolver}` (supported: oc.env)"));
     } else {
         (body.trim(), None)
     };
     if name.is_empty() {
-        return Err(format!("empty variable name in `${{{body}}}`"));
+        return Err("empty variable name in `${...}`".to_owned());
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         || name.starts_with(|c: char| c.is_ascii_digit())
     {
         return Err(format!(
-            "`{name}` in `${{{body}}}` is not an environment variable name (node references are not supported; use ${{oc.env:VAR}})"
+            "`{name}` is not an environment variable name (node references are not supported; use ${{oc.env:VAR}})"
         ));
     }
     match (env(name), default) {
         (Some(value), _) => Ok(value),
         (None, Some(default)) => interpolate(unquote(default), env),
         (None, None) => Err(format!(
-            "environment variable {name} is not set and `${{{body}}}` has no default"
+            "environment variable {name} is not set and has no default (use ${{oc.env:{name},default}})"
         )),
     }
 }
@@ -173,8 +172,38 @@ mod tests {
 
     proptest! {
         #[test]
-        fn text_without_interpolations_passes_through(s in "[^$\\\\]{0,40}") {
+        fn text_without_interpolations_passes_through(s in "\\PC{0,40}") {
+            prop_assume!(!s.contains("${"));
             prop_assert_eq!(i(&s).unwrap(), s);
+        }
+
+        #[test]
+        fn dollars_and_backslashes_alone_pass_through(
+            s in "[$\\\\{}a ]{0,40}".prop_map(|s| s.replace("${", "$a{"))
+        ) {
+            prop_assert_eq!(i(&s).unwrap(), s);
+        }
+
+        #[test]
+        fn escapes_mix_with_interpolations(a in "[a-z ]{0,8}", b in "[a-z ]{0,8}") {
+            let input = format!("{a}\\${{HOST}}{b}${{HOST}}\\${{oc.env:NOPE,x}}");
+            prop_assert_eq!(
+                i(&input).unwrap(),
+                format!("{a}${{HOST}}{b}db.internal${{oc.env:NOPE,x}}")
+            );
+        }
+
+        #[test]
+        fn errors_never_repeat_the_default(secret in "[A-Za-z0-9]{6,12}") {
+            for input in [
+                format!("${{oc.env:NOPE,{secret}"),
+                format!("${{oc.env:,{secret}}}"),
+                format!("${{foo:NOPE,{secret}}}"),
+                format!("${{oc.env:NOPE,${{UNSET_TOO}}{secret}}}"),
+            ] {
+                let err = i(&input).unwrap_err();
+                prop_assert!(!err.contains(&secret), "{}", err);
+            }
         }
 
         #[test]

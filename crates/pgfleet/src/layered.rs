@@ -26,7 +26,7 @@ use crate::config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 use crate::error::{Error, Result};
 use crate::fleet::FleetConfig;
 use crate::interpolate::interpolate;
-use crate::target::Target;
+use crate::target::{mask_url_text, Target};
 
 /// The sections that hold pool settings, lowest priority first.
 pub const LAYERS: &[&[&str]] = &[
@@ -78,6 +78,7 @@ pub struct Loaded {
     settings: PoolSettings,
     target: Target,
     config: PoolConfig,
+    effective: Vec<Effective>,
     warmup: Vec<WarmupEntry>,
     precache: Vec<PrecacheEntry>,
     fleet: FleetConfig,
@@ -175,6 +176,7 @@ impl Loader {
             }
         }
         let (target, config) = settings.resolve()?;
+        let effective = settings.explain()?;
         let (warmup, precache) = match lookup(&root, &["connection_pool"]) {
             Some(block) => startup(block, &settings, &env)?,
             None => (Vec::new(), Vec::new()),
@@ -188,6 +190,7 @@ impl Loader {
             settings,
             target,
             config,
+            effective,
             warmup,
             precache,
             fleet,
@@ -196,6 +199,21 @@ impl Loader {
 }
 
 impl Loaded {
+    /// Defaults plus these environment variables, for when there is no
+    /// configuration directory at all; the same as
+    /// `Loader::without_files().env(vars).load()`.
+    ///
+    /// # Errors
+    /// As [`Loader::load`], naming the variable for a bad value.
+    pub fn from_env<I, K, V>(vars: I) -> Result<Loaded>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Loader::without_files().env(vars).load()
+    }
+
     /// The effective target.
     pub fn target(&self) -> &Target {
         &self.target
@@ -212,8 +230,8 @@ impl Loaded {
     }
 
     /// Every effective value with its source (passwords as `***`).
-    pub fn explain(&self) -> Vec<Effective> {
-        self.settings.explain().expect("resolved once already")
+    pub fn explain(&self) -> &[Effective] {
+        &self.effective
     }
 
     /// Pools to warm at start-up.
@@ -239,8 +257,11 @@ impl Loaded {
     /// A serialisable summary (for `pgfleet config check --json`).
     pub fn report(&self) -> LoadedReport {
         LoadedReport {
+            target: self.target.masked_url(),
+            key: self.target.key().to_owned(),
             files: self.files.clone(),
-            effective: self.explain(),
+            effective: self.effective.clone(),
+            pool_config: self.config.clone(),
             warmup: self
                 .warmup
                 .iter()
@@ -259,10 +280,16 @@ impl Loaded {
 /// What [`Loaded::report`] returns.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadedReport {
+    /// The effective target, password masked.
+    pub target: String,
+    /// Its normalised key (see [`Target::key`]).
+    pub key: String,
     /// Files read.
     pub files: Vec<String>,
     /// Effective values and their sources.
     pub effective: Vec<Effective>,
+    /// The effective pool configuration (durations as `"30s"` text).
+    pub pool_config: PoolConfig,
     /// Pools to warm.
     pub warmup: Vec<WarmupReportEntry>,
     /// Users to pre-cache.
@@ -303,7 +330,7 @@ fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
     }
     let mut files = Vec::new();
     let mut root = empty_map("config.yaml");
-    let mut choices = BTreeMap::new();
+    let mut defaults = Defaults::default();
     let root_file = ["config.yaml", "config.yml"]
         .iter()
         .map(|f| dir.join(f))
@@ -311,59 +338,77 @@ fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
     if let Some(path) = &root_file {
         let name = rel(dir, path);
         root = read_yaml(path, &name)?;
-        choices = defaults_list(&mut root)?;
+        defaults = defaults_list(&mut root)?;
         files.push(name);
     }
-    let mut merged = empty_map("(merged)");
     let mut groups: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| config_error(format!("cannot read {}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
     groups.sort();
+    // (position in the composition order, file name, content placed)
+    let mut composed: Vec<(usize, String, Node)> = Vec::new();
+    let mut seen = Vec::new();
     for group_dir in groups {
         let group = group_dir
             .file_name()
             .map(|g| g.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut options: Vec<String> = std::fs::read_dir(&group_dir)
+        let mut options: Vec<(String, PathBuf)> = std::fs::read_dir(&group_dir)
             .map_err(|e| config_error(format!("cannot read {}: {e}", group_dir.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .filter_map(|p| {
+                let stem = p.file_stem()?.to_string_lossy().into_owned();
+                Some((stem, p))
+            })
             .collect();
         options.sort();
         if options.is_empty() {
             continue;
         }
-        let option = match choices.get(&group) {
-            Some(chosen) if options.contains(chosen) => chosen.clone(),
-            Some(chosen) => {
-                return Err(config_error(format!(
+        seen.push(group.clone());
+        let names: Vec<&str> = options.iter().map(|(o, _)| o.as_str()).collect();
+        let choice = defaults.choices.iter().find(|c| c.group == group);
+        let (position, path) = match choice {
+            Some(Choice { option: None, .. }) => continue,
+            Some(Choice {
+                option: Some(chosen),
+                position,
+                ..
+            }) => match options.iter().find(|(o, _)| o == chosen) {
+                Some((_, path)) => (*position, path.clone()),
+                None => {
+                    return Err(config_error(format!(
                     "defaults in config.yaml choose `{group}: {chosen}`, but {group}/ has only {}",
-                    options.join(", ")
+                    names.join(", ")
                 )))
-            }
-            None if options.iter().any(|o| o == "default") => "default".to_owned(),
-            None if options.len() == 1 => options[0].clone(),
+                }
+            },
             None => {
-                return Err(config_error(format!(
-                    "{group}/ has several options ({}) and none is chosen: add `- {group}: <option>` to the defaults list of config.yaml, or name one default.yaml",
-                    options.join(", ")
-                )))
+                let path = match options.iter().find(|(o, _)| o == "default") {
+                    Some((_, path)) => path.clone(),
+                    None if options.len() == 1 => options[0].1.clone(),
+                    None => {
+                        return Err(config_error(format!(
+                            "{group}/ has several options ({}) and none is chosen: add `- {group}: <option>` to the defaults list of config.yaml, or name one default.yaml",
+                            names.join(", ")
+                        )))
+                    }
+                };
+                // Groups not in the list come first, as if listed at its top.
+                (0, path)
             }
         };
-        let path = ["yaml", "yml"]
-            .iter()
-            .map(|ext| group_dir.join(format!("{option}.{ext}")))
-            .find(|p| p.is_file())
-            .expect("listed above");
         let name = rel(dir, &path);
-        let content = read_yaml(&path, &name)?;
-        let global = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| t.lines().next().map(|l| l.trim() == "# @package _global_"))
-            .unwrap_or(false);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
+        let content = parse_yaml(&text, &name)?;
+        let global = text
+            .lines()
+            .next()
+            .is_some_and(|l| l.trim() == "# @package _global_");
         let placed = if global {
             content
         } else {
@@ -372,11 +417,32 @@ fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
                 file: name.as_str().into(),
             }
         };
-        merge(&mut merged, placed);
-        files.push(name);
+        composed.push((position, name, placed));
     }
-    // The root file is composed last, so its values win (Hydra's `_self_`).
-    merge(&mut merged, root);
+    if let Some(missing) = defaults
+        .choices
+        .iter()
+        .find(|c| !c.optional && c.option.is_some() && !seen.contains(&c.group))
+    {
+        return Err(config_error(format!(
+            "defaults in config.yaml choose `{}: {}`, but there is no {}/ directory with .yaml files (mark the entry `optional` to allow that)",
+            missing.group,
+            missing.option.as_deref().unwrap_or_default(),
+            missing.group
+        )));
+    }
+    // Hydra's order: entries before `_self_` are overridden by config.yaml,
+    // entries after it override config.yaml; without `_self_` the root
+    // comes last.
+    composed.push((defaults.self_position, String::new(), root));
+    composed.sort_by_key(|(position, _, _)| *position);
+    let mut merged = empty_map("(merged)");
+    for (_, name, node) in composed {
+        merge(&mut merged, node);
+        if !name.is_empty() {
+            files.push(name);
+        }
+    }
     Ok((merged, files))
 }
 
@@ -387,7 +453,11 @@ fn rel(dir: &Path, path: &Path) -> String {
 fn read_yaml(path: &Path, name: &str) -> Result<Node> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
-    let docs = YamlLoader::load_from_str(&text)
+    parse_yaml(&text, name)
+}
+
+fn parse_yaml(text: &str, name: &str) -> Result<Node> {
+    let docs = YamlLoader::load_from_str(text)
         .map_err(|e| config_error(format!("{name}: malformed YAML: {e}")))?;
     let file: Arc<str> = name.into();
     match docs.len() {
@@ -455,33 +525,93 @@ fn convert(yaml: &Yaml, file: &Arc<str>, name: &str) -> Result<Node> {
     })
 }
 
+/// The Hydra `defaults:` list of config.yaml.
+#[derive(Debug, Default)]
+struct Defaults {
+    choices: Vec<Choice>,
+    /// Where config.yaml itself goes in the composition order.
+    self_position: usize,
+}
+
+/// One `- group: option` entry.
+#[derive(Debug)]
+struct Choice {
+    group: String,
+    /// `None` for `- group: null`: the group is not used.
+    option: Option<String>,
+    /// `- optional group: option`: no error when the group is absent.
+    optional: bool,
+    /// Place in the composition order (1-based; unlisted groups are 0).
+    position: usize,
+}
+
 /// Takes the Hydra `defaults:` list out of the root: `- group: option`
-/// entries choose group files; `_self_` and other entries are accepted.
-fn defaults_list(root: &mut Node) -> Result<BTreeMap<String, String>> {
-    let mut choices = BTreeMap::new();
+/// (also `- optional group: option`, `- override group: option`,
+/// `- group: null`) choose group files; `- _self_` places config.yaml.
+fn defaults_list(root: &mut Node) -> Result<Defaults> {
+    let mut defaults = Defaults {
+        choices: Vec::new(),
+        self_position: usize::MAX,
+    };
     let NodeValue::Map(pairs) = &mut root.value else {
-        return Ok(choices);
+        return Ok(defaults);
     };
     let Some(index) = pairs.iter().position(|(k, _)| k == "defaults") else {
-        return Ok(choices);
+        return Ok(defaults);
     };
     let (_, list) = pairs.remove(index);
-    let NodeValue::List(items) = list.value else {
-        return Err(config_error(format!(
-            "{}: `defaults` must be a list",
-            root.file
-        )));
+    let items = match list.value {
+        NodeValue::List(items) => items,
+        NodeValue::Scalar(RawValue::Null) => Vec::new(),
+        _ => {
+            return Err(config_error(format!(
+                "{}: `defaults` must be a list",
+                root.file
+            )))
+        }
     };
-    for item in items {
-        if let NodeValue::Map(entry) = item.value {
-            for (group, option) in entry {
-                if let NodeValue::Scalar(RawValue::Str(option)) = option.value {
-                    choices.insert(group, option);
+    for (i, item) in items.into_iter().enumerate() {
+        let position = i + 1;
+        let unsupported = |what: String| {
+            config_error(format!(
+                "{}: defaults[{i}] = {what}: expected `- group: option` or `- _self_`",
+                root.file
+            ))
+        };
+        match item.value {
+            NodeValue::Scalar(RawValue::Str(s)) if s == "_self_" => {
+                defaults.self_position = position;
+            }
+            NodeValue::Scalar(v) => return Err(unsupported(v.to_string())),
+            NodeValue::List(_) => return Err(unsupported("a list".into())),
+            NodeValue::Map(entry) => {
+                for (key, option) in entry {
+                    let mut words: Vec<&str> = key.split_whitespace().collect();
+                    let group = words.pop().unwrap_or_default().to_owned();
+                    let optional = words.contains(&"optional");
+                    if group.is_empty()
+                        || words.iter().any(|w| *w != "optional" && *w != "override")
+                    {
+                        return Err(unsupported(format!("{key:?}")));
+                    }
+                    let option = match option.value {
+                        NodeValue::Scalar(RawValue::Null) => None,
+                        NodeValue::Scalar(RawValue::Str(o)) => Some(o),
+                        NodeValue::Scalar(v) => Some(v.to_string()),
+                        _ => return Err(unsupported(format!("{key}: a list or mapping"))),
+                    };
+                    defaults.choices.retain(|c| c.group != group);
+                    defaults.choices.push(Choice {
+                        group,
+                        option,
+                        optional,
+                        position,
+                    });
                 }
             }
         }
     }
-    Ok(choices)
+    Ok(defaults)
 }
 
 /// Deep merge: mappings merge key by key, anything else is replaced.
@@ -509,12 +639,27 @@ fn lookup<'a>(root: &'a Node, path: &[&str]) -> Option<&'a Node> {
     })
 }
 
+/// A value as written, for an error message: a password as `***`, the
+/// password inside a URL masked.
+fn shown_template(path: &str, text: &str) -> String {
+    let key = path.rsplit('.').next().unwrap_or(path);
+    match key {
+        "password" => "***".to_owned(),
+        "url" | "database_url" => format!("{:?}", mask_url_text(text)),
+        _ => format!("{text:?}"),
+    }
+}
+
 /// Converts a node to a raw value, interpolating strings.
 fn raw(node: &Node, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RawValue> {
     Ok(match &node.value {
         NodeValue::Scalar(RawValue::Str(s)) => {
             RawValue::Str(interpolate(s, env).map_err(|why| {
-                config_error(format!("{path} = {s:?} ({}: {path}): {why}", node.file))
+                config_error(format!(
+                    "{path} = {} ({}: {path}): {why}",
+                    shown_template(path, s),
+                    node.file
+                ))
             })?)
         }
         NodeValue::Scalar(v) => v.clone(),

@@ -20,7 +20,7 @@ fn no_env() -> Vec<(String, String)> {
 fn source_of(loaded: &pgfleet::Loaded, key: &str) -> String {
     loaded
         .explain()
-        .into_iter()
+        .iter()
         .find(|e| e.key == key)
         .unwrap_or_else(|| panic!("no {key}"))
         .source
@@ -57,6 +57,12 @@ fn seed_files_load_unchanged_with_store_layer_winning() {
         source_of(&loaded, "host"),
         "database/default.yaml: database.postgres.host"
     );
+    for key in ["port", "database", "user", "password"] {
+        assert_eq!(
+            source_of(&loaded, key),
+            format!("database/default.yaml: database.postgres.{key}")
+        );
+    }
     assert_eq!(source_of(&loaded, "idle_timeout"), "default");
     assert_eq!(
         loaded.files(),
@@ -353,4 +359,134 @@ fn fleet_section_sets_server_budgets() {
         let msg = error_for("config.yaml", text);
         assert!(msg.contains(needle), "{text}: {msg}");
     }
+}
+
+#[test]
+fn database_url_query_carries_pool_keys_at_its_layer() {
+    let loaded = Loader::new(fixture("seed"))
+        .env([(
+            "DATABASE_URL",
+            "postgres://app:pw@primary/app?pool_size=4&max_overflow=2&pool_timeout=250ms",
+        )])
+        .load()
+        .unwrap();
+    let c = loaded.pool_config();
+    assert_eq!((c.min_size, c.max_size), (4, 6));
+    assert_eq!(c.acquire_timeout, Duration::from_millis(250));
+    assert_eq!(source_of(&loaded, "min_size"), "url from env DATABASE_URL");
+    // Keys the URL does not carry keep their file values.
+    assert_eq!(
+        source_of(&loaded, "max_lifetime"),
+        "database/default.yaml: database.postgres.pool_recycle"
+    );
+    let err = Loader::without_files()
+        .env([(
+            "DATABASE_URL",
+            "postgres://app:pw@primary/app?pool_size=lots",
+        )])
+        .load()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("pool_size = \"lots\" (url from env DATABASE_URL)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn from_env_is_defaults_plus_the_given_variables() {
+    let loaded = pgfleet::Loaded::from_env([("POSTGRES_HOST", "db.internal")]).unwrap();
+    assert_eq!(
+        loaded.target().key(),
+        "postgres://postgres@db.internal:5432/postgres"
+    );
+    assert!(loaded.files().is_empty());
+    let err = pgfleet::Loaded::from_env([("POSTGRES_PORT", "0")]).unwrap_err();
+    assert!(
+        err.to_string().contains("port = \"0\" (env POSTGRES_PORT)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn interpolation_errors_never_show_a_default_password() {
+    let msg = error_for(
+        "database/default.yaml",
+        "postgres:\n  password: ${oc.env:POSTGRES_PASSWORD,Tulip-Secret-4\n",
+    );
+    assert!(msg.contains("database.postgres.password = ***"), "{msg}");
+    assert!(msg.contains("unterminated"), "{msg}");
+    assert!(!msg.contains("Tulip"), "{msg}");
+    let msg = error_for(
+        "config.yaml",
+        "postgres:\n  url: postgres://u:Tulip-Secret-4@h/${oc.env:DB\n",
+    );
+    assert!(msg.contains("postgres://u:***@h/"), "{msg}");
+    assert!(!msg.contains("Tulip"), "{msg}");
+}
+
+#[test]
+fn defaults_list_follows_hydra() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "database/default.yaml",
+        "postgres:\n  pool_size: 3\n",
+    );
+    write(
+        dir.path(),
+        "store/pgai.yaml",
+        "database:\n  postgres:\n    pool_size: 7\n",
+    );
+    // config.yaml itself also sets database.postgres.pool_size.
+    let root = |defaults: &str| format!("{defaults}database:\n  postgres:\n    pool_size: 5\n");
+    let min_size = |dir: &Path| {
+        Loader::new(dir)
+            .env(no_env())
+            .load()
+            .map(|l| l.pool_config().min_size)
+    };
+    write(dir.path(), "config.yaml", &root(""));
+    assert_eq!(min_size(dir.path()).unwrap(), 7, "root over database/");
+    write(
+        dir.path(),
+        "config.yaml",
+        &root("defaults:\n  - _self_\n  - database: default\n  - store: null\n"),
+    );
+    assert_eq!(
+        min_size(dir.path()).unwrap(),
+        3,
+        "after _self_, database/ wins; store is off"
+    );
+    write(
+        dir.path(),
+        "config.yaml",
+        &root("defaults:\n  - optional cache: redis\n  - override store: pgai\n"),
+    );
+    assert_eq!(min_size(dir.path()).unwrap(), 7);
+    for (defaults, needle) in [
+        ("defaults:\n  - cache: redis\n", "no cache/ directory"),
+        ("defaults:\n  - store: other\n", "store/ has only pgai"),
+        (
+            "defaults:\n  - base_config\n",
+            "defaults[0] = \"base_config\"",
+        ),
+        ("defaults: nope\n", "`defaults` must be a list"),
+    ] {
+        write(dir.path(), "config.yaml", &root(defaults));
+        let msg = min_size(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains(needle), "{defaults}: {msg}");
+    }
+}
+
+#[test]
+fn a_global_package_file_is_merged_at_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "db/local.yaml",
+        "# @package _global_\npostgres:\n  host: from-global\n",
+    );
+    let loaded = Loader::new(dir.path()).env(no_env()).load().unwrap();
+    assert_eq!(source_of(&loaded, "host"), "db/local.yaml: postgres.host");
 }
