@@ -359,8 +359,10 @@ async fn measure_once(
     sample.elapsed = started.elapsed();
     let secs = sample.elapsed.as_secs_f64();
     let tick = 100.0; // USER_HZ on Linux
-    sample.client_cpu = (cpu_ticks_self() - cpu0.0) as f64 / tick / secs;
-    sample.server_cpu = (cpu_ticks_server(server_pid) - cpu0.1) as f64 / tick / secs;
+                      // Backends that exit during the measurement take their ticks with them:
+                      // the server figure is a lower bound, never negative.
+    sample.client_cpu = cpu_ticks_self().saturating_sub(cpu0.0) as f64 / tick / secs;
+    sample.server_cpu = cpu_ticks_server(server_pid).saturating_sub(cpu0.1) as f64 / tick / secs;
     sample
 }
 

@@ -14,9 +14,9 @@ pub enum Kind {
     Pgfleet,
     /// deadpool-postgres (RecyclingMethod::Fast).
     Deadpool,
-    /// bb8-postgres.
+    /// bb8-postgres (`test_on_check_out(false)`).
     Bb8,
-    /// sqlx PgPool.
+    /// sqlx PgPool (defaults: it pings before handing a connection out).
     Sqlx,
     /// N dedicated tokio-postgres connections, one per task (baseline).
     Dedicated,
@@ -167,6 +167,9 @@ impl Subject {
                 Subject::Bb8(
                     bb8::Pool::builder()
                         .max_size(size)
+                        // Like pgfleet and deadpool (Fast), no round trip on
+                        // every checkout; bb8's default pings each time.
+                        .test_on_check_out(false)
                         .min_idle(Some(min))
                         .connection_timeout(Duration::from_secs(60))
                         .build(manager)

@@ -108,6 +108,14 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     );
     let _ = writeln!(
         md,
+        "Peers: deadpool-postgres with `RecyclingMethod::Fast`, bb8-postgres with `test_on_check_out(false)`, \
+         sqlx `PgPool` with its defaults (it checks a connection before handing it out). `dedicated` is 16 \
+         tokio-postgres connections, one per task (at most 16 tasks); `pipelined` is one tokio-postgres \
+         connection shared by every task. CPU columns are cores busy on average (server: postmaster and its \
+         children; a lower bound, since backends that exit take their ticks with them).\n"
+    );
+    let _ = writeln!(
+        md,
         "Setup: {}\n",
         r.setup
             .iter()
