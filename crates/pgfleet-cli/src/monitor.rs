@@ -128,34 +128,22 @@ async fn monitor(args: &MonitorArgs) -> Result<ExitCode, String> {
             value["time"] = stamp.to_string().into();
             value["fleet"] = fleet.into();
             println!("{value}");
-        } else if live {
-            // Redraw in place: home, clear screen.
-            print!(
-                "\x1b[H\x1b[2J{}",
-                table(
-                    &sample,
-                    fleet,
-                    &args.fleet_app,
-                    &target.to_string(),
-                    &stamp.to_string()
-                )
-            );
-        } else if continuous {
+        } else if continuous && !live {
             println!(
                 "{}",
                 line(&sample, fleet, &args.fleet_app, &stamp.to_string())
             );
         } else {
-            print!(
-                "{}",
-                table(
-                    &sample,
-                    fleet,
-                    &args.fleet_app,
-                    &target.to_string(),
-                    &stamp.to_string()
-                )
+            let text = table(
+                &sample,
+                fleet,
+                &args.fleet_app,
+                &target.to_string(),
+                &stamp.to_string(),
             );
+            // On a terminal in continuous mode, redraw in place (home, clear).
+            let redraw = if live { "\x1b[H\x1b[2J" } else { "" };
+            print!("{redraw}{text}");
         }
         if !continuous || duration.is_some_and(|d| started.elapsed() + interval > d) {
             break;
