@@ -43,6 +43,19 @@ struct Args {
     /// Regenerate this markdown report (and an SVG chart beside it).
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
+    /// Run only these scenarios (letters, e.g. `--only a,e`); all by default.
+    /// A partial run cannot regenerate the markdown report.
+    #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
+    only: Vec<char>,
+}
+
+fn parse_scenario(s: &str) -> Result<char, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        one @ ("a" | "b" | "d" | "e" | "f") => Ok(one.chars().next().unwrap_or('a')),
+        other => Err(format!(
+            "unknown scenario {other:?}: expected one of a, b, d, e, f (c runs with b)"
+        )),
+    }
 }
 
 /// One measurement, aggregated over repetitions.
@@ -139,6 +152,10 @@ fn main() {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn run(args: Args) -> Result<(), BoxError> {
+    let wants = |scenario: char| args.only.is_empty() || args.only.contains(&scenario);
+    if !args.only.is_empty() && args.markdown.is_some() {
+        return Err("--markdown needs every scenario: drop --only".into());
+    }
     let seconds = args.seconds.unwrap_or(if args.quick { 0.25 } else { 2.0 });
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let measure = Duration::from_secs_f64(seconds);
@@ -187,7 +204,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     // Scenario F first, while the heap is fresh: later scenarios leave freed
     // memory behind that new connections would reuse unseen.
-    let memory = memory(&url).await?;
+    let memory = if wants('f') {
+        memory(&url).await?
+    } else {
+        Vec::new()
+    };
 
     let size = args.pool_size;
     let mut subjects: Vec<(Kind, Subject)> = Vec::new();
@@ -206,7 +227,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     let mut rows = Vec::new();
     let mut plan: Vec<Step> = Vec::new();
-    for &c in a_conc {
+    for &c in a_conc.iter().filter(|_| wants('a')) {
         plan.push((
             "A acquire+release".into(),
             Op::AcquireRelease,
@@ -224,7 +245,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             Op::PointSimple,
         ]
     };
-    for &op in b_ops {
+    for &op in b_ops.iter().filter(|_| wants('b')) {
         for &c in b_conc {
             let mut with_baselines = subjects.clone();
             with_baselines.push((Kind::Dedicated, dedicated.clone()));
@@ -268,9 +289,17 @@ async fn run(args: Args) -> Result<(), BoxError> {
         s.close().await;
     }
 
-    let creation = creation(&url, repeat.max(3)).await?;
+    let creation = if wants('d') {
+        creation(&url, repeat.max(3)).await?
+    } else {
+        Vec::new()
+    };
     let handle = tokio::runtime::Handle::current();
-    let lookups = tokio::task::spawn_blocking(move || lookups(measure, handle)).await?;
+    let lookups = if wants('e') {
+        tokio::task::spawn_blocking(move || lookups(measure, handle)).await?
+    } else {
+        Vec::new()
+    };
     let results = Results {
         setup,
         rows,

@@ -6,6 +6,11 @@
 //! first requests create one pool. Handles are counted: a pool whose last
 //! handle is dropped lingers for its `linger` time, then closes and leaves
 //! the registry.
+//!
+//! The count is striped: each thread counts its handles in its own cache
+//! line (see [`Refs`]), so threads taking and dropping handles of one pool
+//! never write to a shared line. A linger watcher per pool sums the stripes
+//! on a tick; nothing on the handle path looks at the total.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -41,10 +46,14 @@ pub struct FleetConfig {
     pub budget: BudgetConfig,
 }
 
+/// The registry: key -> entry, hashed with a fast hasher (the keys are
+/// database addresses from configuration, hashed on every lookup).
+type Registry = HashMap<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct FleetInner {
     config: FleetConfig,
-    pools: ArcSwap<HashMap<Arc<str>, Arc<Entry>>>,
+    pools: ArcSwap<Registry>,
     /// One budget per server (`host:port`); created under `writer`.
     budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
     /// Held while creating or retiring a pool; lookups never take it.
@@ -57,21 +66,96 @@ struct FleetInner {
 struct Entry {
     key: Arc<str>,
     pool: Pool,
-    refs: AtomicUsize,
-    /// Set by the retiring code before it checks `refs`; a lookup that sees
-    /// it backs off. Together they make "last handle gone" and "new handle
-    /// taken" impossible to miss each other.
-    retiring: AtomicBool,
-    /// Bumped each time `refs` drops to zero, so a stale linger timer does
-    /// nothing.
-    zero_epoch: AtomicU64,
+    refs: Arc<Refs>,
+    /// One per stripe; a handle holds the cell of the thread that took it.
+    cells: Box<[Arc<Cell>]>,
     fleet: Weak<FleetInner>,
+}
+
+/// Live handles of one pool, counted in stripes.
+///
+/// Each stripe is a word on its own cache line: the low 32 bits count the
+/// live handles taken through that stripe, the high 32 bits count handles
+/// ever taken (wrapping), so the linger watcher can tell "no handle now" from
+/// "no handle since the last look". A thread always uses the same stripe.
+struct Refs {
+    stripes: Box<[Stripe]>,
+    /// Set by the linger watcher before its final look at the stripes; a
+    /// lookup that sees it backs off. Both sides use `SeqCst`, so a handle
+    /// taken at the last moment and a retirement cannot miss each other.
+    retiring: AtomicBool,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Stripe(AtomicU64);
+
+/// One live handle in a stripe word.
+const LIVE: u64 = 1;
+/// One handle taken, in the high half of a stripe word.
+const TAKEN: u64 = 1 << 32;
+
+impl Refs {
+    fn new(stripes: usize) -> Refs {
+        Refs {
+            stripes: (0..stripes).map(|_| Stripe::default()).collect(),
+            retiring: AtomicBool::new(false),
+        }
+    }
+
+    /// Live handles, and a fingerprint of the handles ever taken.
+    fn look(&self) -> (usize, u64) {
+        self.stripes.iter().fold((0, 0), |(live, taken), stripe| {
+            let word = stripe.0.load(Ordering::SeqCst);
+            (
+                live + (word & (TAKEN - 1)) as usize,
+                taken.wrapping_add(word >> 32),
+            )
+        })
+    }
+}
+
+/// What a handle holds: the pool and its stripe. Each cell is a separate
+/// allocation on its own cache lines, so cloning and dropping handles on one
+/// thread touches nothing another thread writes.
+#[repr(align(128))]
+struct Cell {
+    pool: Pool,
+    refs: Arc<Refs>,
+    stripe: usize,
+}
+
+impl Cell {
+    fn word(&self) -> &AtomicU64 {
+        &self.refs.stripes[self.stripe].0
+    }
+}
+
+/// How many stripes a pool's handle count uses: enough that the threads of
+/// a runtime rarely share one.
+fn stripe_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(4, |n| n.get() * 2)
+            .next_power_of_two()
+            .clamp(2, 64)
+    })
+}
+
+/// This thread's stripe (of `stripe_count()`).
+fn my_stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    STRIPE.with(|s| *s) & (stripe_count() - 1)
 }
 
 /// A counted handle to a fleet pool. Derefs to [`Pool`] (`handle.get()`).
 /// While any handle lives, the pool stays open.
 pub struct PoolHandle {
-    entry: Arc<Entry>,
+    cell: Arc<Cell>,
 }
 
 impl Fleet {
@@ -146,19 +230,31 @@ impl Fleet {
                     .clone(),
             ),
         };
+        let pool = Pool::build(target.clone(), config.clone(), budget)?;
+        let refs = Arc::new(Refs::new(stripe_count()));
+        let cells = (0..stripe_count())
+            .map(|stripe| {
+                Arc::new(Cell {
+                    pool: pool.clone(),
+                    refs: refs.clone(),
+                    stripe,
+                })
+            })
+            .collect();
         let entry = Arc::new(Entry {
             key: key.clone(),
-            pool: Pool::build(target.clone(), config.clone(), budget)?,
-            refs: AtomicUsize::new(1),
-            retiring: AtomicBool::new(false),
-            zero_epoch: AtomicU64::new(0),
+            pool,
+            refs,
+            cells,
             fleet: Arc::downgrade(inner),
         });
-        let mut pools = HashMap::clone(&inner.pools.load());
+        let handle = entry.take_handle();
+        let mut pools = Registry::clone(&inner.pools.load());
         pools.insert(key, entry.clone());
         inner.pools.store(Arc::new(pools));
+        tokio::spawn(watch_linger(Arc::downgrade(&entry)));
         tracing::debug!(pool = %target, "pool created");
-        Ok(PoolHandle { entry })
+        Ok(handle)
     }
 
     /// The pool for a URL, with `config`.
@@ -171,15 +267,13 @@ impl Fleet {
 
     fn lookup(&self, key: &str) -> Option<PoolHandle> {
         let pools = self.inner.pools.load();
-        let entry = pools.get(key)?;
-        entry.refs.fetch_add(1, Ordering::SeqCst);
-        if entry.retiring.load(Ordering::SeqCst) {
-            entry.release_ref();
+        let handle = pools.get(key)?.take_handle();
+        if handle.cell.refs.retiring.load(Ordering::SeqCst) {
+            // The pool is being retired: this handle must not keep it. The
+            // caller creates a fresh pool under the writer lock.
             return None;
         }
-        Some(PoolHandle {
-            entry: entry.clone(),
-        })
+        Some(handle)
     }
 
     /// Creates the pools for `targets` and waits until each has its warm
@@ -238,7 +332,7 @@ impl Fleet {
         let entries = {
             let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
             inner.closed.store(true, Ordering::SeqCst);
-            inner.pools.swap(Arc::new(HashMap::new()))
+            inner.pools.swap(Arc::new(Registry::default()))
         };
         let pinned =
             std::mem::take(&mut *inner.pinned.lock().unwrap_or_else(PoisonError::into_inner));
@@ -277,7 +371,7 @@ impl Fleet {
                 .values()
                 .map(|entry| {
                     let mut stats = entry.pool.stats();
-                    stats.active_references = entry.refs.load(Ordering::SeqCst);
+                    stats.active_references = entry.refs.look().0;
                     (stats.url.clone(), stats)
                 })
                 .collect(),
@@ -312,97 +406,119 @@ impl fmt::Debug for Fleet {
 }
 
 impl Entry {
-    fn release_ref(self: &Arc<Self>) {
-        if self.refs.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.schedule_linger();
-        }
+    /// A new handle, counted in this thread's stripe.
+    fn take_handle(&self) -> PoolHandle {
+        let cell = &self.cells[my_stripe()];
+        cell.word().fetch_add(LIVE | TAKEN, Ordering::SeqCst);
+        PoolHandle { cell: cell.clone() }
     }
 
-    fn schedule_linger(self: &Arc<Self>) {
-        let epoch = self.zero_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        let entry = self.clone();
-        let linger = self.pool.config().linger;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to wait on (e.g. dropped during shutdown): retire now.
-            entry.retire(epoch);
-            return;
-        };
-        runtime.spawn(async move {
-            tokio::time::sleep(linger).await;
-            entry.retire(epoch);
-        });
-    }
-
-    /// Closes the pool and removes it from the registry if no handle was
-    /// taken since its refcount reached zero at `epoch`.
-    fn retire(&self, epoch: u64) {
+    /// Closes the pool and removes it from the registry if it still has no
+    /// handle and none was taken since `seen` (a fingerprint from
+    /// [`Refs::look`]). Returns whether it retired.
+    fn retire(&self, seen: u64) -> bool {
         let Some(fleet) = self.fleet.upgrade() else {
             self.pool.close();
-            return;
+            return true;
         };
         let _writer = fleet.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.zero_epoch.load(Ordering::SeqCst) != epoch || self.refs.load(Ordering::SeqCst) != 0
-        {
-            return;
-        }
-        self.retiring.store(true, Ordering::SeqCst);
-        if self.refs.load(Ordering::SeqCst) != 0 {
-            // A lookup took a handle between the two checks.
-            self.retiring.store(false, Ordering::SeqCst);
-            return;
+        self.refs.retiring.store(true, Ordering::SeqCst);
+        if self.refs.look() != (0, seen) {
+            // A lookup took a handle since the watcher looked.
+            self.refs.retiring.store(false, Ordering::SeqCst);
+            return false;
         }
         let current = fleet.pools.load();
         if current
             .get(&self.key)
             .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), self))
         {
-            let mut pools = HashMap::clone(&current);
+            let mut pools = Registry::clone(&current);
             pools.remove(&self.key);
             fleet.pools.store(Arc::new(pools));
         }
         tracing::debug!(pool = %self.pool.target(), "pool closed after linger with no handles");
         self.pool.close();
+        true
+    }
+}
+
+/// Retires a pool once it has had no handle for its `linger` time. Looks at
+/// the handle count on a tick of a quarter of `linger` (10ms..1s); a handle
+/// taken between two looks restarts the wait. Ends when the pool closes or
+/// leaves the fleet.
+async fn watch_linger(entry: Weak<Entry>) {
+    let linger = match entry.upgrade() {
+        Some(entry) => entry.pool.config().linger,
+        None => return,
+    };
+    let tick = (linger / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when the pool has had no handle, and the fingerprint then.
+    let mut unused: Option<(Instant, u64)> = None;
+    loop {
+        interval.tick().await;
+        let Some(entry) = entry.upgrade() else {
+            return;
+        };
+        if entry.pool.is_closed() {
+            return;
+        }
+        let (live, taken) = entry.refs.look();
+        unused = match unused {
+            _ if live > 0 => None,
+            Some((since, seen)) if seen == taken => {
+                if since.elapsed() >= linger && entry.retire(taken) {
+                    return;
+                }
+                Some((since, seen))
+            }
+            _ => Some((Instant::now(), taken)),
+        };
     }
 }
 
 impl PoolHandle {
     /// Live handles to this pool, this one included.
     pub fn active_references(&self) -> usize {
-        self.entry.refs.load(Ordering::SeqCst)
+        self.cell.refs.look().0
     }
 
     /// The pool.
     pub fn pool(&self) -> &Pool {
-        &self.entry.pool
+        &self.cell.pool
     }
 }
 
 impl Deref for PoolHandle {
     type Target = Pool;
     fn deref(&self) -> &Pool {
-        &self.entry.pool
+        &self.cell.pool
     }
 }
 
 impl Clone for PoolHandle {
     fn clone(&self) -> Self {
-        self.entry.refs.fetch_add(1, Ordering::SeqCst);
+        // The same stripe: this handle keeps the count above zero, so the
+        // clone cannot race a retirement.
+        self.cell.word().fetch_add(LIVE | TAKEN, Ordering::SeqCst);
         PoolHandle {
-            entry: self.entry.clone(),
+            cell: self.cell.clone(),
         }
     }
 }
 
 impl Drop for PoolHandle {
     fn drop(&mut self) {
-        self.entry.release_ref();
+        self.cell.word().fetch_sub(LIVE, Ordering::Release);
     }
 }
 
 impl fmt::Debug for PoolHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolHandle")
-            .field("pool", &self.entry.pool)
+            .field("pool", &self.cell.pool)
             .field("active_references", &self.active_references())
             .finish()
     }

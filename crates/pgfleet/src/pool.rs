@@ -102,8 +102,12 @@ impl Drop for Slot {
     }
 }
 
+/// A pooled connection, boxed: it moves between the idle queue, waiters and
+/// guards, and a pointer moves cheaper than the whole.
+pub(crate) type Conn = Box<PoolConn>;
+
 /// A pooled connection with its bookkeeping.
-pub(crate) struct Conn {
+pub(crate) struct PoolConn {
     raw: RawConn,
     /// When this connection is to be retired (lifetime minus jitter).
     expires: Option<Instant>,
@@ -113,8 +117,8 @@ pub(crate) struct Conn {
     _unit: Option<Unit>,
 }
 
-impl Conn {
-    fn close(mut self, reason: CloseReason) {
+impl PoolConn {
+    fn close(mut self: Box<Self>, reason: CloseReason) {
         self.slot.reason = Some(reason);
         drop(self);
     }
@@ -122,6 +126,16 @@ impl Conn {
     fn is_expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|t| now >= t)
     }
+}
+
+/// What `take` found for a caller.
+enum Taken {
+    /// An idle connection, fit to hand out now.
+    Ready(Conn),
+    /// An idle connection that sat long enough to need a round-trip check.
+    Stale(Conn),
+    /// None idle: the caller is in the queue of waiters.
+    Queued(WaitGuard),
 }
 
 /// Where a returned connection goes.
@@ -169,8 +183,9 @@ impl Shared {
         }
     }
 
-    /// Gives a clean connection to the oldest live waiter, or puts it idle.
-    fn hand_off(&self, mut st: MutexGuard<'_, State>, mut conn: Conn) {
+    /// Gives a clean connection to the oldest live waiter, or puts it idle
+    /// (idle since `now`).
+    fn hand_off(&self, mut st: MutexGuard<'_, State>, mut conn: Conn, now: Instant) {
         if st.closed {
             drop(st);
             conn.close(CloseReason::Shutdown);
@@ -190,7 +205,7 @@ impl Shared {
                 Err(Err(_)) => unreachable!("only connections are sent here"),
             }
         }
-        conn.idle_since = Instant::now();
+        conn.idle_since = now;
         st.idle.push_back(conn);
     }
 
@@ -215,10 +230,10 @@ impl Shared {
         }
     }
 
-    /// Takes back a connection from a caller.
-    fn release(self: &Arc<Self>, conn: Conn, location: &'static Location<'static>) {
-        match self.verdict(&conn, Instant::now()) {
-            Verdict::Reuse => self.hand_off(self.lock(), conn),
+    /// Takes back a connection from a caller, at `now`.
+    fn release(self: &Arc<Self>, conn: Conn, location: &'static Location<'static>, now: Instant) {
+        match self.verdict(&conn, now) {
+            Verdict::Reuse => self.hand_off(self.lock(), conn, now),
             Verdict::Close(reason) => conn.close(reason),
             Verdict::Clean => match tokio::runtime::Handle::try_current() {
                 Ok(_) => {
@@ -312,19 +327,20 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
                 // expire together.
                 raw.created + lifetime.mul_f64(1.0 - fastrand::f64() * 0.1)
             });
+            let now = Instant::now();
             let mut st = shared.lock();
             st.connecting -= 1;
             slot.connecting = false;
             st.connect_succeeded();
             st.live.insert(slot.id, raw.driver.clone());
-            let conn = Conn {
+            let conn = Box::new(PoolConn {
                 raw,
                 expires,
-                idle_since: Instant::now(),
+                idle_since: now,
                 slot,
                 _unit: unit,
-            };
-            shared.hand_off(st, conn);
+            });
+            shared.hand_off(st, conn, now);
             shared.connect_events.notify_waiters();
         }
         Err(err) => {
@@ -433,8 +449,9 @@ async fn clean(shared: Arc<Shared>, conn: Conn, location: &'static Location<'sta
             return;
         }
     }
-    match shared.verdict(&conn, Instant::now()) {
-        Verdict::Reuse => shared.hand_off(shared.lock(), conn),
+    let now = Instant::now();
+    match shared.verdict(&conn, now) {
+        Verdict::Reuse => shared.hand_off(shared.lock(), conn, now),
         Verdict::Close(reason) => conn.close(reason),
         Verdict::Clean => conn.close(CloseReason::Dirty),
     }
@@ -575,64 +592,93 @@ impl Pool {
     #[track_caller]
     pub fn get(&self) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
         let location = Location::caller();
-        self.acquire(location)
+        async move {
+            // One clock read serves the whole fast path: the verdict on an
+            // idle connection, its idle age, and the start of the hold time.
+            let started = Instant::now();
+            match self.take(started, location)? {
+                Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
+                // Waiting and health checks live in their own (boxed) future,
+                // so the future of a `get()` that finds an idle connection
+                // stays small.
+                slow => Box::pin(self.acquire_slow(slow, started, location)).await,
+            }
+        }
     }
 
-    async fn acquire(&self, location: &'static Location<'static>) -> Result<PooledConnection> {
+    /// Takes an idle connection, or queues the caller as a waiter (and
+    /// starts the connects the pool needs). Connections found unfit on the
+    /// way are closed or sent to be cleaned.
+    fn take(&self, now: Instant, location: &'static Location<'static>) -> Result<Taken> {
         let shared = &self.shared;
-        let started = Instant::now();
-        let deadline = started + shared.config.acquire_timeout;
-        loop {
-            let mut discarded = Vec::new();
-            let mut dirty = Vec::new();
-            let taken = {
-                let mut st = shared.lock();
-                if st.closed {
-                    return Err(self.closed_error());
-                }
-                let now = Instant::now();
-                loop {
-                    match st.idle.pop_back() {
-                        Some(conn) => match shared.verdict(&conn, now) {
-                            Verdict::Reuse => break Ok(conn),
-                            Verdict::Close(reason) => discarded.push((conn, reason)),
-                            Verdict::Clean => dirty.push(conn),
-                        },
-                        None => {
-                            let (tx, rx) = oneshot::channel();
-                            st.waiters.push_back(Waiter { tx });
-                            st.waiting += 1;
-                            break Err((rx, shared.plan(&mut st)));
-                        }
-                    }
-                }
-            };
-            for (conn, reason) in discarded {
-                conn.close(reason);
+        let mut discarded = Vec::new();
+        let mut dirty = Vec::new();
+        let mut plan = Plan::default();
+        let taken = {
+            let mut st = shared.lock();
+            if st.closed {
+                return Err(self.closed_error());
             }
-            for conn in dirty {
-                shared.runtime.spawn(clean(shared.clone(), conn, location));
-            }
-            let conn = match taken {
-                Ok(conn) => {
-                    if conn.idle_since.elapsed() < shared.config.health_check_after {
-                        conn
-                    } else {
-                        match self.check(conn, deadline).await {
-                            Some(conn) => conn,
-                            None => continue,
-                        }
-                    }
-                }
-                Err((rx, plan)) => {
-                    shared.execute(plan);
-                    let mut wait = WaitGuard {
+            loop {
+                let Some(conn) = st.idle.pop_back() else {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.push_back(Waiter { tx });
+                    st.waiting += 1;
+                    plan = shared.plan(&mut st);
+                    // From here on, dropping the guard settles the wait.
+                    break Taken::Queued(WaitGuard {
                         rx: Some(rx),
                         shared: shared.clone(),
-                    };
+                    });
+                };
+                match shared.verdict(&conn, now) {
+                    Verdict::Reuse => {
+                        let idle_for = now.saturating_duration_since(conn.idle_since);
+                        break if idle_for < shared.config.health_check_after {
+                            Taken::Ready(conn)
+                        } else {
+                            Taken::Stale(conn)
+                        };
+                    }
+                    Verdict::Close(reason) => discarded.push((conn, reason)),
+                    Verdict::Clean => dirty.push(conn),
+                }
+            }
+        };
+        for (conn, reason) in discarded {
+            conn.close(reason);
+        }
+        for conn in dirty {
+            shared.runtime.spawn(clean(shared.clone(), conn, location));
+        }
+        shared.execute(plan);
+        Ok(taken)
+    }
+
+    /// The rest of an acquire that could not take a fresh idle connection:
+    /// health-check a stale one, or wait in line until the deadline.
+    async fn acquire_slow(
+        &self,
+        mut taken: Taken,
+        started: Instant,
+        location: &'static Location<'static>,
+    ) -> Result<PooledConnection> {
+        let shared = &self.shared;
+        let deadline = started + shared.config.acquire_timeout;
+        loop {
+            match taken {
+                Taken::Ready(conn) => {
+                    return Ok(self.hand_out(conn, started, Instant::now(), location));
+                }
+                Taken::Stale(conn) => {
+                    if let Some(conn) = self.check(conn, deadline).await {
+                        return Ok(self.hand_out(conn, started, Instant::now(), location));
+                    }
+                }
+                Taken::Queued(mut wait) => {
                     let outcome = tokio::time::timeout_at(
                         deadline.into(),
-                        wait.rx.as_mut().expect("set above"),
+                        wait.rx.as_mut().expect("set when queued"),
                     )
                     .await;
                     let received = match outcome {
@@ -667,18 +713,32 @@ impl Pool {
                         .counters
                         .acquires_waited
                         .fetch_add(1, Ordering::Relaxed);
-                    conn
+                    return Ok(self.hand_out(conn, started, Instant::now(), location));
                 }
-            };
-            let now = Instant::now();
-            shared.counters.acquires.fetch_add(1, Ordering::Relaxed);
-            shared.counters.wait.record(now - started);
-            return Ok(PooledConnection {
-                conn: Some(conn),
-                pool: shared.clone(),
-                acquired_at: now,
-                location,
-            });
+            }
+            // The stale connection failed its check: start over.
+            taken = self.take(Instant::now(), location)?;
+        }
+    }
+
+    /// Wraps a connection in its guard, recording how long the caller
+    /// waited.
+    fn hand_out(
+        &self,
+        conn: Conn,
+        started: Instant,
+        now: Instant,
+        location: &'static Location<'static>,
+    ) -> PooledConnection {
+        self.shared
+            .counters
+            .wait
+            .record(now.saturating_duration_since(started));
+        PooledConnection {
+            conn: Some(conn),
+            pool: self.shared.clone(),
+            acquired_at: now,
+            location,
         }
     }
 
@@ -919,7 +979,8 @@ impl WaitGuard {
 impl Drop for WaitGuard {
     fn drop(&mut self) {
         if let Some(Ok(conn)) = self.cancel() {
-            self.shared.hand_off(self.shared.lock(), conn);
+            self.shared
+                .hand_off(self.shared.lock(), conn, Instant::now());
         }
     }
 }
@@ -968,7 +1029,8 @@ impl Drop for PooledConnection {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        let held = self.acquired_at.elapsed();
+        let now = Instant::now();
+        let held = now.saturating_duration_since(self.acquired_at);
         let shared = &self.pool;
         shared.counters.hold.record(held);
         if shared.config.leak_threshold.is_some_and(|t| held >= t) {
@@ -983,7 +1045,7 @@ impl Drop for PooledConnection {
                 "connection held longer than leak_threshold"
             );
         }
-        shared.release(conn, self.location);
+        shared.release(conn, self.location, now);
     }
 }
 

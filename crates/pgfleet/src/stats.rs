@@ -27,12 +27,12 @@ pub(crate) enum CloseReason {
     Reclaimed,
 }
 
-/// A histogram of durations in power-of-two microsecond buckets, plus count,
-/// sum and maximum. Recording is three relaxed atomic adds.
+/// A histogram of durations in power-of-two microsecond buckets, plus sum
+/// and maximum. Recording is two relaxed atomic adds and a load (the count
+/// is the sum of the buckets; the maximum is written only when it grows).
 #[derive(Debug)]
 pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS],
-    count: AtomicU64,
     sum_us: AtomicU64,
     max_us: AtomicU64,
 }
@@ -45,7 +45,6 @@ impl Histogram {
     pub(crate) fn new() -> Self {
         Histogram {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
             sum_us: AtomicU64::new(0),
             max_us: AtomicU64::new(0),
         }
@@ -55,9 +54,17 @@ impl Histogram {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let bucket = ((u64::BITS - us.leading_zeros()) as usize).min(BUCKETS - 1);
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-        self.max_us.fetch_max(us, Ordering::Relaxed);
+        if us > 0 {
+            self.sum_us.fetch_add(us, Ordering::Relaxed);
+            if us > self.max_us.load(Ordering::Relaxed) {
+                self.max_us.fetch_max(us, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Samples recorded.
+    pub(crate) fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     pub(crate) fn snapshot(&self) -> TimingStats {
@@ -120,7 +127,6 @@ pub struct TimingStats {
 /// Counters of one pool, updated without locks.
 #[derive(Debug)]
 pub(crate) struct Counters {
-    pub(crate) acquires: AtomicU64,
     pub(crate) acquires_waited: AtomicU64,
     pub(crate) acquires_timed_out: AtomicU64,
     pub(crate) connections_created: AtomicU64,
@@ -145,7 +151,6 @@ impl Counters {
     pub(crate) fn new() -> Self {
         let z = || AtomicU64::new(0);
         Counters {
-            acquires: z(),
             acquires_waited: z(),
             acquires_timed_out: z(),
             connections_created: z(),
@@ -183,7 +188,8 @@ impl Counters {
     pub(crate) fn snapshot(&self) -> CounterStats {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterStats {
-            acquires: r(&self.acquires),
+            // Every successful acquire records its wait.
+            acquires: self.wait.count(),
             acquires_waited: r(&self.acquires_waited),
             acquires_timed_out: r(&self.acquires_timed_out),
             connections_created: r(&self.connections_created),
