@@ -219,6 +219,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     let dedicated = Subject::build(Kind::Dedicated, &url, size, 0).await?;
     let pipelined = Subject::build(Kind::Pipelined, &url, 1, 0).await?;
+    let shared = Subject::build(Kind::PgfleetShared, &url, size, 0).await?;
 
     let (a_conc, b_conc): (&[usize], &[usize]) = if args.quick {
         (&[1, 16, 256], &[16, 256])
@@ -228,11 +229,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let mut rows = Vec::new();
     let mut plan: Vec<Step> = Vec::new();
     for &c in a_conc.iter().filter(|_| wants('a')) {
+        let mut with_control = subjects.clone();
+        with_control.push((Kind::Noop, Subject::Noop));
         plan.push((
             "A acquire+release".into(),
             Op::AcquireRelease,
             c,
-            subjects.clone(),
+            with_control,
         ));
     }
     let b_ops: &[Op] = if args.quick {
@@ -250,6 +253,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             let mut with_baselines = subjects.clone();
             with_baselines.push((Kind::Dedicated, dedicated.clone()));
             with_baselines.push((Kind::Pipelined, pipelined.clone()));
+            with_baselines.push((Kind::PgfleetShared, shared.clone()));
             plan.push(("B/C queries".into(), op, c, with_baselines));
         }
     }
@@ -285,7 +289,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
     eprintln!();
-    for (_, s) in subjects {
+    for s in subjects.into_iter().map(|(_, s)| s).chain([shared]) {
         s.close().await;
     }
 

@@ -22,6 +22,12 @@ pub enum Kind {
     Dedicated,
     /// One tokio-postgres connection shared by every task (pipelining).
     Pipelined,
+    /// pgfleet's opt-in shared mode (`Pool::shared`): statements pipelined
+    /// over `shared_connections` of the pool's connections.
+    PgfleetShared,
+    /// No pool at all (scenario A only): the harness loop alone, to show how
+    /// even the scheduler spreads work over tasks.
+    Noop,
 }
 
 impl Kind {
@@ -37,6 +43,8 @@ impl Kind {
             Kind::Sqlx => "sqlx",
             Kind::Dedicated => "dedicated",
             Kind::Pipelined => "pipelined",
+            Kind::PgfleetShared => "pgfleet-shared",
+            Kind::Noop => "no pool",
         }
     }
 }
@@ -86,10 +94,17 @@ pub enum Subject {
     Dedicated(Arc<Vec<tokio_postgres::Client>>),
     /// One shared connection.
     Pipelined(Arc<tokio_postgres::Client>),
+    /// pgfleet in shared mode.
+    PgfleetShared(pgfleet::Pool),
+    /// Nothing.
+    Noop,
 }
 
 /// Point-query table rows.
 pub const ROWS: i32 = 10_000;
+
+/// `shared_connections` of the shared-mode subject (the library default).
+pub const SHARED_CONNECTIONS: u32 = 2;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -137,17 +152,22 @@ impl Subject {
     /// warm where the pool supports it).
     pub async fn build(kind: Kind, url: &str, size: u32, min: u32) -> Result<Subject, BoxError> {
         let pg: tokio_postgres::Config = url.parse()?;
-        Ok(match kind {
-            Kind::Pgfleet => Subject::Pgfleet(pgfleet::Pool::new(
+        let pgfleet_pool = |shared_connections: u32| -> Result<pgfleet::Pool, BoxError> {
+            Ok(pgfleet::Pool::new(
                 pgfleet::Target::parse(url)?,
                 pgfleet::PoolConfig {
                     min_size: min,
                     max_size: size,
                     acquire_timeout: Duration::from_secs(60),
                     application_name: "bench-pgfleet".into(),
+                    shared_connections,
                     ..pgfleet::PoolConfig::default()
                 },
-            )?),
+            )?)
+        };
+        Ok(match kind {
+            Kind::Pgfleet => Subject::Pgfleet(pgfleet_pool(SHARED_CONNECTIONS)?),
+            Kind::PgfleetShared => Subject::PgfleetShared(pgfleet_pool(SHARED_CONNECTIONS)?),
             Kind::Deadpool => {
                 let manager = deadpool_postgres::Manager::from_config(
                     pg,
@@ -192,6 +212,7 @@ impl Subject {
                 Subject::Dedicated(Arc::new(clients))
             }
             Kind::Pipelined => Subject::Pipelined(Arc::new(raw_connect(url).await?)),
+            Kind::Noop => Subject::Noop,
         })
     }
 
@@ -223,7 +244,10 @@ impl Subject {
                     held.push(p.acquire().await?);
                 }
             }
-            Subject::Dedicated(_) | Subject::Pipelined(_) => {}
+            Subject::Dedicated(_)
+            | Subject::Pipelined(_)
+            | Subject::PgfleetShared(_)
+            | Subject::Noop => {}
         }
         Ok(())
     }
@@ -270,7 +294,12 @@ impl Subject {
             }
             Subject::Dedicated(clients) => on_client!(&clients[task % clients.len()]),
             Subject::Pipelined(client) => on_client!(client),
+            Subject::PgfleetShared(p) => {
+                let conn = p.shared().await?;
+                on_client!(&conn);
+            }
             Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
+            Subject::Noop => {}
         }
         Ok(())
     }
@@ -278,7 +307,7 @@ impl Subject {
     /// Closes the pool so its connections leave the server.
     pub async fn close(self) {
         match self {
-            Subject::Pgfleet(p) => {
+            Subject::Pgfleet(p) | Subject::PgfleetShared(p) => {
                 p.close();
                 p.wait_closed(std::time::Instant::now() + Duration::from_secs(5))
                     .await;
@@ -286,7 +315,7 @@ impl Subject {
             Subject::Deadpool(p) => p.close(),
             Subject::Bb8(p) => drop(p),
             Subject::Sqlx(p) => p.close().await,
-            Subject::Dedicated(_) | Subject::Pipelined(_) => {}
+            Subject::Dedicated(_) | Subject::Pipelined(_) | Subject::Noop => {}
         }
     }
 }

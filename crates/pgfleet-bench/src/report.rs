@@ -111,8 +111,11 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
         "Peers: deadpool-postgres with `RecyclingMethod::Fast`, bb8-postgres with `test_on_check_out(false)`, \
          sqlx `PgPool` with its defaults (it checks a connection before handing it out). `dedicated` is 16 \
          tokio-postgres connections, one per task (at most 16 tasks); `pipelined` is one tokio-postgres \
-         connection shared by every task. CPU columns are cores busy on average (server: postmaster and its \
-         children; a lower bound, since backends that exit take their ticks with them).\n"
+         connection shared by every task; `pgfleet-shared` is pgfleet's opt-in shared mode (`Pool::shared`, \
+         statements of all tasks pipelined over `shared_connections` = 2 pool connections); `no pool` (scenario \
+         A) is the harness loop alone, which shows how evenly the tokio scheduler itself spreads work over tasks. \
+         CPU columns are cores busy on average (server: postmaster and its children; a lower bound, since \
+         backends that exit take their ticks with them).\n"
     );
     let _ = writeln!(
         md,
@@ -148,9 +151,12 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     for conc in [256usize, 1024] {
         if let Some(ours) = find(r, a_op, "pgfleet", conc) {
             let spread = ours.p99_us / ours.p50_us.max(0.001);
+            let control = find(r, a_op, "no pool", conc)
+                .map(|x| format!(" (no pool: Jain {:.3})", x.jain))
+                .unwrap_or_default();
             let _ = writeln!(
                 md,
-                "| (A) fair at {conc} tasks: Jain >= 0.99, p99 <= 2x p50 | Jain {:.3}, p99/p50 {spread:.2} | {} |",
+                "| (A) fair at {conc} tasks: Jain >= 0.99, p99 <= 2x p50 | Jain {:.3}, p99/p50 {spread:.2}{control} | {} |",
                 ours.jain,
                 verdict(ours.jain >= 0.99 && spread <= 2.0)
             );
@@ -212,7 +218,24 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
             verdict(ratio >= 10.0)
         );
     }
-    let _ = writeln!(md, "\nThe opt-in shared (pipelined) mode is not built yet; the `pipelined` rows show what one tokio-postgres connection pipelining concurrent statements reaches.\n");
+    for op in ["SELECT 1 (extended)", "SELECT 1 (simple)"] {
+        for conc in [16usize, 256, 1024] {
+            let (Some(ours), Some(dedicated)) = (
+                find(r, op, "pgfleet-shared", conc),
+                find(r, op, "dedicated", conc),
+            ) else {
+                continue;
+            };
+            let ratio = ours.ops_per_s / dedicated.ops_per_s;
+            let _ = writeln!(
+                md,
+                "| (shared) {op} at {conc} tasks >= 2x 16 dedicated connections, Jain >= 0.99 | {ratio:.2}x, Jain {:.3} | {} |",
+                ours.jain,
+                verdict(ratio >= 2.0 && ours.jain >= 0.99)
+            );
+        }
+    }
+    let _ = writeln!(md);
 
     let _ = writeln!(md, "## A-C: operations through the pool\n");
     let _ = writeln!(
@@ -260,9 +283,10 @@ fn svg(r: &Results, op: &str) -> String {
         "sqlx",
         "dedicated",
         "pipelined",
+        "pgfleet-shared",
     ];
     let colors = [
-        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#ff7f0e",
+        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#ff7f0e", "#8c564b",
     ];
     let mut concs: Vec<usize> = r
         .rows

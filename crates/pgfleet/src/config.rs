@@ -67,6 +67,11 @@ pub struct PoolConfig {
     /// Extra run-time parameters sent at connection start-up
     /// (`server_settings`), e.g. `search_path`, `work_mem`.
     pub server_settings: BTreeMap<String, String>,
+    /// Connections the opt-in shared mode ([`Pool::shared`](crate::Pool::shared))
+    /// pipelines statements over, taken from the pool when first needed
+    /// (`shared_connections`). Default 2, range 1..=10000; at most
+    /// `max_size` are used.
+    pub shared_connections: u32,
 }
 
 impl Default for PoolConfig {
@@ -85,6 +90,7 @@ impl Default for PoolConfig {
             leak_threshold: None,
             application_name: "pgfleet".to_owned(),
             server_settings: BTreeMap::new(),
+            shared_connections: 2,
         }
     }
 }
@@ -174,6 +180,13 @@ impl PoolConfig {
                     );
                 }
             }
+        }
+        if self.shared_connections == 0 || u64::from(self.shared_connections) > MAX_POOL_SIZE {
+            return bad(
+                "shared_connections",
+                &self.shared_connections,
+                "expected 1..=10000",
+            );
         }
         if self.max_queries == Some(0) {
             return bad(
@@ -359,6 +372,7 @@ pub(crate) const CANONICAL_KEYS: &[&str] = &[
     "leak_threshold",
     "application_name",
     "server_settings",
+    "shared_connections",
 ];
 
 /// Every accepted name and the canonical key it sets.
@@ -490,6 +504,7 @@ impl PoolSettings {
             "min_size" => Typed::Count(count(raw, 0, MAX_POOL_SIZE).map_err(fail)?),
             "max_size" => Typed::Count(count(raw, 1, MAX_POOL_SIZE).map_err(fail)?),
             "max_overflow" => Typed::Count(count(raw, 0, MAX_POOL_SIZE).map_err(fail)?),
+            "shared_connections" => Typed::Count(count(raw, 1, MAX_POOL_SIZE).map_err(fail)?),
             "max_queries" => match raw {
                 _ if is_off(raw) => Typed::Duration(None),
                 _ => Typed::Count(count(raw, 1, u64::MAX).map_err(fail)?),
@@ -738,6 +753,11 @@ impl PoolSettings {
                 }) => m.clone(),
                 _ => BTreeMap::new(),
             },
+            shared_connections: self
+                .count("shared_connections")
+                .map_or(defaults.shared_connections, |(n, _)| {
+                    u32::try_from(n).unwrap_or(u32::MAX)
+                }),
         };
         if let (Some(command), Some(settings)) = (
             config.command_timeout.and(self.get("command_timeout")),
@@ -858,6 +878,7 @@ impl PoolSettings {
             ("linger", fmt_d(Some(config.linger))),
             ("leak_threshold", fmt_d(config.leak_threshold)),
             ("application_name", config.application_name.clone()),
+            ("shared_connections", config.shared_connections.to_string()),
         ]);
         if !config.server_settings.is_empty() {
             let shown: Vec<String> = config

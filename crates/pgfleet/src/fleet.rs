@@ -8,7 +8,7 @@
 //! the registry.
 //!
 //! The count is striped: each thread counts its handles in its own cache
-//! line (see [`Refs`]), so threads taking and dropping handles of one pool
+//! line (see `Refs`), so threads taking and dropping handles of one pool
 //! never write to a shared line. A linger watcher per pool sums the stripes
 //! on a tick; nothing on the handle path looks at the total.
 

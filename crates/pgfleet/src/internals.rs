@@ -85,6 +85,7 @@ impl State {
             in_use: self.size - self.connecting - idle,
             waiting: self.waiting,
             connecting: self.connecting,
+            shared: 0,
         }
     }
 

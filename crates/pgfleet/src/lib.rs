@@ -20,6 +20,7 @@ mod interpolate;
 pub mod layered;
 pub mod metrics;
 pub mod pool;
+pub mod shared;
 pub mod stats;
 mod tap;
 pub mod target;
@@ -34,5 +35,6 @@ pub use fleet::{
 };
 pub use layered::{Loaded, Loader, PrecacheEntry, WarmupEntry};
 pub use pool::{Pool, PooledConnection};
+pub use shared::SharedConnection;
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};
 pub use target::{Host, Target};

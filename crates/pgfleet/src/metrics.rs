@@ -102,6 +102,14 @@ pub fn registry(stats: &FleetStats) -> Registry {
             ),
             |p| as_i64(p.active_references),
         ),
+        (
+            gauge_family(
+                &mut registry,
+                "pool_shared_connections",
+                "Connections in service for shared mode",
+            ),
+            |p| as_i64(p.gauges.shared),
+        ),
     ];
     let counters: Vec<(Family<PoolLabel, Counter>, PoolValue<u64>)> = vec![
         (
@@ -155,6 +163,10 @@ pub fn registry(stats: &FleetStats) -> Registry {
                 "Connections held past leak_threshold",
             ),
             |p| p.counters.leaks_reported,
+        ),
+        (
+            counter_family(&mut registry, "shared_leases", "Leases in shared mode"),
+            |p| p.counters.shared_leases,
         ),
     ];
     let closed = Family::<ClosedLabel, Counter>::default();

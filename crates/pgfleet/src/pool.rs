@@ -25,6 +25,7 @@ use crate::config::PoolConfig;
 use crate::conn::{self, RawConn};
 use crate::error::{Error, Result, TimeoutStage};
 use crate::internals::{ConnectFailure, Plan, State, Waiter};
+use crate::shared::{Decision, Lanes, SharedConnection};
 use crate::stats::{Bounds, CloseReason, Counters, PoolStats, Timings};
 use crate::tap::TxStatus;
 use crate::target::Target;
@@ -60,6 +61,8 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     /// Masked URL, for messages.
     label: String,
+    /// Shared mode's connections.
+    lanes: Lanes,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -108,7 +111,7 @@ pub(crate) type Conn = Box<PoolConn>;
 
 /// A pooled connection with its bookkeeping.
 pub(crate) struct PoolConn {
-    raw: RawConn,
+    pub(crate) raw: RawConn,
     /// When this connection is to be retired (lifetime minus jitter).
     expires: Option<Instant>,
     idle_since: Instant,
@@ -123,7 +126,7 @@ impl PoolConn {
         drop(self);
     }
 
-    fn is_expired(&self, now: Instant) -> bool {
+    pub(crate) fn is_expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|t| now >= t)
     }
 }
@@ -146,6 +149,18 @@ enum Verdict {
 }
 
 impl Shared {
+    pub(crate) fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub(crate) fn lanes(&self) -> &Lanes {
+        &self.lanes
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is consistent between statements; a panic elsewhere
         // while holding the lock cannot leave it half-updated.
@@ -231,7 +246,12 @@ impl Shared {
     }
 
     /// Takes back a connection from a caller, at `now`.
-    fn release(self: &Arc<Self>, conn: Conn, location: &'static Location<'static>, now: Instant) {
+    pub(crate) fn release(
+        self: &Arc<Self>,
+        conn: Conn,
+        location: &'static Location<'static>,
+        now: Instant,
+    ) {
         match self.verdict(&conn, now) {
             Verdict::Reuse => self.hand_off(self.lock(), conn, now),
             Verdict::Close(reason) => conn.close(reason),
@@ -505,6 +525,7 @@ async fn maintain(weak: Weak<Shared>, tick: Duration) {
             conn.close(reason);
         }
         shared.execute(plan);
+        shared.lanes.sweep(shared.config.idle_timeout, now);
     }
 }
 
@@ -558,6 +579,7 @@ impl Pool {
             next_id: AtomicU64::new(0),
             label,
             config,
+            lanes: Lanes::new(),
         });
         if let Some(budget) = &shared.budget {
             budget.join(
@@ -591,17 +613,95 @@ impl Pool {
     /// to it after it was dropped goes to the next waiter.
     #[track_caller]
     pub fn get(&self) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
+        self.get_at(Location::caller())
+    }
+
+    /// `get()` on behalf of the caller at `location`.
+    async fn get_at(&self, location: &'static Location<'static>) -> Result<PooledConnection> {
+        // One clock read serves the whole fast path: the verdict on an idle
+        // connection, its idle age, and the start of the hold time.
+        let started = Instant::now();
+        match self.take(started, location)? {
+            Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
+            // Waiting and health checks live in their own (boxed) future, so
+            // the future of a `get()` that finds an idle connection stays
+            // small.
+            slow => Box::pin(self.acquire_slow(slow, started, location)).await,
+        }
+    }
+
+    /// Opt-in shared mode: a lease on a connection that other tasks use at
+    /// the same time, their statements pipelined on one socket. For short
+    /// autocommit statements this does more per connection than [`get`]
+    /// (see `BENCHMARKS.md`), and it holds only `shared_connections` of the
+    /// pool's connections however many tasks use it.
+    ///
+    /// Only single autocommit statements without session state belong here:
+    /// no `BEGIN`/`COMMIT`, `SET`, temporary tables, `LISTEN`, advisory locks,
+    /// cursors, or prepared statements kept beyond the lease. Use [`get`]
+    /// for those. A connection found inside a transaction when a lease ends
+    /// is taken out of service with a warning and rolled back.
+    ///
+    /// The lease goes to the shared connection with the fewest leases. While
+    /// every one has a lease out and fewer than `shared_connections` exist,
+    /// another is taken from the pool in the background; only the first
+    /// caller, when there is none yet, waits for one (as `get` does).
+    ///
+    /// # Errors
+    /// `Closed` once the pool is closed; as [`get`] (`Timeout`, `Connect`)
+    /// when the first shared connection has to be taken.
+    ///
+    /// # Cancel safety
+    /// Dropping the future at any point loses nothing.
+    ///
+    /// [`get`]: Self::get
+    #[track_caller]
+    pub fn shared(&self) -> impl Future<Output = Result<SharedConnection>> + Send + '_ {
         let location = Location::caller();
         async move {
-            // One clock read serves the whole fast path: the verdict on an
-            // idle connection, its idle age, and the start of the hold time.
-            let started = Instant::now();
-            match self.take(started, location)? {
-                Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
-                // Waiting and health checks live in their own (boxed) future,
-                // so the future of a `get()` that finds an idle connection
-                // stays small.
-                slow => Box::pin(self.acquire_slow(slow, started, location)).await,
+            let shared = &self.shared;
+            let config = &shared.config;
+            let cap = config.shared_connections.min(config.max_size) as usize;
+            let deadline = Instant::now() + config.acquire_timeout;
+            loop {
+                let changed = shared.lanes.changed();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match shared.lanes.decide(shared, cap, Instant::now(), location) {
+                    None => return Err(self.closed_error()),
+                    Some(Decision::Lease(lease, grow)) => {
+                        if let Some(growing) = grow {
+                            // Open another lane without making this caller
+                            // wait for it.
+                            let pool = self.clone();
+                            shared.runtime.spawn(async move {
+                                match pool.get_at(location).await {
+                                    Ok(conn) => {
+                                        let lanes = &pool.shared.lanes;
+                                        lanes.add(&pool.shared, conn.into_conn(), cap, location, false);
+                                    }
+                                    Err(e) => tracing::debug!(pool = %pool.shared.label, error = %e, "could not open another shared connection"),
+                                }
+                                drop(growing);
+                            });
+                        }
+                        return Ok(lease);
+                    }
+                    Some(Decision::Grow(growing)) => {
+                        let conn = self.get_at(location).await?.into_conn();
+                        let lease = shared.lanes.add(shared, conn, cap, location, true);
+                        drop(growing);
+                        return lease.flatten().ok_or_else(|| self.closed_error());
+                    }
+                    Some(Decision::Wait) => {
+                        if tokio::time::timeout_at(deadline.into(), changed)
+                            .await
+                            .is_err()
+                        {
+                            return Err(self.timeout_error());
+                        }
+                    }
+                }
             }
         }
     }
@@ -851,6 +951,7 @@ impl Pool {
         for conn in idle {
             conn.close(CloseReason::Shutdown);
         }
+        self.shared.lanes.close();
         if let Some(budget) = &self.shared.budget {
             budget.leave(self.shared.id);
         }
@@ -901,7 +1002,7 @@ impl Pool {
     /// A snapshot of the pool's gauges, counters and timings.
     pub fn stats(&self) -> PoolStats {
         let shared = &self.shared;
-        let (gauges, closed, last) = {
+        let (mut gauges, closed, last) = {
             let st = shared.lock();
             (
                 st.gauges(),
@@ -909,6 +1010,7 @@ impl Pool {
                 st.last_failure.as_ref().map(|f| f.message.clone()),
             )
         };
+        gauges.shared = u32::try_from(shared.lanes.count()).unwrap_or(u32::MAX);
         let bounds = self.bounds();
         PoolStats {
             url: shared.label.clone(),
@@ -1008,6 +1110,12 @@ impl PooledConnection {
 
     fn conn(&self) -> &Conn {
         self.conn.as_ref().expect("present until drop")
+    }
+
+    /// The connection, out of its guard (for shared mode, which returns it
+    /// itself).
+    pub(crate) fn into_conn(mut self) -> Conn {
+        self.conn.take().expect("present until drop")
     }
 }
 

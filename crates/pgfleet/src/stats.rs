@@ -142,6 +142,7 @@ pub(crate) struct Counters {
     pub(crate) dirty_returns: AtomicU64,
     pub(crate) health_checks: AtomicU64,
     pub(crate) leaks_reported: AtomicU64,
+    pub(crate) shared_leases: AtomicU64,
     pub(crate) wait: Histogram,
     pub(crate) hold: Histogram,
     pub(crate) connect: Histogram,
@@ -166,6 +167,7 @@ impl Counters {
             dirty_returns: z(),
             health_checks: z(),
             leaks_reported: z(),
+            shared_leases: z(),
             wait: Histogram::new(),
             hold: Histogram::new(),
             connect: Histogram::new(),
@@ -205,6 +207,7 @@ impl Counters {
             dirty_returns: r(&self.dirty_returns),
             health_checks: r(&self.health_checks),
             leaks_reported: r(&self.leaks_reported),
+            shared_leases: r(&self.shared_leases),
         }
     }
 }
@@ -222,6 +225,9 @@ pub struct Gauges {
     pub waiting: u32,
     /// Connections being opened.
     pub connecting: u32,
+    /// Connections in service for shared mode (`Pool::shared`); they count
+    /// in `in_use`.
+    pub shared: u32,
 }
 
 /// Counters since the pool was created.
@@ -260,6 +266,8 @@ pub struct CounterStats {
     pub health_checks: u64,
     /// Connections held longer than `leak_threshold`.
     pub leaks_reported: u64,
+    /// Leases handed out in shared mode (`Pool::shared`).
+    pub shared_leases: u64,
 }
 
 /// Timings of one pool.

@@ -37,6 +37,7 @@ const KEYS: &[&str] = &[
     "leak_threshold",
     "application_name",
     "server_settings",
+    "shared_connections",
 ];
 
 /// Where a key can be written: (file, text before the key, indentation).

@@ -1,0 +1,376 @@
+//! Shared mode: autocommit statements from many tasks pipelined over a few
+//! connections of the pool.
+//!
+//! A tokio-postgres `Client` takes requests from any number of tasks at once
+//! and writes them back to back on its one socket; the server answers in
+//! order. For short autocommit statements this pipelining does more per
+//! connection than exclusive checkout, where each connection carries one
+//! statement at a time and sits idle during every round trip.
+//!
+//! [`Pool::shared`](crate::Pool::shared) hands out a [`SharedConnection`]: a
+//! lease on one of up to `shared_connections` *lanes*. A lane is an ordinary
+//! pool connection, taken from the pool when shared mode first needs it (so it
+//! counts in `max_size` and the server budget) and given back after
+//! `idle_timeout` without a lease, or broken. A lease goes to the lane with
+//! the fewest leases; while every lane has a lease out and fewer than
+//! `shared_connections` exist, another lane is opened in the background (only
+//! the very first caller waits for a connection). A lane past its lifetime or
+//! `max_queries` is replaced the same way and keeps serving until its
+//! replacement is in, so recycling never stalls the callers (and both limits
+//! are soft in shared mode: a lane may run past them for the time of one
+//! connect).
+//!
+//! What may run in shared mode: single autocommit statements with no session
+//! state — queries, inserts, updates, deletes, each on its own. What may not:
+//! `BEGIN`/`COMMIT` (other tasks' statements would run inside the
+//! transaction), `SET`, temporary tables, `LISTEN`, advisory locks, cursors,
+//! and prepared statements used beyond the lease that prepared them. The
+//! guard only derefs to `&Client`, so `Client::transaction` (which needs
+//! `&mut`) cannot be reached; a lane that is found inside a transaction when
+//! a lease ends is taken out of service at once (with a warning naming the
+//! place that lease was taken) and rolled back before its connection is
+//! reused.
+
+use std::fmt;
+use std::ops::Deref;
+use std::panic::Location;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_postgres::Client;
+
+use crate::pool::{Conn, Shared};
+use crate::tap::TxStatus;
+
+/// One live lease in a lane's lease word.
+const LEASE: u64 = 1;
+/// One lease taken, in the high half of the word.
+const TAKEN: u64 = 1 << 32;
+
+/// The lanes of one pool.
+pub(crate) struct Lanes {
+    state: Mutex<LanesState>,
+    /// Notified when a lane was added or an attempt to add one ended.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct LanesState {
+    lanes: Vec<Arc<Lane>>,
+    /// Lanes being opened (their connection is being acquired).
+    growing: usize,
+    closed: bool,
+}
+
+/// One connection in shared mode.
+pub(crate) struct Lane {
+    conn: Option<Conn>,
+    pool: Arc<Shared>,
+    /// Low half: leases out; high half: leases ever taken (wrapping).
+    leases: AtomicU64,
+    /// Where the lease that opened this lane was taken.
+    location: &'static Location<'static>,
+    /// For the idle sweep: the lease count last seen and since when.
+    seen: Mutex<(u64, Instant)>,
+}
+
+/// What `Pool::shared` should do, decided under the lanes lock.
+pub(crate) enum Decision {
+    /// Use this lease (already counted); with a token, also open another
+    /// lane in the background.
+    Lease(SharedConnection, Option<Growing>),
+    /// No lane yet: open one and use it (the caller holds the token).
+    Grow(Growing),
+    /// The first lanes are being opened: wait for a change.
+    Wait,
+}
+
+/// Counts a lane being opened; dropping it (on success, failure or
+/// cancellation) uncounts it and wakes the callers waiting for a lane.
+pub(crate) struct Growing {
+    pool: Arc<Shared>,
+}
+
+impl Drop for Growing {
+    fn drop(&mut self) {
+        let lanes = self.pool.lanes();
+        lanes.lock().growing -= 1;
+        lanes.changed.notify_waiters();
+    }
+}
+
+impl Lanes {
+    pub(crate) fn new() -> Lanes {
+        Lanes {
+            state: Mutex::new(LanesState::default()),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LanesState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A future that completes at the next change of the lanes. Created (and
+    /// enabled) before deciding, so a change in between is not missed.
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Picks the lane with the fewest leases (lanes within their time
+    /// first), and asks for another lane while every lane is busy or one is
+    /// due for replacement, and fewer than `cap` fresh ones exist or are
+    /// being opened.
+    pub(crate) fn decide(
+        &self,
+        pool: &Arc<Shared>,
+        cap: usize,
+        now: Instant,
+        location: &'static Location<'static>,
+    ) -> Option<Decision> {
+        let mut retired = Vec::new();
+        let decision = {
+            let mut st = self.lock();
+            if st.closed {
+                return None;
+            }
+            // Broken lanes, and lanes left in a transaction, leave the list;
+            // their connection goes back to the pool when their last lease
+            // ends.
+            let mut i = 0;
+            while i < st.lanes.len() {
+                if st.lanes[i].alive() {
+                    i += 1;
+                } else {
+                    retired.push(st.lanes.swap_remove(i));
+                }
+            }
+            // Lanes past their lifetime or `max_queries` keep serving until
+            // their replacement is in: a new lane is opened now, and `add`
+            // retires the old one.
+            let fresh = st.lanes.iter().filter(|lane| lane.fresh(now)).count();
+            let least = st
+                .lanes
+                .iter()
+                .min_by_key(|lane| (!lane.fresh(now), lane.live_leases()))
+                .cloned();
+            let all_busy = least.as_ref().is_none_or(|lane| lane.live_leases() > 0);
+            let wanted = all_busy || fresh < st.lanes.len();
+            let grow = (wanted && fresh + st.growing < cap).then(|| {
+                st.growing += 1;
+                Growing { pool: pool.clone() }
+            });
+            match (least, grow) {
+                // Never wait for a new lane while one can take the statement.
+                (Some(lane), grow) => Decision::Lease(SharedConnection::new(lane, location), grow),
+                (None, Some(grow)) => Decision::Grow(grow),
+                (None, None) => Decision::Wait,
+            }
+        };
+        drop(retired);
+        Some(decision)
+    }
+
+    /// Adds a lane made from a connection of the pool, with a lease for
+    /// the caller that opened it if `leased`. `None` if the lanes were closed
+    /// meanwhile (the connection goes back to the pool).
+    pub(crate) fn add(
+        &self,
+        pool: &Arc<Shared>,
+        conn: Conn,
+        cap: usize,
+        location: &'static Location<'static>,
+        leased: bool,
+    ) -> Option<Option<SharedConnection>> {
+        let lane = Arc::new(Lane {
+            conn: Some(conn),
+            pool: pool.clone(),
+            leases: AtomicU64::new(0),
+            location,
+            seen: Mutex::new((0, Instant::now())),
+        });
+        let lease = leased.then(|| SharedConnection::new(lane.clone(), location));
+        let mut st = self.lock();
+        if st.closed {
+            drop(st);
+            drop(lease);
+            drop(lane);
+            return None;
+        }
+        st.lanes.push(lane);
+        // The replacement is in: lanes past their time leave, oldest first.
+        let now = Instant::now();
+        let mut retired = Vec::new();
+        while st.lanes.len() > cap {
+            match st.lanes.iter().position(|l| !l.fresh(now)) {
+                Some(i) => retired.push(st.lanes.remove(i)),
+                None => break,
+            }
+        }
+        drop(st);
+        drop(retired);
+        Some(lease)
+    }
+
+    /// Gives back lanes that had no lease for `idle` (checked on the pool's
+    /// maintenance tick).
+    pub(crate) fn sweep(&self, idle: Option<Duration>, now: Instant) {
+        let Some(idle) = idle else {
+            return;
+        };
+        let mut retired = Vec::new();
+        {
+            let mut st = self.lock();
+            let mut i = 0;
+            while i < st.lanes.len() {
+                let lane = &st.lanes[i];
+                let word = lane.leases.load(Ordering::Relaxed);
+                let mut seen = lane.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                let unused = if word & (TAKEN - 1) > 0 || seen.0 != word {
+                    *seen = (word, now);
+                    false
+                } else {
+                    now.saturating_duration_since(seen.1) >= idle
+                };
+                drop(seen);
+                if unused || !lane.alive() {
+                    retired.push(st.lanes.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        drop(retired);
+    }
+
+    /// Takes every lane out of service (the pool is closing).
+    pub(crate) fn close(&self) {
+        let retired = {
+            let mut st = self.lock();
+            st.closed = true;
+            std::mem::take(&mut st.lanes)
+        };
+        drop(retired);
+        self.changed.notify_waiters();
+    }
+
+    /// Lanes in service.
+    pub(crate) fn count(&self) -> usize {
+        self.lock().lanes.len()
+    }
+
+    /// Takes a poisoned lane out of service.
+    fn remove(&self, lane: &Arc<Lane>) {
+        let removed = {
+            let mut st = self.lock();
+            st.lanes
+                .iter()
+                .position(|l| Arc::ptr_eq(l, lane))
+                .map(|i| st.lanes.swap_remove(i))
+        };
+        drop(removed);
+    }
+}
+
+impl Lane {
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("present until drop")
+    }
+
+    /// Whether the lane may take leases at all: its connection is open and
+    /// in no transaction.
+    fn alive(&self) -> bool {
+        let conn = self.conn();
+        !conn.raw.is_broken() && conn.raw.tap.status() == TxStatus::Idle
+    }
+
+    /// Whether the lane is within its lifetime and `max_queries` (a lane
+    /// that is not is replaced, and serves until the replacement is in).
+    fn fresh(&self, now: Instant) -> bool {
+        let conn = self.conn();
+        !conn.is_expired(now)
+            && self
+                .pool
+                .config()
+                .max_queries
+                .is_none_or(|max| conn.raw.tap.queries() < max)
+    }
+
+    fn live_leases(&self) -> u64 {
+        self.leases.load(Ordering::Relaxed) & (TAKEN - 1)
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // The usual return path: a lane left in a transaction is rolled
+            // back, a broken or expired one closed.
+            self.pool.release(conn, self.location, Instant::now());
+        }
+    }
+}
+
+/// A lease on a connection that other tasks use at the same time: their
+/// statements and this task's are pipelined on one socket. Derefs to
+/// [`tokio_postgres::Client`]; see [`Pool::shared`](crate::Pool::shared) for
+/// what may run on it.
+pub struct SharedConnection {
+    lane: Arc<Lane>,
+    location: &'static Location<'static>,
+}
+
+impl SharedConnection {
+    fn new(lane: Arc<Lane>, location: &'static Location<'static>) -> SharedConnection {
+        lane.leases.fetch_add(LEASE | TAKEN, Ordering::Relaxed);
+        lane.pool
+            .counters
+            .shared_leases
+            .fetch_add(1, Ordering::Relaxed);
+        SharedConnection { lane, location }
+    }
+
+    /// Where this lease was taken (`shared()`'s caller).
+    pub fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+}
+
+impl Deref for SharedConnection {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.lane.conn().raw.client
+    }
+}
+
+impl Drop for SharedConnection {
+    fn drop(&mut self) {
+        let lane = &self.lane;
+        lane.leases.fetch_sub(LEASE, Ordering::Relaxed);
+        let status = lane.conn().raw.tap.status();
+        if status != TxStatus::Idle {
+            tracing::warn!(
+                pool = %lane.pool.label(),
+                noticed_at = %self.location,
+                "a shared connection is inside a transaction: shared mode is for autocommit \
+                 statements only. It is taken out of service and rolled back; statements of \
+                 other tasks on it may have run inside that transaction"
+            );
+            lane.pool.lanes().remove(lane);
+        }
+    }
+}
+
+impl fmt::Debug for SharedConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedConnection")
+            .field("pool", &self.lane.pool.label())
+            .field(
+                "leases",
+                &(self.lane.leases.load(Ordering::Relaxed) & (TAKEN - 1)),
+            )
+            .finish()
+    }
+}
