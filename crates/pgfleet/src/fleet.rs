@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use crate::budget::{BudgetConfig, BudgetMode, BudgetStats, ServerBudget};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
-use crate::stats::PoolStats;
+use crate::stats::{PoolStats, UseCount};
 use crate::target::Target;
 
 /// A registry of shared pools, one per database ([`Target::key`]).
@@ -88,12 +88,7 @@ struct Refs {
 
 #[repr(align(128))]
 #[derive(Default)]
-struct Stripe(AtomicU64);
-
-/// One live handle in a stripe word.
-const LIVE: u64 = 1;
-/// One handle taken, in the high half of a stripe word.
-const TAKEN: u64 = 1 << 32;
+struct Stripe(UseCount);
 
 impl Refs {
     fn new(stripes: usize) -> Refs {
@@ -106,10 +101,10 @@ impl Refs {
     /// Live handles, and a fingerprint of the handles ever taken.
     fn look(&self) -> (usize, u64) {
         self.stripes.iter().fold((0, 0), |(live, taken), stripe| {
-            let word = stripe.0.load(Ordering::SeqCst);
+            let (stripe_live, stripe_taken) = stripe.0.look();
             (
-                live + (word & (TAKEN - 1)) as usize,
-                taken.wrapping_add(word >> 32),
+                live + stripe_live as usize,
+                taken.wrapping_add(stripe_taken),
             )
         })
     }
@@ -126,7 +121,7 @@ struct Cell {
 }
 
 impl Cell {
-    fn word(&self) -> &AtomicU64 {
+    fn uses(&self) -> &UseCount {
         &self.refs.stripes[self.stripe].0
     }
 }
@@ -409,7 +404,7 @@ impl Entry {
     /// A new handle, counted in this thread's stripe.
     fn take_handle(&self) -> PoolHandle {
         let cell = &self.cells[my_stripe()];
-        cell.word().fetch_add(LIVE | TAKEN, Ordering::SeqCst);
+        cell.uses().take();
         PoolHandle { cell: cell.clone() }
     }
 
@@ -502,7 +497,7 @@ impl Clone for PoolHandle {
     fn clone(&self) -> Self {
         // The same stripe: this handle keeps the count above zero, so the
         // clone cannot race a retirement.
-        self.cell.word().fetch_add(LIVE | TAKEN, Ordering::SeqCst);
+        self.cell.uses().take();
         PoolHandle {
             cell: self.cell.clone(),
         }
@@ -511,7 +506,7 @@ impl Clone for PoolHandle {
 
 impl Drop for PoolHandle {
     fn drop(&mut self) {
-        self.cell.word().fetch_sub(LIVE, Ordering::Release);
+        self.cell.uses().put();
     }
 }
 

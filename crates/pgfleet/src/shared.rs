@@ -34,7 +34,7 @@
 use std::fmt;
 use std::ops::Deref;
 use std::panic::Location;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,12 +42,8 @@ use tokio::sync::Notify;
 use tokio_postgres::Client;
 
 use crate::pool::{Conn, Shared};
+use crate::stats::UseCount;
 use crate::tap::TxStatus;
-
-/// One live lease in a lane's lease word.
-const LEASE: u64 = 1;
-/// One lease taken, in the high half of the word.
-const TAKEN: u64 = 1 << 32;
 
 /// The lanes of one pool.
 pub(crate) struct Lanes {
@@ -68,11 +64,10 @@ struct LanesState {
 pub(crate) struct Lane {
     conn: Option<Conn>,
     pool: Arc<Shared>,
-    /// Low half: leases out; high half: leases ever taken (wrapping).
-    leases: AtomicU64,
+    leases: UseCount,
     /// Where the lease that opened this lane was taken.
     location: &'static Location<'static>,
-    /// For the idle sweep: the lease count last seen and since when.
+    /// For the idle sweep: the leases-taken count last seen and since when.
     seen: Mutex<(u64, Instant)>,
 }
 
@@ -187,7 +182,7 @@ impl Lanes {
         let lane = Arc::new(Lane {
             conn: Some(conn),
             pool: pool.clone(),
-            leases: AtomicU64::new(0),
+            leases: UseCount::default(),
             location,
             seen: Mutex::new((0, Instant::now())),
         });
@@ -226,10 +221,10 @@ impl Lanes {
             let mut i = 0;
             while i < st.lanes.len() {
                 let lane = &st.lanes[i];
-                let word = lane.leases.load(Ordering::Relaxed);
+                let (live, taken) = lane.leases.look();
                 let mut seen = lane.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                let unused = if word & (TAKEN - 1) > 0 || seen.0 != word {
-                    *seen = (word, now);
+                let unused = if live > 0 || seen.0 != taken {
+                    *seen = (taken, now);
                     false
                 } else {
                     now.saturating_duration_since(seen.1) >= idle
@@ -299,7 +294,7 @@ impl Lane {
     }
 
     fn live_leases(&self) -> u64 {
-        self.leases.load(Ordering::Relaxed) & (TAKEN - 1)
+        self.leases.live()
     }
 }
 
@@ -324,7 +319,7 @@ pub struct SharedConnection {
 
 impl SharedConnection {
     fn new(lane: Arc<Lane>, location: &'static Location<'static>) -> SharedConnection {
-        lane.leases.fetch_add(LEASE | TAKEN, Ordering::Relaxed);
+        lane.leases.take();
         lane.pool
             .counters
             .shared_leases
@@ -348,7 +343,7 @@ impl Deref for SharedConnection {
 impl Drop for SharedConnection {
     fn drop(&mut self) {
         let lane = &self.lane;
-        lane.leases.fetch_sub(LEASE, Ordering::Relaxed);
+        lane.leases.put();
         let status = lane.conn().raw.tap.status();
         if status != TxStatus::Idle {
             tracing::warn!(
@@ -367,10 +362,7 @@ impl fmt::Debug for SharedConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedConnection")
             .field("pool", &self.lane.pool.label())
-            .field(
-                "leases",
-                &(self.lane.leases.load(Ordering::Relaxed) & (TAKEN - 1)),
-            )
+            .field("leases", &self.lane.leases.live())
             .finish()
     }
 }
