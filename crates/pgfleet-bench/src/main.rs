@@ -122,9 +122,11 @@ pub struct LookupRow {
     pub registry: &'static str,
     /// Threads looking up.
     pub threads: usize,
-    /// Lookups per second (all threads).
+    /// Lookups per second (all threads), median of the repetitions.
     pub lookups_per_s: f64,
-    /// Nanoseconds per lookup per thread.
+    /// The slowest repetition's lookups per second.
+    pub lookups_per_s_min: f64,
+    /// Nanoseconds per lookup per thread, at the median.
     pub ns_per_lookup: f64,
 }
 
@@ -300,7 +302,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     let handle = tokio::runtime::Handle::current();
     let lookups = if wants('e') {
-        tokio::task::spawn_blocking(move || lookups(measure, handle)).await?
+        tokio::task::spawn_blocking(move || lookups(measure, repeat, handle)).await?
     } else {
         Vec::new()
     };
@@ -557,9 +559,14 @@ async fn creation(url: &str, repeat: usize) -> Result<Vec<CreationRow>, BoxError
     Ok(out)
 }
 
+/// The registries of scenario E.
+const REGISTRIES: [&str; 3] = ["pgfleet Fleet::pool", "Mutex<HashMap>", "RwLock<HashMap>"];
+
 /// Scenario E: looking up an existing pool in pgfleet's fleet against a
-/// `Mutex<HashMap>` and an `RwLock<HashMap>` registry (the seed's design).
-fn lookups(duration: Duration, runtime: tokio::runtime::Handle) -> Vec<LookupRow> {
+/// `Mutex<HashMap>` and an `RwLock<HashMap>` registry (the seed's design),
+/// on 1 and 2 threads, `repeat` times interleaved (median and min).
+fn lookups(duration: Duration, repeat: usize, runtime: tokio::runtime::Handle) -> Vec<LookupRow> {
+    use std::hint::black_box;
     let _context = runtime.enter();
     let fleet = pgfleet::Fleet::new();
     let target = pgfleet::Target::parse("postgres://bench@127.0.0.1:1/lookup").expect("target");
@@ -570,67 +577,66 @@ fn lookups(duration: Duration, runtime: tokio::runtime::Handle) -> Vec<LookupRow
     // A pool that never connects (min_size 0, nobody calls get): lookups only.
     let _keep = fleet.pool(&target, &config).expect("pool");
     let key = target.key().to_owned();
-    let mutex: Arc<Mutex<HashMap<String, Arc<u64>>>> =
-        Arc::new(Mutex::new(HashMap::from([(key.clone(), Arc::new(1))])));
-    let rwlock: Arc<RwLock<HashMap<String, Arc<u64>>>> =
-        Arc::new(RwLock::new(HashMap::from([(key.clone(), Arc::new(1))])));
+    let mutex = Mutex::new(HashMap::from([(key.clone(), Arc::new(1u64))]));
+    let rwlock = RwLock::new(HashMap::from([(key.clone(), Arc::new(1u64))]));
+    // Lookups until `stop`, in batches of 256; how many.
+    let spin = |stop: &AtomicBool, lookup: &dyn Fn()| {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..256 {
+                lookup();
+            }
+            n += 256;
+        }
+        n
+    };
+    let mut samples: HashMap<(&'static str, usize), Vec<f64>> = HashMap::new();
+    for _ in 0..repeat {
+        for threads in [1usize, 2] {
+            for registry in REGISTRIES {
+                let stop = AtomicBool::new(false);
+                let total: u64 = std::thread::scope(|scope| {
+                    let workers: Vec<_> = (0..threads)
+                        .map(|_| {
+                            scope.spawn(|| {
+                                let _context = runtime.enter();
+                                match registry {
+                                    "Mutex<HashMap>" => spin(&stop, &|| {
+                                        black_box(mutex.lock().expect("lock").get(&key).cloned());
+                                    }),
+                                    "RwLock<HashMap>" => spin(&stop, &|| {
+                                        black_box(rwlock.read().expect("lock").get(&key).cloned());
+                                    }),
+                                    _ => spin(&stop, &|| {
+                                        black_box(fleet.pool(&target, &config).expect("pool"));
+                                    }),
+                                }
+                            })
+                        })
+                        .collect();
+                    std::thread::sleep(duration);
+                    stop.store(true, Ordering::Relaxed);
+                    workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+                });
+                samples
+                    .entry((registry, threads))
+                    .or_default()
+                    .push(total as f64 / duration.as_secs_f64());
+            }
+        }
+    }
     let mut out = Vec::new();
     for threads in [1usize, 2] {
-        for registry in [
-            "pgfleet fleet (arc-swap)",
-            "Mutex<HashMap>",
-            "RwLock<HashMap>",
-        ] {
-            let stop = Arc::new(AtomicBool::new(false));
-            let mut handles = Vec::new();
-            for _ in 0..threads {
-                let (stop, fleet, target, config, mutex, rwlock, key) = (
-                    stop.clone(),
-                    fleet.clone(),
-                    target.clone(),
-                    config.clone(),
-                    mutex.clone(),
-                    rwlock.clone(),
-                    key.clone(),
-                );
-                let handle = runtime.clone();
-                handles.push(std::thread::spawn(move || {
-                    let _guard = handle.enter();
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        for _ in 0..256 {
-                            match registry {
-                                "Mutex<HashMap>" => {
-                                    std::hint::black_box(
-                                        mutex.lock().expect("lock").get(&key).cloned(),
-                                    );
-                                }
-                                "RwLock<HashMap>" => {
-                                    std::hint::black_box(
-                                        rwlock.read().expect("lock").get(&key).cloned(),
-                                    );
-                                }
-                                _ => {
-                                    std::hint::black_box(
-                                        fleet.pool(&target, &config).expect("pool"),
-                                    );
-                                }
-                            }
-                        }
-                        n += 256;
-                    }
-                    n
-                }));
-            }
-            std::thread::sleep(duration);
-            stop.store(true, Ordering::Relaxed);
-            let total: u64 = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
-            let per_s = total as f64 / duration.as_secs_f64();
+        for registry in REGISTRIES {
+            let per_s = samples.remove(&(registry, threads)).unwrap_or_default();
+            let min = per_s.iter().copied().fold(f64::INFINITY, f64::min);
+            let median = median(per_s);
             out.push(LookupRow {
                 registry,
                 threads,
-                lookups_per_s: per_s,
-                ns_per_lookup: 1e9 * threads as f64 / per_s.max(1.0),
+                lookups_per_s: median,
+                lookups_per_s_min: min,
+                ns_per_lookup: 1e9 * threads as f64 / median.max(1.0),
             });
         }
     }

@@ -59,8 +59,8 @@ pub fn table(r: &Results) -> String {
     for l in &r.lookups {
         let _ = writeln!(
             out,
-            "  {:<26} threads {}  {:>14.0}/s  {:>8.1} ns",
-            l.registry, l.threads, l.lookups_per_s, l.ns_per_lookup
+            "  {:<26} threads {}  {:>14.0}/s (min {:>12.0}/s)  {:>8.1} ns",
+            l.registry, l.threads, l.lookups_per_s, l.lookups_per_s_min, l.ns_per_lookup
         );
     }
     let _ = writeln!(out, "\nF client memory per idle pooled connection");
@@ -257,12 +257,12 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
             c.subject, c.first_connection_ms, c.five_warm_ms
         );
     }
-    let _ = writeln!(md, "\n## E: looking up an existing pool\n\n| registry | threads | lookups/s | ns per lookup |\n|---|---|---|---|");
+    let _ = writeln!(md, "\n## E: looking up an existing pool\n\n| registry | threads | lookups/s (median) | lookups/s (min) | ns per lookup |\n|---|---|---|---|---|");
     for l in &r.lookups {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.1} |",
-            l.registry, l.threads, l.lookups_per_s, l.ns_per_lookup
+            "| {} | {} | {:.0} | {:.0} | {:.1} |",
+            l.registry, l.threads, l.lookups_per_s, l.lookups_per_s_min, l.ns_per_lookup
         );
     }
     let _ = writeln!(md, "\n## F: client memory per idle pooled connection\n\n| subject | KiB per connection |\n|---|---|");

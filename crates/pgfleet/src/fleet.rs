@@ -1,32 +1,37 @@
 //! The fleet: the process-wide registry of pools, one per database.
 //!
-//! Lookups of an existing pool read an atomic snapshot of the registry
-//! (`arc-swap`) and take no lock at all; creating a pool takes the writer
-//! lock, re-checks, and publishes a new snapshot, so a hundred concurrent
-//! first requests create one pool. Handles are counted: a pool whose last
-//! handle is dropped lingers for its `linger` time, then closes and leaves
-//! the registry.
+//! Lookups of an existing pool take no lock and write no shared line. The
+//! registry is an immutable snapshot published with `arc-swap` and a
+//! generation number; each thread keeps the snapshot it last read, and a
+//! lookup only checks that the generation has not moved, then finds the
+//! entry by the hash its [`Target`] carries. Creating or retiring a pool takes
+//! the writer lock, re-checks, publishes a new snapshot and bumps the
+//! generation, so a hundred concurrent first requests create one pool.
 //!
-//! The count is striped: each thread counts its handles in its own cache
-//! line (see `Refs`), so threads taking and dropping handles of one pool
-//! never write to a shared line. A linger watcher per pool sums the stripes
-//! on a tick; nothing on the handle path looks at the total.
+//! Handles are counted: a pool whose last handle is dropped lingers for its
+//! `linger` time, then closes and leaves the registry. The count is striped:
+//! each thread takes its handles from its own cell (see `Cell`), so threads
+//! taking and dropping handles of one pool never write to a shared line. A
+//! linger watcher per pool sums the stripes on a tick; nothing on the handle
+//! path looks at the total.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use hashbrown::HashTable;
 use serde::Serialize;
 
 use crate::budget::{BudgetConfig, BudgetMode, BudgetStats, ServerBudget};
 use crate::config::PoolConfig;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
-use crate::stats::{PoolStats, UseCount};
+use crate::stats::PoolStats;
 use crate::target::Target;
 
 /// A registry of shared pools, one per database ([`Target::key`]).
@@ -46,14 +51,18 @@ pub struct FleetConfig {
     pub budget: BudgetConfig,
 }
 
-/// The registry: key -> entry, hashed with a fast hasher (the keys are
-/// database addresses from configuration, hashed on every lookup).
-type Registry = HashMap<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>;
+/// The registry: one entry per key, found by the hash that [`Target`]
+/// computed once when it was built, so a lookup never hashes the key.
+type Registry = HashTable<Arc<Entry>>;
 
-#[derive(Default)]
 struct FleetInner {
+    /// Names this fleet in the threads' snapshots (never reused).
+    id: u64,
     config: FleetConfig,
     pools: ArcSwap<Registry>,
+    /// Bumped after every store to `pools`: a snapshot read at the current
+    /// generation is current.
+    generation: AtomicU64,
     /// One budget per server (`host:port`); created under `writer`.
     budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
     /// Held while creating or retiring a pool; lookups never take it.
@@ -63,8 +72,74 @@ struct FleetInner {
     pinned: Mutex<Vec<PoolHandle>>,
 }
 
+impl FleetInner {
+    fn new(config: FleetConfig) -> FleetInner {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        FleetInner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            config,
+            pools: ArcSwap::default(),
+            generation: AtomicU64::new(0),
+            budgets: Mutex::default(),
+            writer: Mutex::default(),
+            closed: AtomicBool::new(false),
+            pinned: Mutex::default(),
+        }
+    }
+
+    /// Publishes a new registry (under `writer`).
+    fn publish(&self, registry: Registry) -> Arc<Registry> {
+        let old = self.pools.swap(Arc::new(registry));
+        self.generation.fetch_add(1, Ordering::Release);
+        old
+    }
+}
+
+impl Default for FleetInner {
+    fn default() -> FleetInner {
+        FleetInner::new(FleetConfig::default())
+    }
+}
+
+impl Drop for FleetInner {
+    /// Threads may still hold a snapshot with this fleet's entries: close
+    /// the pools nobody holds a handle to now, rather than when the last
+    /// snapshot goes. Pools with handles close after their linger, as usual.
+    fn drop(&mut self) {
+        for entry in self.pools.load().iter() {
+            if entry.refs.look().0 == 0 {
+                entry.pool.close();
+            }
+        }
+    }
+}
+
+/// What a thread keeps for lookups.
+struct Local {
+    /// The stripe of this thread's handles (of `stripe_count()`).
+    stripe: usize,
+    /// The registry of the fleet this thread last looked in, and its
+    /// generation then. It may keep retired (closed) entries in memory until
+    /// the thread's next lookup; see `FleetInner::drop`.
+    snapshot: Option<Snapshot>,
+}
+
+struct Snapshot {
+    fleet: u64,
+    generation: u64,
+    registry: Arc<Registry>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = RefCell::new(Local {
+        stripe: next_stripe(),
+        snapshot: None,
+    });
+}
+
 struct Entry {
     key: Arc<str>,
+    hash: u64,
     pool: Pool,
     refs: Arc<Refs>,
     /// One per stripe; a handle holds the cell of the thread that took it.
@@ -72,41 +147,59 @@ struct Entry {
     fleet: Weak<FleetInner>,
 }
 
-/// Live handles of one pool, counted in stripes.
+/// The handle count of one pool.
 ///
-/// Each stripe is a word on its own cache line: the low 32 bits count the
-/// live handles taken through that stripe, the high 32 bits count handles
-/// ever taken (wrapping), so the linger watcher can tell "no handle now" from
-/// "no handle since the last look". A thread always uses the same stripe.
+/// Live handles are the cells' reference counts (less the entry's own
+/// reference to each cell): taking a handle clones the thread's cell,
+/// dropping it drops the clone. Taking also bumps the stripe's `taken`
+/// counter, so the linger watcher can tell "no handle now" from "no handle
+/// since the last look", and retirement can tell a handle taken at the last
+/// moment (see [`Entry::take_handle`]).
 struct Refs {
-    stripes: Box<[Stripe]>,
+    taken: Box<[Stripe]>,
+    /// The cells, to read their counts (set once, right after they exist).
+    cells: OnceLock<Box<[Weak<Cell>]>>,
+    /// References to each cell that are not handles: 1 while the entry
+    /// lives, 0 after.
+    base: AtomicUsize,
     /// Set by the linger watcher before its final look at the stripes; a
     /// lookup that sees it backs off. Both sides use `SeqCst`, so a handle
     /// taken at the last moment and a retirement cannot miss each other.
     retiring: AtomicBool,
 }
 
+/// Handles ever taken through one stripe (wrapping), on its own cache line.
 #[repr(align(128))]
 #[derive(Default)]
-struct Stripe(UseCount);
+struct Stripe(AtomicU64);
 
 impl Refs {
     fn new(stripes: usize) -> Refs {
         Refs {
-            stripes: (0..stripes).map(|_| Stripe::default()).collect(),
+            taken: (0..stripes).map(|_| Stripe::default()).collect(),
+            cells: OnceLock::new(),
+            base: AtomicUsize::new(1),
             retiring: AtomicBool::new(false),
         }
     }
 
     /// Live handles, and a fingerprint of the handles ever taken.
+    ///
+    /// The fingerprint is read first: its `SeqCst` loads read every bump
+    /// before them, and each lookup clones its cell before it bumps, so the
+    /// counts read next include every handle the fingerprint counts.
     fn look(&self) -> (usize, u64) {
-        self.stripes.iter().fold((0, 0), |(live, taken), stripe| {
-            let (stripe_live, stripe_taken) = stripe.0.look();
-            (
-                live + stripe_live as usize,
-                taken.wrapping_add(stripe_taken),
-            )
-        })
+        let taken = self.taken.iter().fold(0u64, |sum, stripe| {
+            sum.wrapping_add(stripe.0.load(Ordering::SeqCst))
+        });
+        let base = self.base.load(Ordering::Acquire);
+        let live = self.cells.get().map_or(0, |cells| {
+            cells
+                .iter()
+                .map(|cell| cell.strong_count().saturating_sub(base))
+                .sum()
+        });
+        (live, taken)
     }
 }
 
@@ -117,13 +210,6 @@ impl Refs {
 struct Cell {
     pool: Pool,
     refs: Arc<Refs>,
-    stripe: usize,
-}
-
-impl Cell {
-    fn uses(&self) -> &UseCount {
-        &self.refs.stripes[self.stripe].0
-    }
 }
 
 /// How many stripes a pool's handle count uses: enough that the threads of
@@ -138,13 +224,10 @@ fn stripe_count() -> usize {
     })
 }
 
-/// This thread's stripe (of `stripe_count()`).
-fn my_stripe() -> usize {
+/// The stripe of a new thread: threads take stripes in turn.
+fn next_stripe() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    STRIPE.with(|s| *s) & (stripe_count() - 1)
+    NEXT.fetch_add(1, Ordering::Relaxed) & (stripe_count() - 1)
 }
 
 /// A counted handle to a fleet pool. Derefs to [`Pool`] (`handle.get()`).
@@ -166,10 +249,7 @@ impl Fleet {
     pub fn with_config(config: FleetConfig) -> Result<Fleet> {
         config.budget.validate()?;
         Ok(Fleet {
-            inner: Arc::new(FleetInner {
-                config,
-                ..FleetInner::default()
-            }),
+            inner: Arc::new(FleetInner::new(config)),
         })
     }
 
@@ -195,10 +275,19 @@ impl Fleet {
     /// # Errors
     /// `Closed` after [`close_all`](Self::close_all); `Config` if the pool
     /// has to be created and `config` is invalid or no tokio runtime runs.
+    #[inline]
     pub fn pool(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
-        if let Some(handle) = self.lookup(target.key()) {
-            return Ok(handle);
+        match self.lookup(target) {
+            Some(handle) => Ok(handle),
+            None => self.create(target, config),
         }
+    }
+
+    /// [`pool`](Self::pool) when this thread found no pool: under the writer
+    /// lock, finds it in the shared registry or creates it.
+    #[cold]
+    #[inline(never)]
+    fn create(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
         let inner = &self.inner;
         let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.closed.load(Ordering::SeqCst) {
@@ -206,10 +295,13 @@ impl Fleet {
                 "the fleet is closed; no pool for {target}"
             )));
         }
-        if let Some(handle) = self.lookup(target.key()) {
+        let stripe = LOCAL
+            .try_with(|local| local.try_borrow().map_or(0, |local| local.stripe))
+            .unwrap_or(0);
+        if let Some(handle) = find(&inner.pools.load(), target, stripe) {
             return Ok(handle);
         }
-        let key: Arc<str> = target.key().into();
+        let key = target.key.clone();
         let server = target.server_key();
         let budget = match inner.config.budget.mode_for(&server) {
             BudgetMode::Off => None,
@@ -227,26 +319,30 @@ impl Fleet {
         };
         let pool = Pool::build(target.clone(), config.clone(), budget)?;
         let refs = Arc::new(Refs::new(stripe_count()));
-        let cells = (0..stripe_count())
-            .map(|stripe| {
+        let cells: Box<[Arc<Cell>]> = (0..stripe_count())
+            .map(|_| {
                 Arc::new(Cell {
                     pool: pool.clone(),
                     refs: refs.clone(),
-                    stripe,
                 })
             })
             .collect();
+        // Set right after the cells exist: nothing else can look yet.
+        let _ = refs.cells.set(cells.iter().map(Arc::downgrade).collect());
         let entry = Arc::new(Entry {
-            key: key.clone(),
+            key,
+            hash: target.key_hash,
             pool,
             refs,
             cells,
             fleet: Arc::downgrade(inner),
         });
-        let handle = entry.take_handle();
+        let handle = entry.take_handle(stripe).ok_or_else(|| {
+            Error::closed(format!("the pool for {target} retired as it was created"))
+        })?;
         let mut pools = Registry::clone(&inner.pools.load());
-        pools.insert(key, entry.clone());
-        inner.pools.store(Arc::new(pools));
+        pools.insert_unique(entry.hash, entry.clone(), |e| e.hash);
+        inner.publish(pools);
         tokio::spawn(watch_linger(Arc::downgrade(&entry)));
         tracing::debug!(pool = %target, "pool created");
         Ok(handle)
@@ -260,15 +356,51 @@ impl Fleet {
         self.pool(&Target::parse(url)?, config)
     }
 
-    fn lookup(&self, key: &str) -> Option<PoolHandle> {
-        let pools = self.inner.pools.load();
-        let handle = pools.get(key)?.take_handle();
-        if handle.cell.refs.retiring.load(Ordering::SeqCst) {
-            // The pool is being retired: this handle must not keep it. The
-            // caller creates a fresh pool under the writer lock.
-            return None;
+    /// The handle of an existing pool, from this thread's snapshot of the
+    /// registry: a load of the generation, a probe with the target's hash,
+    /// and the handle's own count. `None` if there is no pool (or it is
+    /// retiring): the caller goes to the writer lock.
+    #[inline]
+    fn lookup(&self, target: &Target) -> Option<PoolHandle> {
+        let inner = &*self.inner;
+        let generation = inner.generation.load(Ordering::Acquire);
+        let found = LOCAL.try_with(|local| {
+            let local = local.try_borrow().ok()?;
+            let snapshot = local.snapshot.as_ref()?;
+            (snapshot.fleet == inner.id && snapshot.generation == generation)
+                .then(|| find(&snapshot.registry, target, local.stripe))
+        });
+        match found {
+            Ok(Some(handle)) => handle,
+            _ => self.refresh(target, generation),
         }
-        Some(handle)
+    }
+
+    /// [`lookup`](Self::lookup) when this thread's snapshot is not current:
+    /// reads the shared one and keeps it.
+    #[cold]
+    #[inline(never)]
+    fn refresh(&self, target: &Target, generation: u64) -> Option<PoolHandle> {
+        let inner = &*self.inner;
+        let registry = inner.pools.load_full();
+        let found = LOCAL.try_with(|local| {
+            let mut local = local.try_borrow_mut().ok()?;
+            let handle = find(&registry, target, local.stripe);
+            let fresh = Snapshot {
+                fleet: inner.id,
+                generation,
+                registry: registry.clone(),
+            };
+            // Returned, so that it is dropped after the borrow ends: it may
+            // hold the last reference to retired pools.
+            let stale = local.snapshot.replace(fresh);
+            Some((handle, stale))
+        });
+        match found {
+            Ok(Some((handle, _stale))) => handle,
+            // The thread is exiting (or this is a re-entrant call).
+            _ => find(&registry, target, 0),
+        }
     }
 
     /// Creates the pools for `targets` and waits until each has its warm
@@ -327,16 +459,16 @@ impl Fleet {
         let entries = {
             let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
             inner.closed.store(true, Ordering::SeqCst);
-            inner.pools.swap(Arc::new(Registry::default()))
+            inner.publish(Registry::default())
         };
         let pinned =
             std::mem::take(&mut *inner.pinned.lock().unwrap_or_else(PoisonError::into_inner));
         drop(pinned);
-        for entry in entries.values() {
+        for entry in entries.iter() {
             entry.pool.close();
         }
         let mut report = CloseReport::default();
-        for entry in entries.values() {
+        for entry in entries.iter() {
             report.pools += 1;
             report.connections_cut += entry.pool.wait_closed(deadline).await;
         }
@@ -363,7 +495,7 @@ impl Fleet {
         FleetStats {
             servers,
             pools: pools
-                .values()
+                .iter()
                 .map(|entry| {
                     let mut stats = entry.pool.stats();
                     stats.active_references = entry.refs.look().0;
@@ -391,7 +523,7 @@ impl fmt::Debug for Fleet {
             .field(
                 "pools",
                 &pools
-                    .values()
+                    .iter()
                     .map(|e| e.pool.target().to_string())
                     .collect::<Vec<_>>(),
             )
@@ -400,12 +532,35 @@ impl fmt::Debug for Fleet {
     }
 }
 
+/// The handle of the pool for `target` in `registry`, counted in `stripe`.
+fn find(registry: &Registry, target: &Target, stripe: usize) -> Option<PoolHandle> {
+    registry
+        .find(target.key_hash, |entry| {
+            Arc::ptr_eq(&entry.key, &target.key) || entry.key == target.key
+        })?
+        .take_handle(stripe)
+}
+
 impl Entry {
-    /// A new handle, counted in this thread's stripe.
-    fn take_handle(&self) -> PoolHandle {
-        let cell = &self.cells[my_stripe()];
-        cell.uses().take();
-        PoolHandle { cell: cell.clone() }
+    /// A new handle, counted in `stripe`; `None` if the pool is retiring.
+    ///
+    /// The cell is cloned first, then the stripe's `taken` bumped, then
+    /// `retiring` read, all but the clone `SeqCst`; retirement stores
+    /// `retiring` and then reads the stripes, both `SeqCst`. So either the
+    /// retirement sees the bump (and with it the clone) and gives up, or
+    /// this lookup sees `retiring` and gives its handle back.
+    #[inline]
+    fn take_handle(&self, stripe: usize) -> Option<PoolHandle> {
+        let handle = PoolHandle {
+            cell: self.cells[stripe].clone(),
+        };
+        self.refs.taken[stripe].0.fetch_add(1, Ordering::SeqCst);
+        if self.refs.retiring.load(Ordering::SeqCst) {
+            // This handle must not keep the pool: the caller creates a fresh
+            // pool under the writer lock.
+            return None;
+        }
+        Some(handle)
     }
 
     /// Closes the pool and removes it from the registry if it still has no
@@ -423,14 +578,14 @@ impl Entry {
             self.refs.retiring.store(false, Ordering::SeqCst);
             return false;
         }
-        let current = fleet.pools.load();
-        if current
-            .get(&self.key)
-            .is_some_and(|e| std::ptr::eq(Arc::as_ptr(e), self))
-        {
-            let mut pools = Registry::clone(&current);
-            pools.remove(&self.key);
-            fleet.pools.store(Arc::new(pools));
+        // Unit tests widen the window in which a lookup may still find the
+        // entry in a snapshot, to show the handshake closes it.
+        #[cfg(test)]
+        std::thread::sleep(Duration::from_millis(2));
+        let mut pools = Registry::clone(&fleet.pools.load());
+        if let Ok(found) = pools.find_entry(self.hash, |e| std::ptr::eq(Arc::as_ptr(e), self)) {
+            found.remove();
+            fleet.publish(pools);
         }
         tracing::debug!(pool = %self.pool.target(), "pool closed after linger with no handles");
         self.pool.close();
@@ -494,19 +649,20 @@ impl Deref for PoolHandle {
 }
 
 impl Clone for PoolHandle {
+    /// The same cell: this handle keeps its count above the base, and the
+    /// clone's count lands on the same atomic, so the watcher never sees the
+    /// clone missing while this one is there.
     fn clone(&self) -> Self {
-        // The same stripe: this handle keeps the count above zero, so the
-        // clone cannot race a retirement.
-        self.cell.uses().take();
         PoolHandle {
             cell: self.cell.clone(),
         }
     }
 }
 
-impl Drop for PoolHandle {
+impl Drop for Entry {
     fn drop(&mut self) {
-        self.cell.uses().put();
+        // The entry's references to the cells go with it.
+        self.refs.base.store(0, Ordering::Release);
     }
 }
 
@@ -565,4 +721,138 @@ pub struct CloseReport {
     pub pools: usize,
     /// Connections still held by callers at the deadline, cut.
     pub connections_cut: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool that never connects (`min_size` 0, nobody calls `get`).
+    fn idle_config(linger: Duration) -> PoolConfig {
+        PoolConfig {
+            min_size: 0,
+            linger,
+            ..PoolConfig::default()
+        }
+    }
+
+    fn target() -> Target {
+        Target::parse("postgres://unit@127.0.0.1:1/lookup").expect("target")
+    }
+
+    /// Threads take and drop handles while the linger watcher retires the
+    /// pool whenever it sees none: a handle must never hold a closed pool,
+    /// and the pool must have been retired (and made again) along the way.
+    #[test]
+    fn lookups_racing_retirement_never_get_a_closed_pool() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _context = runtime.enter();
+        let fleet = Fleet::new();
+        let config = idle_config(Duration::from_millis(10));
+        let created = AtomicUsize::new(0);
+        let phases = std::sync::Barrier::new(3);
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                let (fleet, config, created, phases) = (&fleet, &config, &created, &phases);
+                let runtime = runtime.handle().clone();
+                scope.spawn(move || {
+                    let _context = runtime.enter();
+                    let target = target();
+                    let mut last: Option<*const Shared> = None;
+                    for phase in 0..80u64 {
+                        // All quiet for about the linger time plus a tick,
+                        // a little longer each phase, so the bursts start
+                        // at every point of the watcher's tick.
+                        phases.wait();
+                        std::thread::sleep(Duration::from_micros(15_000 + phase % 10 * 1_100));
+                        let held = fleet.pool(&target, config).expect("pool");
+                        for _ in 0..200 {
+                            let handle = fleet.pool(&target, config).expect("pool");
+                            assert!(!handle.is_closed(), "a lookup got a closed pool");
+                            let shared = Arc::as_ptr(&handle.shared);
+                            if last != Some(shared) {
+                                created.fetch_add(1, Ordering::Relaxed);
+                                last = Some(shared);
+                            }
+                        }
+                        // Past the window of a retirement that raced the
+                        // first lookup of the burst.
+                        std::thread::sleep(Duration::from_millis(3));
+                        assert!(!held.is_closed(), "a held pool was closed");
+                    }
+                });
+            }
+        });
+        assert!(
+            created.load(Ordering::Relaxed) > 3,
+            "the pool was never retired and made again"
+        );
+    }
+
+    type Shared = crate::pool::Shared;
+
+    #[test]
+    fn dropping_a_fleet_closes_its_unheld_pools_though_a_thread_kept_a_snapshot() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _context = runtime.enter();
+        let fleet = Fleet::new();
+        let config = idle_config(Duration::from_secs(600));
+        let unheld = fleet.pool(&target(), &config).expect("pool");
+        // Looked up again: this thread now keeps the registry snapshot.
+        let unheld = fleet
+            .pool(&target(), &config)
+            .map(|_| unheld)
+            .expect("pool");
+        let other = Target::parse("postgres://unit@127.0.0.1:1/held").expect("target");
+        let held = fleet.pool(&other, &config).expect("pool");
+        let unheld_pool = unheld.pool().clone();
+        drop(unheld);
+        assert!(!unheld_pool.is_closed());
+        drop(fleet);
+        assert!(unheld_pool.is_closed(), "an unheld pool outlived its fleet");
+        assert!(!held.is_closed(), "a held pool closed with its fleet");
+        assert_eq!(held.active_references(), 1);
+    }
+
+    #[test]
+    fn handles_are_counted_across_clones_and_threads() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _context = runtime.enter();
+        let fleet = Fleet::new();
+        let config = idle_config(Duration::from_secs(600));
+        let first = fleet.pool(&target(), &config).expect("pool");
+        let second = first.clone();
+        let third = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _context = runtime.enter();
+                    fleet.pool(&target(), &config).expect("pool")
+                })
+                .join()
+                .expect("thread")
+        });
+        assert_eq!(first.active_references(), 3);
+        drop(second);
+        drop(third);
+        assert_eq!(first.active_references(), 1);
+        assert_eq!(
+            fleet
+                .stats()
+                .pools
+                .values()
+                .next()
+                .map(|s| s.active_references),
+            Some(1)
+        );
+    }
 }

@@ -29,9 +29,7 @@ pub(crate) enum CloseReason {
 
 /// Live uses and uses ever taken, in one atomic word: the low half counts
 /// live uses, the high half (wrapping) uses taken, so a watcher can tell
-/// "none now" from "none since I last looked". Used for fleet handles and
-/// shared-mode leases. Taking is `SeqCst`: the fleet's retirement handshake
-/// relies on it.
+/// "none now" from "none since I last looked". Counts shared-mode leases.
 #[derive(Debug, Default)]
 pub(crate) struct UseCount(AtomicU64);
 

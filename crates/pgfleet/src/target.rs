@@ -22,6 +22,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -53,8 +54,20 @@ pub struct Target {
     pub(crate) options: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<Duration>,
-    /// The normalised key: see [`Target::key`].
-    pub(crate) key: String,
+    /// The normalised key: see [`Target::key`]. Shared with the clones of
+    /// this target and with the fleet entry made from it, so the fleet's
+    /// lookup usually compares pointers, not text.
+    pub(crate) key: Arc<str>,
+    /// `key` hashed once with [`key_hash`], so the fleet's lookup of an
+    /// existing pool never hashes the key again.
+    pub(crate) key_hash: u64,
+}
+
+/// The hash of a target key, with one process-wide randomly seeded hasher.
+pub(crate) fn key_hash(key: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static HASHER: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
+    HASHER.get_or_init(Default::default).hash_one(key)
 }
 
 /// Characters left as they are in user names, database names and hosts of
@@ -239,7 +252,7 @@ impl Target {
         target.options = options.filter(|o| !o.is_empty());
         target.application_name = application_name;
         target.connect_timeout = connect_timeout;
-        target.key = target.make_key();
+        target.rekey();
         Ok(target)
     }
 
@@ -287,9 +300,10 @@ impl Target {
             options: None,
             application_name: None,
             connect_timeout: None,
-            key: String::new(),
+            key: Arc::from(""),
+            key_hash: 0,
         };
-        target.key = target.make_key();
+        target.rekey();
         Ok(target)
     }
 
@@ -317,7 +331,7 @@ impl Target {
         target.options = self.options.clone();
         target.application_name = self.application_name.clone();
         target.connect_timeout = self.connect_timeout;
-        target.key = target.make_key();
+        target.rekey();
         Ok(target)
     }
 
@@ -329,6 +343,12 @@ impl Target {
             Host::Tcp(h) => encode(h),
             Host::Unix(dir) => encode(&dir.display().to_string()),
         }
+    }
+
+    /// Recomputes the key and its hash after the parts changed.
+    fn rekey(&mut self) {
+        self.key = self.make_key().into();
+        self.key_hash = key_hash(&self.key);
     }
 
     fn make_key(&self) -> String {
