@@ -237,8 +237,16 @@ async fn run(args: Args) -> Result<(), BoxError> {
             "A acquire+release".into(),
             Op::AcquireRelease,
             c,
-            with_control,
+            with_control.clone(),
         ));
+        if c > size as usize {
+            plan.push((
+                "A contended".into(),
+                Op::AcquireYieldRelease,
+                c,
+                with_control,
+            ));
+        }
     }
     let b_ops: &[Op] = if args.quick {
         &[Op::Select1Extended, Op::PointSimple]

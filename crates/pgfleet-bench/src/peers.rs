@@ -55,6 +55,11 @@ impl Kind {
 pub enum Op {
     /// Acquire and release, no query.
     AcquireRelease,
+    /// Acquire, yield to the scheduler once while holding the connection,
+    /// release: no I/O, but with more tasks than connections the tasks
+    /// really queue for connections, so the pool's hand-off and its
+    /// fairness are what is measured.
+    AcquireYieldRelease,
     /// `SELECT 1`, extended protocol in one round trip (`query_typed`; sqlx:
     /// its cached prepared statement).
     Select1Extended,
@@ -71,6 +76,7 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::AcquireRelease => "acquire+release",
+            Op::AcquireYieldRelease => "acquire+yield+release",
             Op::Select1Extended => "SELECT 1 (extended)",
             Op::Select1Simple => "SELECT 1 (simple)",
             Op::PointExtended => "point query (extended)",
@@ -125,6 +131,7 @@ fn sqlx_run(
         let mut conn = pool.acquire().await?;
         match op {
             Op::AcquireRelease => {}
+            Op::AcquireYieldRelease => tokio::task::yield_now().await,
             Op::Select1Extended => {
                 sqlx::query("SELECT 1").fetch_one(conn.as_mut()).await?;
             }
@@ -259,6 +266,7 @@ impl Subject {
                 let c: &tokio_postgres::Client = $c;
                 match op {
                     Op::AcquireRelease => {}
+                    Op::AcquireYieldRelease => tokio::task::yield_now().await,
                     Op::Select1Extended => {
                         c.query_typed("SELECT 1", &[]).await?;
                     }
@@ -299,6 +307,7 @@ impl Subject {
                 on_client!(&conn);
             }
             Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
+            Subject::Noop if op == Op::AcquireYieldRelease => tokio::task::yield_now().await,
             Subject::Noop => {}
         }
         Ok(())

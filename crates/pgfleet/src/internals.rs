@@ -16,6 +16,8 @@ use crate::stats::Gauges;
 /// first: a returned connection or a newly opened one.
 pub(crate) struct Waiter {
     pub(crate) tx: oneshot::Sender<Result<Conn, Error>>,
+    /// When the caller's `acquire_timeout` runs out (see `reap_waiters`).
+    pub(crate) deadline: Instant,
 }
 
 /// The last failed connect attempt.
@@ -56,6 +58,8 @@ pub(crate) struct State {
     pub(crate) backoff_until: Option<Instant>,
     /// A timer task will replan at `backoff_until`.
     pub(crate) retry_scheduled: bool,
+    /// The task that fails waiters at their deadline is running.
+    pub(crate) reaper_running: bool,
     /// Driver tasks of open connections, to force-close them at a deadline.
     pub(crate) live: HashMap<u64, AbortHandle>,
 }
@@ -73,6 +77,7 @@ impl State {
             failures: 0,
             backoff_until: None,
             retry_scheduled: false,
+            reaper_running: false,
             live: HashMap::new(),
         }
     }

@@ -297,6 +297,64 @@ impl Shared {
     }
 }
 
+/// Fails the waiters whose `acquire_timeout` ran out. One per pool, running
+/// only while somebody waits, so that waiters arm no timer of their own: the
+/// queue is FIFO and every waiter of a pool has the same timeout, so the
+/// front's deadline is the next one due, and the task sleeps until then.
+async fn reap_waiters(pool: Weak<Shared>) {
+    loop {
+        let next = {
+            let Some(shared) = pool.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            let due = shared
+                .lock()
+                .waiters
+                .front()
+                .is_some_and(|w| w.deadline <= now);
+            // Built before the lock is taken again (it reads the gauges),
+            // while the callers it is for still count as waiting.
+            let error = due.then(|| {
+                Pool {
+                    shared: shared.clone(),
+                }
+                .timeout_error()
+            });
+            let mut st = shared.lock();
+            let mut timed_out = 0;
+            while let Some(front) = st.waiters.front() {
+                if front.tx.is_closed() {
+                    st.waiters.pop_front();
+                    continue;
+                }
+                let Some(error) = error.as_ref().filter(|_| front.deadline <= now) else {
+                    break;
+                };
+                let error = error.duplicate();
+                if let Some(waiter) = st.waiters.pop_front() {
+                    if waiter.tx.send(Err(error)).is_ok() {
+                        st.waiting -= 1;
+                        timed_out += 1;
+                    }
+                }
+            }
+            let next = st.waiters.front().map(|w| w.deadline);
+            st.reaper_running = next.is_some();
+            drop(st);
+            shared
+                .counters
+                .acquires_timed_out
+                .fetch_add(timed_out, Ordering::Relaxed);
+            next
+        };
+        match next {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => return,
+        }
+    }
+}
+
 /// Opens one connection for the pool and hands it to the next waiter.
 async fn open(shared: Arc<Shared>, mut slot: Slot) {
     let unit = match &shared.budget {
@@ -621,7 +679,7 @@ impl Pool {
         // One clock read serves the whole fast path: the verdict on an idle
         // connection, its idle age, and the start of the hold time.
         let started = Instant::now();
-        match self.take(started, location)? {
+        match self.take(started, started, location)? {
             Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
             // Waiting and health checks live in their own (boxed) future, so
             // the future of a `get()` that finds an idle connection stays
@@ -709,11 +767,17 @@ impl Pool {
     /// Takes an idle connection, or queues the caller as a waiter (and
     /// starts the connects the pool needs). Connections found unfit on the
     /// way are closed or sent to be cleaned.
-    fn take(&self, now: Instant, location: &'static Location<'static>) -> Result<Taken> {
+    fn take(
+        &self,
+        now: Instant,
+        started: Instant,
+        location: &'static Location<'static>,
+    ) -> Result<Taken> {
         let shared = &self.shared;
         let mut discarded = Vec::new();
         let mut dirty = Vec::new();
         let mut plan = Plan::default();
+        let mut start_reaper = false;
         let taken = {
             let mut st = shared.lock();
             if st.closed {
@@ -722,8 +786,10 @@ impl Pool {
             loop {
                 let Some(conn) = st.idle.pop_back() else {
                     let (tx, rx) = oneshot::channel();
-                    st.waiters.push_back(Waiter { tx });
+                    let deadline = started + shared.config.acquire_timeout;
+                    st.waiters.push_back(Waiter { tx, deadline });
                     st.waiting += 1;
+                    start_reaper = !std::mem::replace(&mut st.reaper_running, true);
                     plan = shared.plan(&mut st);
                     // From here on, dropping the guard settles the wait.
                     break Taken::Queued(WaitGuard {
@@ -751,6 +817,9 @@ impl Pool {
         for conn in dirty {
             shared.runtime.spawn(clean(shared.clone(), conn, location));
         }
+        if start_reaper {
+            shared.runtime.spawn(reap_waiters(Arc::downgrade(shared)));
+        }
         shared.execute(plan);
         Ok(taken)
     }
@@ -776,38 +845,11 @@ impl Pool {
                     }
                 }
                 Taken::Queued(mut wait) => {
-                    let outcome = tokio::time::timeout_at(
-                        deadline.into(),
-                        wait.rx.as_mut().expect("set when queued"),
-                    )
-                    .await;
-                    let received = match outcome {
-                        Ok(Ok(received)) => {
-                            wait.rx = None;
-                            received
-                        }
-                        Ok(Err(_)) => {
-                            wait.rx = None;
-                            Err(self.closed_error())
-                        }
-                        // A connection may have arrived at the deadline: take
-                        // it rather than pass it on.
-                        Err(_) => {
-                            // The snapshot is taken while this caller still
-                            // counts as waiting.
-                            let error = self.timeout_error();
-                            match wait.cancel() {
-                                Some(received) => received,
-                                None => {
-                                    shared
-                                        .counters
-                                        .acquires_timed_out
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    return Err(error);
-                                }
-                            }
-                        }
-                    };
+                    // No timer here: `reap_waiters` fails the wait at its
+                    // deadline.
+                    let outcome = wait.rx.as_mut().expect("set when queued").await;
+                    wait.rx = None;
+                    let received = outcome.unwrap_or_else(|_| Err(self.closed_error()));
                     let conn = received?;
                     shared
                         .counters
@@ -817,7 +859,7 @@ impl Pool {
                 }
             }
             // The stale connection failed its check: start over.
-            taken = self.take(Instant::now(), location)?;
+            taken = self.take(Instant::now(), started, location)?;
         }
     }
 

@@ -172,3 +172,70 @@ async fn a_thousand_cancelled_acquires_leave_the_pool_whole() {
     assert_eq!(pool.stats().gauges.in_use, 4);
     assert!(common::backends(&app).await <= 4);
 }
+
+/// Deadlines are kept by one task per pool, not a timer per waiter: each
+/// waiter still fails at its own deadline, a waiter served in time is not
+/// failed, an abandoned wait is skipped, and nothing is left counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staggered_waiters_each_time_out_at_their_own_deadline() {
+    let app = app("reaper");
+    let mut cfg = config(&app, 1, 1);
+    cfg.acquire_timeout = Duration::from_millis(400);
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let held = pool.get().await.unwrap();
+    let mut waiters = Vec::new();
+    for i in 0..4u64 {
+        let waiter_pool = pool.clone();
+        waiters.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150 * i)).await;
+            let asked = Instant::now();
+            let outcome = waiter_pool.get().await;
+            let ended = Instant::now();
+            // The one served keeps the connection while the others run out.
+            if let Ok(conn) = &outcome {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                let _ = conn;
+            }
+            (i, ended - asked, outcome.map(drop))
+        }));
+        if i == 0 {
+            // An abandoned wait in the queue.
+            let _ = tokio::time::timeout(Duration::from_millis(20), pool.get()).await;
+        }
+    }
+    // Waiter 0 is served at about 100ms, well before its deadline.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(held);
+    for waiter in waiters {
+        let (i, waited, outcome) = waiter.await.unwrap();
+        match (i, outcome) {
+            (0, Ok(())) => assert!(waited < Duration::from_millis(400), "{waited:?}"),
+            (_, Err(e)) if i > 0 => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        ErrorKind::Timeout {
+                            stage: TimeoutStage::Acquire,
+                            ..
+                        }
+                    ),
+                    "waiter {i}: {e}"
+                );
+                assert!(
+                    waited >= Duration::from_millis(400),
+                    "waiter {i} failed early: {waited:?}"
+                );
+                assert!(
+                    waited < Duration::from_secs(3),
+                    "waiter {i} failed late: {waited:?}"
+                );
+            }
+            (i, outcome) => panic!("waiter {i}: unexpected {outcome:?}"),
+        }
+    }
+    assert_eq!(pool.stats().counters.acquires_timed_out, 3);
+    assert_eq!(pool.stats().gauges.waiting, 0);
+    // The pool is whole afterwards.
+    pool.get().await.unwrap();
+}
