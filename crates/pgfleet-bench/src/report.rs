@@ -137,20 +137,23 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
 
     let _ = writeln!(md, "## Targets (ratios from this run)\n");
     let _ = writeln!(md, "| target | measured | verdict |\n|---|---|---|");
-    let a_op = "acquire+release";
-    for conc in [1usize, 16, 256, 1024] {
-        if let (Some(ours), Some(peer)) = (find(r, a_op, "pgfleet", conc), best_peer(r, a_op, conc))
-        {
+    // pgfleet against the fastest peer on `op` at `conc` tasks.
+    let speed = |md: &mut String, label: &str, op: &str, conc: usize| {
+        if let (Some(ours), Some(peer)) = (find(r, op, "pgfleet", conc), best_peer(r, op, conc)) {
             let ratio = ours.ops_per_s / peer.ops_per_s;
             let _ = writeln!(
                 md,
-                "| (A) acquire+release at {conc} tasks >= fastest peer | pgfleet {:.0}/s vs {} {:.0}/s = {ratio:.2}x | {} |",
+                "| (A) {label} at {conc} tasks >= fastest peer | pgfleet {:.0}/s vs {} {:.0}/s = {ratio:.2}x | {} |",
                 ours.ops_per_s,
                 peer.subject,
                 peer.ops_per_s,
                 verdict(ratio >= 1.0)
             );
         }
+    };
+    let a_op = "acquire+release";
+    for conc in [1usize, 16, 256, 1024] {
+        speed(&mut md, a_op, a_op, conc);
     }
     // Fairness is judged where tasks wait for the pool: in the contended
     // variant (each task holds its connection across one yield, so 256 or
@@ -159,20 +162,7 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     // scheduler's, shown next to the no-pool control.
     let contended = "acquire+yield+release";
     for conc in [256usize, 1024] {
-        if let (Some(ours), Some(peer)) = (
-            find(r, contended, "pgfleet", conc),
-            best_peer(r, contended, conc),
-        ) {
-            let ratio = ours.ops_per_s / peer.ops_per_s;
-            let _ = writeln!(
-                md,
-                "| (A) contended acquire+yield+release at {conc} tasks >= fastest peer | pgfleet {:.0}/s vs {} {:.0}/s = {ratio:.2}x | {} |",
-                ours.ops_per_s,
-                peer.subject,
-                peer.ops_per_s,
-                verdict(ratio >= 1.0)
-            );
-        }
+        speed(&mut md, "contended acquire+yield+release", contended, conc);
         if let Some(ours) = find(r, contended, "pgfleet", conc) {
             let spread = ours.p99_us / ours.p50_us.max(0.001);
             let uncontended = find(r, a_op, "pgfleet", conc)

@@ -740,6 +740,13 @@ mod tests {
         Target::parse("postgres://unit@127.0.0.1:1/lookup").expect("target")
     }
 
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
     /// Threads take and drop handles while the linger watcher retires the
     /// pool whenever it sees none: a handle must never hold a closed pool,
     /// and the pool must have been retired (and made again) along the way.
@@ -797,19 +804,13 @@ mod tests {
 
     #[test]
     fn dropping_a_fleet_closes_its_unheld_pools_though_a_thread_kept_a_snapshot() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = current_thread();
         let _context = runtime.enter();
         let fleet = Fleet::new();
         let config = idle_config(Duration::from_secs(600));
         let unheld = fleet.pool(&target(), &config).expect("pool");
         // Looked up again: this thread now keeps the registry snapshot.
-        let unheld = fleet
-            .pool(&target(), &config)
-            .map(|_| unheld)
-            .expect("pool");
+        drop(fleet.pool(&target(), &config).expect("pool"));
         let other = Target::parse("postgres://unit@127.0.0.1:1/held").expect("target");
         let held = fleet.pool(&other, &config).expect("pool");
         let unheld_pool = unheld.pool().clone();
@@ -823,10 +824,7 @@ mod tests {
 
     #[test]
     fn handles_are_counted_across_clones_and_threads() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = current_thread();
         let _context = runtime.enter();
         let fleet = Fleet::new();
         let config = idle_config(Duration::from_secs(600));
