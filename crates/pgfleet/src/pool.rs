@@ -23,7 +23,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::budget::{ServerBudget, Unit};
 use crate::config::PoolConfig;
 use crate::conn::{self, RawConn};
-use crate::error::{Error, Result, TimeoutStage};
+use crate::error::{Error, ErrorKind, Result, TimeoutStage};
 use crate::internals::{ConnectFailure, Plan, State, Waiter};
 use crate::shared::{Decision, Lanes, SharedConnection};
 use crate::stats::{Bounds, CloseReason, Counters, PoolStats, Timings};
@@ -284,6 +284,27 @@ impl Shared {
         }
     }
 
+    /// The error of an acquire that ran out of time, with the pool's
+    /// snapshot, its budget and the last connect error.
+    fn timeout_error(&self) -> Error {
+        let after = self.config.acquire_timeout;
+        let mut message = format!(
+            "timed out after {} waiting for a connection to {} {}",
+            humantime::format_duration(after),
+            self.label,
+            self.snapshot_line()
+        );
+        if let Some(budget) = &self.budget {
+            message.push_str("; ");
+            message.push_str(&budget.summary());
+        }
+        if let Some(last) = self.last_failure_text() {
+            message.push_str("; last connect error: ");
+            message.push_str(&last);
+        }
+        Error::timeout(TimeoutStage::Acquire, after, message)
+    }
+
     fn snapshot_line(&self) -> String {
         let g = self.lock().gauges();
         format!(
@@ -315,14 +336,8 @@ async fn reap_waiters(pool: Weak<Shared>) {
                 .is_some_and(|w| w.deadline <= now);
             // Built before the lock is taken again (it reads the gauges),
             // while the callers it is for still count as waiting.
-            let error = due.then(|| {
-                Pool {
-                    shared: shared.clone(),
-                }
-                .timeout_error()
-            });
+            let error = due.then(|| shared.timeout_error());
             let mut st = shared.lock();
-            let mut timed_out = 0;
             while let Some(front) = st.waiters.front() {
                 if front.tx.is_closed() {
                     st.waiters.pop_front();
@@ -333,19 +348,15 @@ async fn reap_waiters(pool: Weak<Shared>) {
                 };
                 let error = error.duplicate();
                 if let Some(waiter) = st.waiters.pop_front() {
+                    // The caller counts its own timeout (`acquire_slow`), so
+                    // the counter is up before it sees the error.
                     if waiter.tx.send(Err(error)).is_ok() {
                         st.waiting -= 1;
-                        timed_out += 1;
                     }
                 }
             }
             let next = st.waiters.front().map(|w| w.deadline);
             st.reaper_running = next.is_some();
-            drop(st);
-            shared
-                .counters
-                .acquires_timed_out
-                .fetch_add(timed_out, Ordering::Relaxed);
             next
         };
         match next {
@@ -756,7 +767,7 @@ impl Pool {
                             .await
                             .is_err()
                         {
-                            return Err(self.timeout_error());
+                            return Err(shared.timeout_error());
                         }
                     }
                 }
@@ -849,8 +860,25 @@ impl Pool {
                     // deadline.
                     let outcome = wait.rx.as_mut().expect("set when queued").await;
                     wait.rx = None;
-                    let received = outcome.unwrap_or_else(|_| Err(self.closed_error()));
-                    let conn = received?;
+                    let conn = match outcome {
+                        Ok(Ok(conn)) => conn,
+                        Ok(Err(error)) => {
+                            if matches!(
+                                error.kind(),
+                                ErrorKind::Timeout {
+                                    stage: TimeoutStage::Acquire,
+                                    ..
+                                }
+                            ) {
+                                shared
+                                    .counters
+                                    .acquires_timed_out
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            return Err(error);
+                        }
+                        Err(_) => return Err(self.closed_error()),
+                    };
                     shared
                         .counters
                         .acquires_waited
@@ -909,26 +937,6 @@ impl Pool {
 
     fn closed_error(&self) -> Error {
         Error::closed(format!("pool for {} is closed", self.shared.label))
-    }
-
-    fn timeout_error(&self) -> Error {
-        let shared = &self.shared;
-        let after = shared.config.acquire_timeout;
-        let mut message = format!(
-            "timed out after {} waiting for a connection to {} {}",
-            humantime::format_duration(after),
-            shared.label,
-            shared.snapshot_line()
-        );
-        if let Some(budget) = &shared.budget {
-            message.push_str("; ");
-            message.push_str(&budget.summary());
-        }
-        if let Some(last) = shared.last_failure_text() {
-            message.push_str("; last connect error: ");
-            message.push_str(&last);
-        }
-        Error::timeout(TimeoutStage::Acquire, after, message)
     }
 
     /// Waits until the warm floor is open (`min_size` connections), or fails
