@@ -58,8 +58,11 @@ pub(crate) struct State {
     pub(crate) backoff_until: Option<Instant>,
     /// A timer task will replan at `backoff_until`.
     pub(crate) retry_scheduled: bool,
-    /// The task that fails waiters at their deadline is running.
-    pub(crate) reaper_running: bool,
+    /// When the task that fails waiters at their deadline (`reap_waiters`)
+    /// wakes next; `None` while no such task runs.
+    pub(crate) reap_at: Option<Instant>,
+    /// Names the current reaper; an older one that wakes up stops.
+    pub(crate) reaper: u64,
     /// Driver tasks of open connections, to force-close them at a deadline.
     pub(crate) live: HashMap<u64, AbortHandle>,
 }
@@ -77,7 +80,8 @@ impl State {
             failures: 0,
             backoff_until: None,
             retry_scheduled: false,
-            reaper_running: false,
+            reap_at: None,
+            reaper: 0,
             live: HashMap::new(),
         }
     }

@@ -305,6 +305,22 @@ impl Shared {
         Error::timeout(TimeoutStage::Acquire, after, message)
     }
 
+    /// Counts an acquire timeout, if `error` is one (waiters count their
+    /// own, see `reap_waiters`).
+    fn count_timeout(&self, error: &Error) {
+        if matches!(
+            error.kind(),
+            ErrorKind::Timeout {
+                stage: TimeoutStage::Acquire,
+                ..
+            }
+        ) {
+            self.counters
+                .acquires_timed_out
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn snapshot_line(&self) -> String {
         let g = self.lock().gauges();
         format!(
@@ -318,50 +334,97 @@ impl Shared {
     }
 }
 
-/// Fails the waiters whose `acquire_timeout` ran out. One per pool, running
-/// only while somebody waits, so that waiters arm no timer of their own: the
-/// queue is FIFO and every waiter of a pool has the same timeout, so the
-/// front's deadline is the next one due, and the task sleeps until then.
-async fn reap_waiters(pool: Weak<Shared>) {
+/// Fails the waiters whose `acquire_timeout` ran out, so that waiters arm
+/// no timer of their own. One task per pool, running only while somebody
+/// waits: it sleeps until the earliest deadline in the queue (with one
+/// timeout per pool and a FIFO queue, the front's), fails every waiter then
+/// due, and stops when the queue is empty. A waiter queued with an earlier
+/// deadline than the task's next wake (one back in line after a failed
+/// health check) starts a new reaper, which supersedes the old one.
+async fn reap_waiters(mut reaper: Reaper) {
     loop {
+        let Some(shared) = reaper.pool.upgrade() else {
+            reaper.done = true;
+            return;
+        };
+        let now = Instant::now();
+        let due = {
+            let st = shared.lock();
+            st.reaper == reaper.id && st.waiters.iter().any(|w| w.deadline <= now)
+        };
+        // Built before the lock is taken again (it reads the gauges), while
+        // the callers it is for still count as waiting.
+        let error = due.then(|| shared.timeout_error());
         let next = {
-            let Some(shared) = pool.upgrade() else {
-                return;
-            };
-            let now = Instant::now();
-            let due = shared
-                .lock()
-                .waiters
-                .front()
-                .is_some_and(|w| w.deadline <= now);
-            // Built before the lock is taken again (it reads the gauges),
-            // while the callers it is for still count as waiting.
-            let error = due.then(|| shared.timeout_error());
             let mut st = shared.lock();
-            while let Some(front) = st.waiters.front() {
-                if front.tx.is_closed() {
-                    st.waiters.pop_front();
+            if st.reaper != reaper.id {
+                // Superseded by a reaper with an earlier wake.
+                reaper.done = true;
+                return;
+            }
+            let waiting = std::mem::take(&mut st.waiters);
+            let mut next: Option<Instant> = None;
+            for waiter in waiting {
+                if waiter.tx.is_closed() {
                     continue;
                 }
-                let Some(error) = error.as_ref().filter(|_| front.deadline <= now) else {
-                    break;
-                };
-                let error = error.duplicate();
-                if let Some(waiter) = st.waiters.pop_front() {
-                    // The caller counts its own timeout (`acquire_slow`), so
-                    // the counter is up before it sees the error.
-                    if waiter.tx.send(Err(error)).is_ok() {
-                        st.waiting -= 1;
+                match &error {
+                    Some(error) if waiter.deadline <= now => {
+                        // The caller counts its own timeout (`acquire_slow`),
+                        // so the counter is up before it sees the error.
+                        if waiter.tx.send(Err(error.duplicate())).is_ok() {
+                            st.waiting -= 1;
+                        }
+                    }
+                    _ => {
+                        next = Some(next.map_or(waiter.deadline, |t| t.min(waiter.deadline)));
+                        st.waiters.push_back(waiter);
                     }
                 }
             }
-            let next = st.waiters.front().map(|w| w.deadline);
-            st.reaper_running = next.is_some();
+            st.reap_at = next;
             next
         };
+        drop(shared);
         match next {
             Some(at) => tokio::time::sleep_until(at.into()).await,
-            None => return,
+            None => {
+                reaper.done = true;
+                return;
+            }
+        }
+    }
+}
+
+/// What a reaper task owns. Made before the task is spawned: if the task is
+/// dropped without finishing — its runtime shut down, or was already gone
+/// at the spawn — nobody would fail the waiters at their deadline any more,
+/// and the pool's connections went with that runtime; so the waiters fail
+/// now, and the next waiter starts a reaper again.
+struct Reaper {
+    pool: Weak<Shared>,
+    id: u64,
+    /// Set when the task ends on its own.
+    done: bool,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Some(shared) = self.pool.upgrade() else {
+            return;
+        };
+        let mut st = shared.lock();
+        if st.reaper == self.id {
+            st.reap_at = None;
+            let label = &shared.label;
+            st.fail_waiters(|| {
+                Error::closed(format!(
+                    "the tokio runtime of the pool for {label} shut down; it cannot time out waiters or open connections"
+                ))
+            });
         }
     }
 }
@@ -788,7 +851,7 @@ impl Pool {
         let mut discarded = Vec::new();
         let mut dirty = Vec::new();
         let mut plan = Plan::default();
-        let mut start_reaper = false;
+        let mut start_reaper = None;
         let taken = {
             let mut st = shared.lock();
             if st.closed {
@@ -800,7 +863,11 @@ impl Pool {
                     let deadline = started + shared.config.acquire_timeout;
                     st.waiters.push_back(Waiter { tx, deadline });
                     st.waiting += 1;
-                    start_reaper = !std::mem::replace(&mut st.reaper_running, true);
+                    if st.reap_at.is_none_or(|at| deadline < at) {
+                        st.reaper += 1;
+                        st.reap_at = Some(deadline);
+                        start_reaper = Some(st.reaper);
+                    }
                     plan = shared.plan(&mut st);
                     // From here on, dropping the guard settles the wait.
                     break Taken::Queued(WaitGuard {
@@ -828,8 +895,13 @@ impl Pool {
         for conn in dirty {
             shared.runtime.spawn(clean(shared.clone(), conn, location));
         }
-        if start_reaper {
-            shared.runtime.spawn(reap_waiters(Arc::downgrade(shared)));
+        if let Some(id) = start_reaper {
+            let reaper = Reaper {
+                pool: Arc::downgrade(shared),
+                id,
+                done: false,
+            };
+            shared.runtime.spawn(reap_waiters(reaper));
         }
         shared.execute(plan);
         Ok(taken)
@@ -863,18 +935,7 @@ impl Pool {
                     let conn = match outcome {
                         Ok(Ok(conn)) => conn,
                         Ok(Err(error)) => {
-                            if matches!(
-                                error.kind(),
-                                ErrorKind::Timeout {
-                                    stage: TimeoutStage::Acquire,
-                                    ..
-                                }
-                            ) {
-                                shared
-                                    .counters
-                                    .acquires_timed_out
-                                    .fetch_add(1, Ordering::Relaxed);
-                            }
+                            shared.count_timeout(&error);
                             return Err(error);
                         }
                         Err(_) => return Err(self.closed_error()),
@@ -1130,9 +1191,13 @@ impl WaitGuard {
 
 impl Drop for WaitGuard {
     fn drop(&mut self) {
-        if let Some(Ok(conn)) = self.cancel() {
-            self.shared
-                .hand_off(self.shared.lock(), conn, Instant::now());
+        match self.cancel() {
+            Some(Ok(conn)) => self
+                .shared
+                .hand_off(self.shared.lock(), conn, Instant::now()),
+            // Timed out as the caller gave up: still a timeout.
+            Some(Err(error)) => self.shared.count_timeout(&error),
+            None => {}
         }
     }
 }

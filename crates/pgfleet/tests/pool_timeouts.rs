@@ -239,3 +239,34 @@ async fn staggered_waiters_each_time_out_at_their_own_deadline() {
     // The pool is whole afterwards.
     pool.get().await.unwrap();
 }
+
+/// The deadline keeper runs on the pool's runtime. If that runtime is gone,
+/// a caller that has to wait gets an error at once instead of waiting for
+/// ever (the pool's connections and background work went with it).
+#[test]
+fn a_waiter_fails_at_once_when_the_pools_runtime_is_gone() {
+    let app = app("goneruntime");
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (pool, held) = first.block_on(async {
+        let pool = Pool::new(target(cluster()), config(&app, 1, 1)).unwrap();
+        let held = pool.get().await.unwrap();
+        (pool, held)
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome =
+        second.block_on(async { tokio::time::timeout(Duration::from_secs(5), pool.get()).await });
+    let error = outcome
+        .expect("the waiter hung instead of failing")
+        .expect_err("no connection can be free");
+    assert_eq!(error.kind(), &ErrorKind::Closed, "{error}");
+    assert!(error.to_string().contains("runtime"), "{error}");
+    assert_eq!(pool.stats().gauges.waiting, 0);
+    drop(held);
+}
