@@ -738,7 +738,10 @@ impl Pool {
     /// # Errors
     /// `Timeout { stage: Acquire }` with the pool's state and the last connect
     /// error; `Connect` at once when the server rejects the credentials or
-    /// the database does not exist; `Closed` once the pool is closed.
+    /// the database does not exist; `Closed` once the pool is closed, or
+    /// when the caller has to wait and the tokio runtime the pool was built
+    /// on has shut down (nothing could time the wait out or open a
+    /// connection).
     ///
     /// # Cancel safety
     /// Dropping the future at any point loses nothing: a connection handed

@@ -34,7 +34,7 @@
 use std::fmt;
 use std::ops::Deref;
 use std::panic::Location;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,6 @@ use tokio::sync::Notify;
 use tokio_postgres::Client;
 
 use crate::pool::{Conn, Shared};
-use crate::stats::UseCount;
 use crate::tap::TxStatus;
 
 /// The lanes of one pool.
@@ -364,5 +363,38 @@ impl fmt::Debug for SharedConnection {
             .field("pool", &self.lane.pool.label())
             .field("leases", &self.lane.leases.live())
             .finish()
+    }
+}
+
+/// Live uses and uses ever taken, in one atomic word: the low half counts
+/// live uses, the high half (wrapping) uses taken, so a watcher can tell
+/// "none now" from "none since I last looked" (the idle sweep). Counts a lane's
+/// leases.
+#[derive(Debug, Default)]
+struct UseCount(AtomicU64);
+
+impl UseCount {
+    const LIVE: u64 = 1;
+    const TAKEN: u64 = 1 << 32;
+
+    /// One more live use.
+    fn take(&self) {
+        self.0.fetch_add(Self::LIVE | Self::TAKEN, Ordering::SeqCst);
+    }
+
+    /// One live use fewer.
+    fn put(&self) {
+        self.0.fetch_sub(Self::LIVE, Ordering::Release);
+    }
+
+    /// Live uses, and uses ever taken (wrapping).
+    fn look(&self) -> (u64, u64) {
+        let word = self.0.load(Ordering::SeqCst);
+        (word & (Self::TAKEN - 1), word >> 32)
+    }
+
+    /// Live uses.
+    fn live(&self) -> u64 {
+        self.look().0
     }
 }

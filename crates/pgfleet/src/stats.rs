@@ -27,38 +27,6 @@ pub(crate) enum CloseReason {
     Reclaimed,
 }
 
-/// Live uses and uses ever taken, in one atomic word: the low half counts
-/// live uses, the high half (wrapping) uses taken, so a watcher can tell
-/// "none now" from "none since I last looked". Counts shared-mode leases.
-#[derive(Debug, Default)]
-pub(crate) struct UseCount(AtomicU64);
-
-impl UseCount {
-    const LIVE: u64 = 1;
-    const TAKEN: u64 = 1 << 32;
-
-    /// One more live use.
-    pub(crate) fn take(&self) {
-        self.0.fetch_add(Self::LIVE | Self::TAKEN, Ordering::SeqCst);
-    }
-
-    /// One live use fewer.
-    pub(crate) fn put(&self) {
-        self.0.fetch_sub(Self::LIVE, Ordering::Release);
-    }
-
-    /// Live uses, and uses ever taken (wrapping).
-    pub(crate) fn look(&self) -> (u64, u64) {
-        let word = self.0.load(Ordering::SeqCst);
-        (word & (Self::TAKEN - 1), word >> 32)
-    }
-
-    /// Live uses.
-    pub(crate) fn live(&self) -> u64 {
-        self.look().0
-    }
-}
-
 /// A histogram of durations in power-of-two microsecond buckets, plus sum
 /// and maximum. Recording is two relaxed atomic adds and a load (the count
 /// is the sum of the buckets; the maximum is written only when it grows).
