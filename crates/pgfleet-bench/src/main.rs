@@ -47,6 +47,19 @@ struct Args {
     /// A partial run cannot regenerate the markdown report.
     #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
     only: Vec<char>,
+    /// Run only these operations of scenario B (e.g. `--ops select1-extended`);
+    /// all by default. A partial run cannot regenerate the markdown report.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    ops: Vec<Op>,
+    /// Run only these concurrencies of scenarios A and B (e.g. `--tasks 16`);
+    /// all by default. A partial run cannot regenerate the markdown report.
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<usize>,
+    /// Measure only these subjects in scenarios A and B (e.g. `--subjects
+    /// pgfleet,dedicated`); all by default. A partial run cannot regenerate
+    /// the markdown report.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    subjects: Vec<Kind>,
 }
 
 fn parse_scenario(s: &str) -> Result<char, String> {
@@ -73,6 +86,10 @@ pub struct Row {
     pub ops_per_s: f64,
     /// Operations per second: lowest repetition.
     pub ops_per_s_min: f64,
+    /// Operations per second of every repetition, in the order measured
+    /// (repetition `i` of every subject of a step ran in the same rotation,
+    /// so ratios are taken repetition by repetition).
+    pub ops_per_s_reps: Vec<f64>,
     /// Latency percentiles in microseconds (median over repetitions).
     pub p50_us: f64,
     /// 99th percentile.
@@ -155,8 +172,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn run(args: Args) -> Result<(), BoxError> {
     let wants = |scenario: char| args.only.is_empty() || args.only.contains(&scenario);
-    if !args.only.is_empty() && args.markdown.is_some() {
-        return Err("--markdown needs every scenario: drop --only".into());
+    let partial = !args.only.is_empty()
+        || !args.ops.is_empty()
+        || !args.tasks.is_empty()
+        || !args.subjects.is_empty();
+    if partial && args.markdown.is_some() {
+        return Err(
+            "--markdown needs the whole run: drop --only, --ops, --tasks and --subjects".into(),
+        );
     }
     let seconds = args.seconds.unwrap_or(if args.quick { 0.25 } else { 2.0 });
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
@@ -228,9 +251,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
     } else {
         (&[1, 16, 256, 1024], &[16, 256, 1024])
     };
+    let wants_tasks = |c: &&usize| args.tasks.is_empty() || args.tasks.contains(c);
+    let wants_op = |op: &&Op| args.ops.is_empty() || args.ops.contains(op);
     let mut rows = Vec::new();
     let mut plan: Vec<Step> = Vec::new();
-    for &c in a_conc.iter().filter(|_| wants('a')) {
+    for &c in a_conc.iter().filter(|_| wants('a')).filter(wants_tasks) {
         let mut with_control = subjects.clone();
         with_control.push((Kind::Noop, Subject::Noop));
         plan.push((
@@ -258,8 +283,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             Op::PointSimple,
         ]
     };
-    for &op in b_ops.iter().filter(|_| wants('b')) {
-        for &c in b_conc {
+    for &op in b_ops.iter().filter(|_| wants('b')).filter(wants_op) {
+        for &c in b_conc.iter().filter(wants_tasks) {
             let mut with_baselines = subjects.clone();
             with_baselines.push((Kind::Dedicated, dedicated.clone()));
             with_baselines.push((Kind::Pipelined, pipelined.clone()));
@@ -269,6 +294,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     let total: usize = plan.iter().map(|p| p.3.len() * repeat).sum();
     let mut done = 0;
+    for step in &mut plan {
+        step.3
+            .retain(|(kind, _)| args.subjects.is_empty() || args.subjects.contains(kind));
+    }
     for (scenario, op, c, subjects) in plan {
         let mut samples: HashMap<&'static str, Vec<Sample>> = HashMap::new();
         for rep in 0..repeat {
@@ -417,9 +446,15 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (the mean of the middle two of an even count); 0 when empty.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Jain's index: (sum x)^2 / (n * sum x^2).
@@ -463,6 +498,7 @@ fn aggregate(
         concurrency,
         ops_per_s: median(throughput.clone()),
         ops_per_s_min: throughput.iter().copied().fold(f64::INFINITY, f64::min),
+        ops_per_s_reps: throughput,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         p999_us: pct(0.999),
@@ -698,5 +734,12 @@ mod tests {
         assert_eq!(percentile(&v, 0.5), 500.0);
         assert_eq!(percentile(&v, 0.99), 990.0);
         assert_eq!(percentile(&v, 0.999), 999.0);
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
     }
 }

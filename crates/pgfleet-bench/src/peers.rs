@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// Which implementation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// pgfleet's pool.
@@ -50,7 +50,7 @@ impl Kind {
 }
 
 /// What one operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Op {
     /// Acquire and release, no query.
