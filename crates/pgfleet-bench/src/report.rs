@@ -76,6 +76,19 @@ fn find<'a>(r: &'a Results, op: &str, subject: &str, conc: usize) -> Option<&'a 
         .find(|x| x.op == op && x.subject == subject && x.concurrency == conc)
 }
 
+/// `subject`'s row for `op` at `conc` tasks, and its throughput against the
+/// dedicated connections'.
+fn against_dedicated<'a>(
+    r: &'a Results,
+    op: &str,
+    subject: &str,
+    conc: usize,
+) -> Option<(&'a Row, Ratio)> {
+    let ours = find(r, op, subject, conc)?;
+    let dedicated = find(r, op, "dedicated", conc)?;
+    Some((ours, Ratio::of(ours, dedicated)))
+}
+
 fn best_peer<'a>(r: &'a Results, op: &str, conc: usize) -> Option<&'a Row> {
     r.rows
         .iter()
@@ -251,13 +264,9 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     ];
     for b_op in b_ops {
         for conc in [16usize, 256, 1024] {
-            let (Some(ours), Some(dedicated)) = (
-                find(r, b_op, "pgfleet", conc),
-                find(r, b_op, "dedicated", conc),
-            ) else {
+            let Some((ours, ratio)) = against_dedicated(r, b_op, "pgfleet", conc) else {
                 continue;
             };
-            let ratio = Ratio::of(ours, dedicated);
             let _ = writeln!(
                 md,
                 "| (B) {b_op} at {conc} tasks >= 0.95x 16 dedicated connections | {ratio} | {} |",
@@ -319,13 +328,9 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     }
     for op in ["SELECT 1 (extended)", "SELECT 1 (simple)"] {
         for conc in [16usize, 256, 1024] {
-            let (Some(ours), Some(dedicated)) = (
-                find(r, op, "pgfleet-shared", conc),
-                find(r, op, "dedicated", conc),
-            ) else {
+            let Some((ours, ratio)) = against_dedicated(r, op, "pgfleet-shared", conc) else {
                 continue;
             };
-            let ratio = Ratio::of(ours, dedicated);
             let _ = writeln!(
                 md,
                 "| (shared) {op} at {conc} tasks >= 2x 16 dedicated connections, Jain >= 0.99 | {ratio}, Jain {:.3} | {} |",
