@@ -292,12 +292,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
             plan.push(("B/C queries".into(), op, c, with_baselines));
         }
     }
-    let total: usize = plan.iter().map(|p| p.3.len() * repeat).sum();
-    let mut done = 0;
     for step in &mut plan {
         step.3
             .retain(|(kind, _)| args.subjects.is_empty() || args.subjects.contains(kind));
     }
+    let total: usize = plan.iter().map(|p| p.3.len() * repeat).sum();
+    let mut done = 0;
     for (scenario, op, c, subjects) in plan {
         let mut samples: HashMap<&'static str, Vec<Sample>> = HashMap::new();
         for rep in 0..repeat {
