@@ -274,14 +274,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
     let b_ops: &[Op] = if args.quick {
-        &[Op::Select1Extended, Op::PointSimple]
+        &[Op::Select1Prepared, Op::PointSimple]
     } else {
-        &[
-            Op::Select1Extended,
-            Op::Select1Simple,
-            Op::PointExtended,
-            Op::PointSimple,
-        ]
+        &Op::QUERIES
     };
     for &op in b_ops.iter().filter(|_| wants('b')).filter(wants_op) {
         for &c in b_conc.iter().filter(wants_tasks) {
@@ -431,8 +426,6 @@ async fn measure_once(
     sample.elapsed = started.elapsed();
     let secs = sample.elapsed.as_secs_f64();
     let tick = 100.0; // USER_HZ on Linux
-                      // Backends that exit during the measurement take their ticks with them:
-                      // the server figure is a lower bound, never negative.
     sample.client_cpu = cpu_ticks_self().saturating_sub(cpu0.0) as f64 / tick / secs;
     sample.server_cpu = cpu_ticks_server(server_pid).saturating_sub(cpu0.1) as f64 / tick / secs;
     sample
@@ -509,8 +502,10 @@ fn aggregate(
     }
 }
 
-/// utime + stime of a process, in clock ticks, from /proc.
-fn cpu_ticks(pid: &str) -> u64 {
+/// utime + stime of a process, in clock ticks, from /proc; with
+/// `reaped_children`, also cutime + cstime: the CPU of its children that
+/// exited and were waited for.
+fn cpu_ticks_of(pid: &str, reaped_children: bool) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -519,23 +514,31 @@ fn cpu_ticks(pid: &str) -> u64 {
         return 0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime 15.
+    // rest starts at field 3 (state); utime is field 14, stime 15, cutime
+    // 16, cstime 17.
     let get = |i: usize| {
         fields
             .get(i - 3)
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    get(14) + get(15)
+    let own = get(14) + get(15);
+    if reaped_children {
+        own + get(16) + get(17)
+    } else {
+        own
+    }
 }
 
 fn cpu_ticks_self() -> u64 {
-    cpu_ticks("self")
+    cpu_ticks_of("self", false)
 }
 
-/// CPU of the postmaster and all its children (the backends).
+/// CPU of the postmaster and all its children (the backends), including
+/// backends that have exited since: the postmaster reaps them, and their
+/// ticks move to its children's times.
 fn cpu_ticks_server(postmaster: u32) -> u64 {
-    let mut total = cpu_ticks(&postmaster.to_string());
+    let mut total = cpu_ticks_of(&postmaster.to_string(), true);
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -553,7 +556,7 @@ fn cpu_ticks_server(postmaster: u32) -> u64 {
                 .and_then(|(_, r)| r.split_whitespace().nth(1))
                 .and_then(|p| p.parse::<u32>().ok());
             if ppid == Some(postmaster) {
-                total += cpu_ticks(pid);
+                total += cpu_ticks_of(pid, false);
             }
         }
     }

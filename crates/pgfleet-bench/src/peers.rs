@@ -60,25 +60,55 @@ pub enum Op {
     /// really queue for connections, so the pool's hand-off and its
     /// fairness are what is measured.
     AcquireYieldRelease,
-    /// `SELECT 1`, extended protocol in one round trip (`query_typed`; sqlx:
-    /// its cached prepared statement).
+    /// `SELECT 1` through a statement prepared once per connection (pgfleet,
+    /// deadpool: `prepare_cached`; the baselines prepare at start; sqlx: its
+    /// own statement cache; bb8 has no statement cache and runs `Select1Extended`).
+    Select1Prepared,
+    /// `SELECT 1`, extended protocol with an unnamed statement, in one round
+    /// trip (`query_typed`: the server parses and plans every time; sqlx: its
+    /// cached prepared statement).
     Select1Extended,
     /// `SELECT 1`, simple protocol.
     Select1Simple,
-    /// Indexed point query, extended protocol.
+    /// Indexed point query through a statement prepared once per connection
+    /// (as `Select1Prepared`).
+    PointPrepared,
+    /// Indexed point query, extended protocol, unnamed statement.
     PointExtended,
     /// Indexed point query, simple protocol.
     PointSimple,
 }
 
 impl Op {
+    /// The operations of scenario B, in report order.
+    pub const QUERIES: [Op; 6] = [
+        Op::Select1Prepared,
+        Op::Select1Extended,
+        Op::Select1Simple,
+        Op::PointPrepared,
+        Op::PointExtended,
+        Op::PointSimple,
+    ];
+
+    /// The operation a subject without a statement cache (bb8) runs instead:
+    /// a prepared query becomes the one-round-trip unnamed statement.
+    fn without_statement_cache(self) -> Op {
+        match self {
+            Op::Select1Prepared => Op::Select1Extended,
+            Op::PointPrepared => Op::PointExtended,
+            op => op,
+        }
+    }
+
     /// Display name.
     pub fn name(self) -> &'static str {
         match self {
             Op::AcquireRelease => "acquire+release",
             Op::AcquireYieldRelease => "acquire+yield+release",
+            Op::Select1Prepared => "SELECT 1 (prepared)",
             Op::Select1Extended => "SELECT 1 (extended)",
             Op::Select1Simple => "SELECT 1 (simple)",
+            Op::PointPrepared => "point query (prepared)",
             Op::PointExtended => "point query (extended)",
             Op::PointSimple => "point query (simple)",
         }
@@ -97,9 +127,9 @@ pub enum Subject {
     /// sqlx.
     Sqlx(sqlx::PgPool),
     /// Dedicated connections: task `i` uses connection `i % n`.
-    Dedicated(Arc<Vec<tokio_postgres::Client>>),
+    Dedicated(Arc<Vec<RawClient>>),
     /// One shared connection.
-    Pipelined(Arc<tokio_postgres::Client>),
+    Pipelined(Arc<RawClient>),
     /// pgfleet in shared mode.
     PgfleetShared(pgfleet::Pool),
     /// Nothing.
@@ -109,16 +139,46 @@ pub enum Subject {
 /// Point-query table rows.
 pub const ROWS: i32 = 10_000;
 
+/// The `SELECT 1` statement.
+const SELECT1: &str = "SELECT 1";
+/// The point query (the table is created by the harness).
+const POINT: &str = "SELECT v FROM bench WHERE id = $1";
+
+/// A raw tokio-postgres connection (a baseline) with the benchmark's
+/// statements prepared on it once.
+pub struct RawClient {
+    client: tokio_postgres::Client,
+    select1: tokio_postgres::Statement,
+    point: tokio_postgres::Statement,
+}
+
+impl RawClient {
+    async fn connect(url: &str) -> Result<RawClient, BoxError> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(conn);
+        let select1 = client.prepare(SELECT1).await?;
+        let point = client.prepare(POINT).await?;
+        Ok(RawClient {
+            client,
+            select1,
+            point,
+        })
+    }
+
+    /// The statement prepared for `sql` (one of the two above).
+    fn statement(&self, sql: &str) -> tokio_postgres::Statement {
+        if sql == SELECT1 {
+            self.select1.clone()
+        } else {
+            self.point.clone()
+        }
+    }
+}
+
 /// `shared_connections` of the shared-mode subject (the library default).
 pub const SHARED_CONNECTIONS: u32 = 2;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, BoxError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
 
 /// The sqlx operation, boxed: sqlx's `Executor` bounds are higher-ranked,
 /// and an unboxed future of them is not provably `Send` inside `spawn`.
@@ -132,15 +192,17 @@ fn sqlx_run(
         match op {
             Op::AcquireRelease => {}
             Op::AcquireYieldRelease => tokio::task::yield_now().await,
-            Op::Select1Extended => {
-                sqlx::query("SELECT 1").fetch_one(conn.as_mut()).await?;
+            // sqlx prepares and caches every statement it runs with
+            // arguments or through `query`.
+            Op::Select1Prepared | Op::Select1Extended => {
+                sqlx::query(SELECT1).fetch_one(conn.as_mut()).await?;
             }
             Op::Select1Simple => {
                 // A plain string without arguments runs unprepared (simple protocol).
-                sqlx::Executor::execute(conn.as_mut(), "SELECT 1").await?;
+                sqlx::Executor::execute(conn.as_mut(), SELECT1).await?;
             }
-            Op::PointExtended => {
-                sqlx::query("SELECT v FROM bench WHERE id = $1")
+            Op::PointPrepared | Op::PointExtended => {
+                sqlx::query(POINT)
                     .bind(key)
                     .fetch_one(conn.as_mut())
                     .await?;
@@ -214,11 +276,11 @@ impl Subject {
             Kind::Dedicated => {
                 let mut clients = Vec::new();
                 for _ in 0..size {
-                    clients.push(raw_connect(url).await?);
+                    clients.push(RawClient::connect(url).await?);
                 }
                 Subject::Dedicated(Arc::new(clients))
             }
-            Kind::Pipelined => Subject::Pipelined(Arc::new(raw_connect(url).await?)),
+            Kind::Pipelined => Subject::Pipelined(Arc::new(RawClient::connect(url).await?)),
             Kind::Noop => Subject::Noop,
         })
     }
@@ -261,24 +323,31 @@ impl Subject {
 
     /// Runs one operation for task `task`.
     pub async fn run(&self, op: Op, task: usize, key: i32) -> Result<(), BoxError> {
+        // Runs `$op` on client `$c`; `$prepare(sql)` is the subject's
+        // statement for `sql`, as a future.
         macro_rules! on_client {
-            ($c:expr) => {{
+            ($op:expr, $c:expr, $prepare:expr) => {{
                 let c: &tokio_postgres::Client = $c;
-                match op {
+                match $op {
                     Op::AcquireRelease => {}
                     Op::AcquireYieldRelease => tokio::task::yield_now().await,
+                    Op::Select1Prepared => {
+                        let statement = $prepare(SELECT1).await?;
+                        c.query(&statement, &[]).await?;
+                    }
                     Op::Select1Extended => {
-                        c.query_typed("SELECT 1", &[]).await?;
+                        c.query_typed(SELECT1, &[]).await?;
                     }
                     Op::Select1Simple => {
-                        c.simple_query("SELECT 1").await?;
+                        c.simple_query(SELECT1).await?;
+                    }
+                    Op::PointPrepared => {
+                        let statement = $prepare(POINT).await?;
+                        c.query(&statement, &[&key]).await?;
                     }
                     Op::PointExtended => {
-                        c.query_typed(
-                            "SELECT v FROM bench WHERE id = $1",
-                            &[(&key, tokio_postgres::types::Type::INT4)],
-                        )
-                        .await?;
+                        c.query_typed(POINT, &[(&key, tokio_postgres::types::Type::INT4)])
+                            .await?;
                     }
                     Op::PointSimple => {
                         c.simple_query(&format!("SELECT v FROM bench WHERE id = {key}"))
@@ -287,24 +356,31 @@ impl Subject {
                 }
             }};
         }
+        // The baselines' statements were prepared at start.
+        let ready = |raw: &RawClient, sql: &str| {
+            std::future::ready(Ok::<_, tokio_postgres::Error>(raw.statement(sql)))
+        };
         match self {
             Subject::Pgfleet(p) => {
                 let conn = p.get().await?;
-                on_client!(&conn);
+                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
             }
             Subject::Deadpool(p) => {
                 let conn = p.get().await?;
-                on_client!(&conn);
+                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
             }
             Subject::Bb8(p) => {
                 let conn = p.get().await?;
-                on_client!(&conn);
+                on_client!(op.without_statement_cache(), &conn, |sql| conn.prepare(sql));
             }
-            Subject::Dedicated(clients) => on_client!(&clients[task % clients.len()]),
-            Subject::Pipelined(client) => on_client!(client),
+            Subject::Dedicated(clients) => {
+                let raw = &clients[task % clients.len()];
+                on_client!(op, &raw.client, |sql| ready(raw, sql));
+            }
+            Subject::Pipelined(raw) => on_client!(op, &raw.client, |sql| ready(raw, sql)),
             Subject::PgfleetShared(p) => {
                 let conn = p.shared().await?;
-                on_client!(&conn);
+                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
             }
             Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
             Subject::Noop if op == Op::AcquireYieldRelease => tokio::task::yield_now().await,

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::peers::Op;
 use crate::{median, Results, Row};
 
 /// The terminal table.
@@ -182,8 +183,13 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
          connection at once) and, with more tasks than connections, `A contended` = `acquire+yield+release` (each \
          task holds its connection across one `yield_now`, so the tasks really queue for the 16 connections and \
          the pool's hand-off and FIFO order are what is measured). \
-         CPU columns are cores busy on average (server: postmaster and its children; a lower bound, since \
-         backends that exit take their ticks with them).\n"
+         Scenario B runs each query three ways: `prepared` (a statement prepared once per connection: \
+         pgfleet and deadpool `prepare_cached`, the baselines prepare at start, sqlx its own statement cache; \
+         bb8 has no statement cache and runs the `extended` form instead), `extended` (an unnamed statement \
+         sent with every call in one round trip, `query_typed`: the server parses and plans every time; sqlx \
+         again its cached statement) and `simple` (simple query protocol, no parameters). \
+         CPU columns are cores busy on average (server: the postmaster and its backends, including those \
+         that exited during the measurement).\n"
     );
     let _ = writeln!(
         md,
@@ -196,7 +202,7 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     );
     let _ = writeln!(
         md,
-        "![throughput and p99 of SELECT 1 by concurrency](benchmarks.svg)\n"
+        "![throughput and p99 of SELECT 1 (prepared) by concurrency](benchmarks.svg)\n"
     );
 
     let _ = writeln!(md, "## Targets (ratios from this run)\n");
@@ -255,14 +261,8 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
         }
     }
     // (B) on every query of the scenario: `SELECT 1` and the point query,
-    // extended and simple protocol.
-    let b_ops = [
-        "SELECT 1 (extended)",
-        "SELECT 1 (simple)",
-        "point query (extended)",
-        "point query (simple)",
-    ];
-    for b_op in b_ops {
+    // prepared, unnamed (extended) and simple protocol.
+    for b_op in Op::QUERIES.map(Op::name) {
         for conc in [16usize, 256, 1024] {
             let Some((ours, ratio)) = against_dedicated(r, b_op, "pgfleet", conc) else {
                 continue;
@@ -326,7 +326,8 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
             verdict(ratio >= 10.0)
         );
     }
-    for op in ["SELECT 1 (extended)", "SELECT 1 (simple)"] {
+    let select1 = [Op::Select1Prepared, Op::Select1Extended, Op::Select1Simple];
+    for op in select1.map(Op::name) {
         for conc in [16usize, 256, 1024] {
             let Some((ours, ratio)) = against_dedicated(r, op, "pgfleet-shared", conc) else {
                 continue;
@@ -375,7 +376,7 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     }
     std::fs::write(path, md)?;
     let svg_path = path.with_file_name("benchmarks.svg");
-    std::fs::write(svg_path, svg(r, "SELECT 1 (extended)"))
+    std::fs::write(svg_path, svg(r, Op::Select1Prepared.name()))
 }
 
 /// Two panels: throughput and p99 by concurrency, one line per subject.

@@ -72,6 +72,10 @@ pub struct PoolConfig {
     /// (`shared_connections`). Default 2, range 1..=10000; at most
     /// `max_size` are used.
     pub shared_connections: u32,
+    /// Prepared statements each connection keeps for `prepare_cached`
+    /// (`statement_cache_size`); past it the least recently used is closed.
+    /// Default 256, range 0..=100000; 0 caches nothing.
+    pub statement_cache_size: usize,
 }
 
 impl Default for PoolConfig {
@@ -91,6 +95,7 @@ impl Default for PoolConfig {
             application_name: "pgfleet".to_owned(),
             server_settings: BTreeMap::new(),
             shared_connections: 2,
+            statement_cache_size: 256,
         }
     }
 }
@@ -101,6 +106,8 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Upper bound of pool sizes.
 const MAX_POOL_SIZE: u64 = 10_000;
+/// Upper bound of per-connection statement caches.
+const MAX_STATEMENT_CACHE: u64 = 100_000;
 
 /// What [`PoolConfig::problem`] found: the field (canonical key), its value
 /// as shown, and what is wrong.
@@ -186,6 +193,13 @@ impl PoolConfig {
                 "shared_connections",
                 &self.shared_connections,
                 "expected 1..=10000",
+            );
+        }
+        if self.statement_cache_size as u64 > MAX_STATEMENT_CACHE {
+            return bad(
+                "statement_cache_size",
+                &self.statement_cache_size,
+                "expected 0..=100000",
             );
         }
         if self.max_queries == Some(0) {
@@ -373,6 +387,7 @@ pub(crate) const CANONICAL_KEYS: &[&str] = &[
     "application_name",
     "server_settings",
     "shared_connections",
+    "statement_cache_size",
 ];
 
 /// Every accepted name and the canonical key it sets.
@@ -505,6 +520,9 @@ impl PoolSettings {
             "max_size" => Typed::Count(count(raw, 1, MAX_POOL_SIZE).map_err(fail)?),
             "max_overflow" => Typed::Count(count(raw, 0, MAX_POOL_SIZE).map_err(fail)?),
             "shared_connections" => Typed::Count(count(raw, 1, MAX_POOL_SIZE).map_err(fail)?),
+            "statement_cache_size" => {
+                Typed::Count(count(raw, 0, MAX_STATEMENT_CACHE).map_err(fail)?)
+            }
             "max_queries" => match raw {
                 _ if is_off(raw) => Typed::Duration(None),
                 _ => Typed::Count(count(raw, 1, u64::MAX).map_err(fail)?),
@@ -758,6 +776,11 @@ impl PoolSettings {
                 .map_or(defaults.shared_connections, |(n, _)| {
                     u32::try_from(n).unwrap_or(u32::MAX)
                 }),
+            statement_cache_size: self
+                .count("statement_cache_size")
+                .map_or(defaults.statement_cache_size, |(n, _)| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
         };
         if let (Some(command), Some(settings)) = (
             config.command_timeout.and(self.get("command_timeout")),
@@ -879,6 +902,10 @@ impl PoolSettings {
             ("leak_threshold", fmt_d(config.leak_threshold)),
             ("application_name", config.application_name.clone()),
             ("shared_connections", config.shared_connections.to_string()),
+            (
+                "statement_cache_size",
+                config.statement_cache_size.to_string(),
+            ),
         ]);
         if !config.server_settings.is_empty() {
             let shown: Vec<String> = config
@@ -1155,6 +1182,8 @@ mod tests {
             ("server_settings", RawValue::Map(vec![("Bad Name".into(), "1".into())]), "setting \"Bad Name\""),
             ("url", "mysql://x".into(), "must start with postgres://"),
             ("password", RawValue::List(vec![]), "password = ***"),
+            ("statement_cache_size", RawValue::Int(-1), "statement_cache_size = -1"),
+            ("statement_cache_size", RawValue::Int(100_001), "expected a whole number in 0..=100000"),
         ] {
             let err = settings(&[(key, value)]).unwrap_err();
             assert!(err.is_config());
@@ -1353,6 +1382,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("application_name"));
+        let bad = PoolConfig {
+            statement_cache_size: 100_001,
+            ..PoolConfig::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "invalid configuration: statement_cache_size = 100001 (code): expected 0..=100000"
+        );
+    }
+
+    #[test]
+    fn statement_cache_size_is_read_and_zero_allowed() {
+        let (_, c) = settings(&[("statement_cache_size", RawValue::Int(0))])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.statement_cache_size, 0);
+        let (_, c) = settings(&[]).unwrap().resolve().unwrap();
+        assert_eq!(c.statement_cache_size, 256);
     }
 
     fn raw_scalar() -> impl Strategy<Value = RawValue> {

@@ -12,6 +12,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::config::PoolConfig;
 use crate::error::Error;
+use crate::statements::StatementCache;
 use crate::tap::{Socket, TapState, TapStream};
 use crate::target::{Host, Target};
 
@@ -22,6 +23,8 @@ pub(crate) struct RawConn {
     /// The task driving the connection; aborting it drops the socket.
     pub(crate) driver: AbortHandle,
     pub(crate) created: Instant,
+    /// Statements prepared through the pool on this connection.
+    pub(crate) statements: StatementCache,
 }
 
 impl RawConn {
@@ -89,10 +92,12 @@ pub(crate) async fn open_socket(target: &Target) -> std::io::Result<Socket> {
     })
 }
 
-/// Opens one connection (no timeout here: the caller bounds it).
+/// Opens one connection (no timeout here: the caller bounds it), with room
+/// for `statement_cache_size` cached statements.
 pub(crate) async fn connect(
     target: &Target,
     pg: &tokio_postgres::Config,
+    statement_cache_size: usize,
 ) -> Result<RawConn, Error> {
     let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
     let socket = open_socket(target)
@@ -116,6 +121,7 @@ pub(crate) async fn connect(
         tap,
         driver,
         created: Instant::now(),
+        statements: StatementCache::new(statement_cache_size),
     })
 }
 

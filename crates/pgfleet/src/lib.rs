@@ -21,6 +21,7 @@ pub mod layered;
 pub mod metrics;
 pub mod pool;
 pub mod shared;
+mod statements;
 pub mod stats;
 mod tap;
 pub mod target;

@@ -168,6 +168,22 @@ pub fn registry(stats: &FleetStats) -> Registry {
             counter_family(&mut registry, "shared_leases", "Leases in shared mode"),
             |p| p.counters.shared_leases,
         ),
+        (
+            counter_family(
+                &mut registry,
+                "statements_prepared",
+                "Statements prepared on a statement-cache miss",
+            ),
+            |p| p.counters.statements_prepared,
+        ),
+        (
+            counter_family(
+                &mut registry,
+                "statement_cache_hits",
+                "prepare_cached calls served from the cache",
+            ),
+            |p| p.counters.statement_cache_hits,
+        ),
     ];
     let closed = Family::<ClosedLabel, Counter>::default();
     registry.register(

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Error as PgError, NoTls, Statement};
 
 use crate::budget::{ServerBudget, Unit};
 use crate::config::PoolConfig;
@@ -449,7 +450,11 @@ async fn open(shared: Arc<Shared>, mut slot: Slot) {
     let started = Instant::now();
     let result = match timeout(
         shared.config.connect_timeout,
-        conn::connect(&shared.target, &shared.pg),
+        conn::connect(
+            &shared.target,
+            &shared.pg,
+            shared.config.statement_cache_size,
+        ),
     )
     .await
     {
@@ -773,9 +778,11 @@ impl Pool {
     ///
     /// Only single autocommit statements without session state belong here:
     /// no `BEGIN`/`COMMIT`, `SET`, temporary tables, `LISTEN`, advisory locks,
-    /// cursors, or prepared statements kept beyond the lease. Use [`get`]
-    /// for those. A connection found inside a transaction when a lease ends
-    /// is taken out of service with a warning and rolled back.
+    /// cursors, or prepared statements kept beyond the lease. Statements from
+    /// [`SharedConnection::prepare_cached`] belong to the connection and stay
+    /// cached there; use each through the lease that returned it. Use
+    /// [`get`] for the rest. A connection found inside a transaction when a
+    /// lease ends is taken out of service with a warning and rolled back.
     ///
     /// The lease goes to the shared connection with the fewest leases. While
     /// every one has a lease out and fewer than `shared_connections` exist,
@@ -1224,6 +1231,51 @@ impl PooledConnection {
     /// How long this connection has been held.
     pub fn held_for(&self) -> Duration {
         self.acquired_at.elapsed()
+    }
+
+    /// The statement for `sql`, prepared once per connection: later calls on
+    /// the same connection, by any caller, reuse it without a round trip, and
+    /// the server skips parsing and planning when it runs. Up to
+    /// `statement_cache_size` statements are kept per connection.
+    ///
+    /// A statement belongs to the connection that prepared it: run it on
+    /// this guard only, never on another connection (where its name may
+    /// stand for another statement). Run `DISCARD ALL` or `DEALLOCATE ALL`
+    /// only together with
+    /// [`clear_statement_cache`](Self::clear_statement_cache): they drop the
+    /// statements on the server, not in the cache.
+    ///
+    /// # Errors
+    /// The server's error preparing `sql` (nothing is cached then).
+    pub async fn prepare_cached(&self, sql: &str) -> std::result::Result<Statement, PgError> {
+        self.prepare_typed_cached(sql, &[]).await
+    }
+
+    /// [`prepare_cached`](Self::prepare_cached) with parameter types given
+    /// (others inferred by the server); each list of types is its own entry.
+    ///
+    /// # Errors
+    /// The server's error preparing `sql`.
+    pub async fn prepare_typed_cached(
+        &self,
+        sql: &str,
+        types: &[Type],
+    ) -> std::result::Result<Statement, PgError> {
+        let raw = &self.conn().raw;
+        raw.statements
+            .prepare(&raw.client, &self.pool.counters, sql, types)
+            .await
+    }
+
+    /// Statements cached on this connection.
+    pub fn cached_statements(&self) -> usize {
+        self.conn().raw.statements.len()
+    }
+
+    /// Forgets this connection's cached statements, after `DISCARD ALL` or
+    /// `DEALLOCATE ALL` removed them on the server.
+    pub fn clear_statement_cache(&self) {
+        self.conn().raw.statements.clear();
     }
 
     fn conn(&self) -> &Conn {

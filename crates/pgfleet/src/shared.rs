@@ -24,7 +24,9 @@
 //! state — queries, inserts, updates, deletes, each on its own. What may not:
 //! `BEGIN`/`COMMIT` (other tasks' statements would run inside the
 //! transaction), `SET`, temporary tables, `LISTEN`, advisory locks, cursors,
-//! and prepared statements used beyond the lease that prepared them. The
+//! and prepared statements used beyond the lease that prepared them (a
+//! statement from [`SharedConnection::prepare_cached`] belongs to the
+//! connection, not the lease, and is the fastest way to run one). The
 //! guard only derefs to `&Client`, so `Client::transaction` (which needs
 //! `&mut`) cannot be reached; a lane that is found inside a transaction when
 //! a lease ends is taken out of service at once (with a warning naming the
@@ -39,7 +41,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Error as PgError, Statement};
 
 use crate::pool::{Conn, Shared};
 use crate::tap::TxStatus;
@@ -329,6 +332,40 @@ impl SharedConnection {
     /// Where this lease was taken (`shared()`'s caller).
     pub fn location(&self) -> &'static Location<'static> {
         self.location
+    }
+
+    /// The statement for `sql`, prepared once on this lease's connection
+    /// and shared by every lease on it, as
+    /// [`PooledConnection::prepare_cached`](crate::PooledConnection::prepare_cached).
+    /// This is the fastest way to run a statement in shared mode: the server
+    /// skips parsing and planning, and the statement lives as long as the
+    /// connection, not the lease. Run it through this lease only: another
+    /// lease may be on another connection.
+    ///
+    /// # Errors
+    /// The server's error preparing `sql` (nothing is cached then).
+    pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, PgError> {
+        self.prepare_typed_cached(sql, &[]).await
+    }
+
+    /// [`prepare_cached`](Self::prepare_cached) with parameter types given.
+    ///
+    /// # Errors
+    /// The server's error preparing `sql`.
+    pub async fn prepare_typed_cached(
+        &self,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Statement, PgError> {
+        let raw = &self.lane.conn().raw;
+        raw.statements
+            .prepare(&raw.client, &self.lane.pool.counters, sql, types)
+            .await
+    }
+
+    /// Statements cached on this lease's connection.
+    pub fn cached_statements(&self) -> usize {
+        self.lane.conn().raw.statements.len()
     }
 }
 

@@ -143,6 +143,8 @@ pub(crate) struct Counters {
     pub(crate) health_checks: AtomicU64,
     pub(crate) leaks_reported: AtomicU64,
     pub(crate) shared_leases: AtomicU64,
+    pub(crate) statements_prepared: AtomicU64,
+    pub(crate) statement_cache_hits: AtomicU64,
     pub(crate) wait: Histogram,
     pub(crate) hold: Histogram,
     pub(crate) connect: Histogram,
@@ -168,6 +170,8 @@ impl Counters {
             health_checks: z(),
             leaks_reported: z(),
             shared_leases: z(),
+            statements_prepared: z(),
+            statement_cache_hits: z(),
             wait: Histogram::new(),
             hold: Histogram::new(),
             connect: Histogram::new(),
@@ -208,6 +212,8 @@ impl Counters {
             health_checks: r(&self.health_checks),
             leaks_reported: r(&self.leaks_reported),
             shared_leases: r(&self.shared_leases),
+            statements_prepared: r(&self.statements_prepared),
+            statement_cache_hits: r(&self.statement_cache_hits),
         }
     }
 }
@@ -268,6 +274,11 @@ pub struct CounterStats {
     pub leaks_reported: u64,
     /// Leases handed out in shared mode (`Pool::shared`).
     pub shared_leases: u64,
+    /// Statements prepared by `prepare_cached` because the connection had
+    /// none cached for the text (cache misses).
+    pub statements_prepared: u64,
+    /// `prepare_cached` calls served from a connection's statement cache.
+    pub statement_cache_hits: u64,
 }
 
 /// Timings of one pool.

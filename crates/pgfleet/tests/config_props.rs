@@ -38,6 +38,7 @@ const KEYS: &[&str] = &[
     "application_name",
     "server_settings",
     "shared_connections",
+    "statement_cache_size",
 ];
 
 /// Where a key can be written: (file, text before the key, indentation).

@@ -1,0 +1,191 @@
+//! The per-connection statement cache (`prepare_cached`): a statement is
+//! prepared once per connection and reused by later callers; the cache is
+//! bounded and closes what it drops on the server; failures are not cached;
+//! shared-mode leases share their connection's statements.
+
+mod common;
+
+use common::{app, cluster, config, target};
+use pgfleet::{Pool, PooledConnection};
+use tokio_postgres::types::Type;
+
+/// The texts of the statements prepared on this connection, oldest first,
+/// as the server lists them (asked with an unnamed statement, which the
+/// list does not show).
+async fn server_statements(conn: &PooledConnection) -> Vec<String> {
+    conn.query_typed(
+        "SELECT statement FROM pg_prepared_statements ORDER BY prepare_time",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_is_prepared_once_per_connection_and_reused() {
+    let app = app("stmt_reuse");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let sql = "SELECT $1::int4 + 1";
+    {
+        let conn = pool.get().await.unwrap();
+        let statement = conn.prepare_cached(sql).await.unwrap();
+        conn.prepare_cached(sql).await.unwrap();
+        let row = conn.query_one(&statement, &[&41i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+    }
+    // The one connection comes back with its statement: no new prepare.
+    let conn = pool.get().await.unwrap();
+    let statement = conn.prepare_cached(sql).await.unwrap();
+    let row = conn.query_one(&statement, &[&1i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert_eq!(conn.cached_statements(), 1);
+    assert_eq!(server_statements(&conn).await, vec![sql.to_owned()]);
+    let counters = pool.stats().counters;
+    assert_eq!(counters.statements_prepared, 1);
+    assert_eq!(counters.statement_cache_hits, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_recently_used_statement_is_closed_when_the_cache_is_full() {
+    let app = app("stmt_evict");
+    let mut cfg = config(&app, 0, 1);
+    cfg.statement_cache_size = 2;
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let conn = pool.get().await.unwrap();
+    conn.prepare_cached("SELECT 'a'").await.unwrap();
+    conn.prepare_cached("SELECT 'b'").await.unwrap();
+    // `a` is used again, so `b` is now the least recently used.
+    conn.prepare_cached("SELECT 'a'").await.unwrap();
+    conn.prepare_cached("SELECT 'c'").await.unwrap();
+    assert_eq!(conn.cached_statements(), 2);
+    assert_eq!(server_statements(&conn).await, ["SELECT 'a'", "SELECT 'c'"]);
+    // `b` is prepared anew on its next use, and `a` makes room for it.
+    let b = conn.prepare_cached("SELECT 'b'").await.unwrap();
+    let row = conn.query_one(&b, &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "b");
+    assert_eq!(server_statements(&conn).await, ["SELECT 'c'", "SELECT 'b'"]);
+    let counters = pool.stats().counters;
+    assert_eq!(
+        (counters.statements_prepared, counters.statement_cache_hits),
+        (4, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameter_types_make_separate_entries() {
+    let app = app("stmt_types");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let conn = pool.get().await.unwrap();
+    let sql = "SELECT $1";
+    let int4 = conn.prepare_typed_cached(sql, &[Type::INT4]).await.unwrap();
+    let int8 = conn.prepare_typed_cached(sql, &[Type::INT8]).await.unwrap();
+    assert_eq!(int4.params(), &[Type::INT4]);
+    assert_eq!(int8.params(), &[Type::INT8]);
+    let again = conn.prepare_typed_cached(sql, &[Type::INT8]).await.unwrap();
+    assert_eq!(again.params(), &[Type::INT8]);
+    let row = conn.query_one(&again, &[&7i64]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 7);
+    assert_eq!(conn.cached_statements(), 2);
+    assert_eq!(server_statements(&conn).await, [sql, sql]);
+    let counters = pool.stats().counters;
+    assert_eq!(
+        (counters.statements_prepared, counters.statement_cache_hits),
+        (2, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_prepare_is_not_cached_and_size_zero_caches_nothing() {
+    let app = app("stmt_fail");
+    let mut cfg = config(&app, 0, 1);
+    cfg.statement_cache_size = 0;
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let conn = pool.get().await.unwrap();
+    let error = conn.prepare_cached("SELEC 1").await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::SYNTAX_ERROR)
+    );
+    let first = conn.prepare_cached("SELECT 1").await.unwrap();
+    let second = conn.prepare_cached("SELECT 1").await.unwrap();
+    // Two statements on the server while both are held; none in the cache.
+    assert_eq!(server_statements(&conn).await, ["SELECT 1", "SELECT 1"]);
+    drop((first, second));
+    assert_eq!(server_statements(&conn).await, Vec::<String>::new());
+    assert_eq!(conn.cached_statements(), 0);
+    let counters = pool.stats().counters;
+    assert_eq!(
+        (counters.statements_prepared, counters.statement_cache_hits),
+        (2, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_the_cache_follows_deallocate_all() {
+    let app = app("stmt_clear");
+    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let conn = pool.get().await.unwrap();
+    let sql = "SELECT 2";
+    let stale = conn.prepare_cached(sql).await.unwrap();
+    conn.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let error = conn.query(&stale, &[]).await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
+    );
+    conn.clear_statement_cache();
+    assert_eq!(conn.cached_statements(), 0);
+    let fresh = conn.prepare_cached(sql).await.unwrap();
+    let row = conn.query_one(&fresh, &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_leases_share_their_connections_statements() {
+    let app = app("stmt_shared");
+    let mut cfg = config(&app, 0, 4);
+    cfg.shared_connections = 2;
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let sql = "SELECT $1::int4 * 2";
+    let (tasks, rounds) = (50i32, 20i32);
+    let mut handles = Vec::new();
+    for i in 0..tasks {
+        let pool = pool.clone();
+        handles.push(tokio::spawn(async move {
+            for j in 0..rounds {
+                let conn = pool.shared().await.unwrap();
+                let statement = conn.prepare_cached(sql).await.unwrap();
+                let row = conn.query_one(&statement, &[&(i + j)]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), 2 * (i + j));
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let counters = pool.stats().counters;
+    let calls = u64::try_from(tasks * rounds).unwrap();
+    assert_eq!(
+        counters.statements_prepared + counters.statement_cache_hits,
+        calls
+    );
+    // Only callers that missed together before the first prepare finished
+    // prepare again: at most one per task per lane.
+    assert!(
+        counters.statements_prepared <= 2 * u64::try_from(tasks).unwrap(),
+        "{counters:?}"
+    );
+    // Each lane keeps one statement; race losers' copies were closed.
+    for _ in 0..4 {
+        let conn = pool.shared().await.unwrap();
+        assert_eq!(conn.cached_statements(), 1);
+        let rows = conn
+            .query_typed("SELECT count(*) FROM pg_prepared_statements", &[])
+            .await
+            .unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), 1);
+    }
+}
