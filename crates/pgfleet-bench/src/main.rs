@@ -60,6 +60,14 @@ struct Args {
     /// the markdown report.
     #[arg(long, value_delimiter = ',', value_enum)]
     subjects: Vec<Kind>,
+    /// Internal (scenario F): measure the memory of one subject's idle
+    /// connections in this fresh process, against `--probe-url`, and print
+    /// KiB per connection.
+    #[arg(long, hide = true, value_enum, requires = "probe_url")]
+    memory_probe: Option<Kind>,
+    /// Internal: the server of `--memory-probe`.
+    #[arg(long, hide = true)]
+    probe_url: Option<String>,
 }
 
 fn parse_scenario(s: &str) -> Result<char, String> {
@@ -162,6 +170,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if let (Some(kind), Some(url)) = (args.memory_probe, &args.probe_url) {
+        match runtime.block_on(memory_probe(kind, url)) {
+            Ok(kib) => println!("{kib}"),
+            Err(e) => {
+                eprintln!("pgfleet-bench --memory-probe: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Err(e) = runtime.block_on(run(args)) {
         eprintln!("pgfleet-bench: {e}");
         std::process::exit(1);
@@ -227,8 +245,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .into(),
     );
 
-    // Scenario F first, while the heap is fresh: later scenarios leave freed
-    // memory behind that new connections would reuse unseen.
+    // Scenario F (in processes of its own) first, before the other
+    // scenarios load the machine.
     let memory = if wants('f') {
         memory(&url).await?
     } else {
@@ -702,23 +720,64 @@ fn rss_kib() -> f64 {
         .map_or(0.0, |pages| pages * 4.0)
 }
 
+/// Idle connections opened per memory probe.
+const PROBE_CONNECTIONS: u32 = 64;
+/// Memory probes per subject (the median is reported).
+const PROBES: usize = 3;
+
 /// Scenario F: memory added by 64 idle pooled connections, per connection.
+/// Every subject is measured in a fresh process of this binary
+/// (`--memory-probe`), several times in rotation: in one process, a pool
+/// measured after another would reuse the heap the first one freed and look
+/// cheaper than it is.
 async fn memory(url: &str) -> Result<Vec<MemoryRow>, BoxError> {
-    const N: u32 = 64;
-    let mut out = Vec::new();
-    for kind in Kind::POOLS {
-        let before = rss_kib();
-        let s = Subject::build(kind, url, N, 0).await?;
-        s.fill(N as usize).await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = rss_kib();
-        out.push(MemoryRow {
-            subject: kind.name(),
-            kib_per_connection: (after - before) / f64::from(N),
-        });
-        s.close().await;
+    let exe = std::env::current_exe()?;
+    let mut samples: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    for _ in 0..PROBES {
+        for kind in Kind::POOLS {
+            let name = clap::ValueEnum::to_possible_value(&kind)
+                .ok_or("every kind has a name")?
+                .get_name()
+                .to_owned();
+            let mut probe = std::process::Command::new(&exe);
+            probe.args(["--memory-probe", &name, "--probe-url", url]);
+            let output = tokio::task::spawn_blocking(move || probe.output()).await??;
+            let text = String::from_utf8_lossy(&output.stdout);
+            if !output.status.success() {
+                return Err(format!(
+                    "memory probe of {} failed: {}",
+                    kind.name(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )
+                .into());
+            }
+            let kib: f64 = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("memory probe of {} printed {text:?}", kind.name()))?;
+            samples.entry(kind.name()).or_default().push(kib);
+        }
     }
-    Ok(out)
+    Ok(Kind::POOLS
+        .iter()
+        .map(|kind| MemoryRow {
+            subject: kind.name(),
+            kib_per_connection: median(samples.remove(kind.name()).unwrap_or_default()),
+        })
+        .collect())
+}
+
+/// One memory probe (in its own process): RSS added by opening
+/// `PROBE_CONNECTIONS` connections of `kind` and leaving them idle, per
+/// connection.
+async fn memory_probe(kind: Kind, url: &str) -> Result<f64, BoxError> {
+    let before = rss_kib();
+    let s = Subject::build(kind, url, PROBE_CONNECTIONS, 0).await?;
+    s.fill(PROBE_CONNECTIONS as usize).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = rss_kib();
+    s.close().await;
+    Ok((after - before) / f64::from(PROBE_CONNECTIONS))
 }
 
 #[cfg(test)]

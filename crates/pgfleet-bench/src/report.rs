@@ -370,7 +370,13 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
             l.registry, l.threads, l.lookups_per_s, l.lookups_per_s_min, l.ns_per_lookup
         );
     }
-    let _ = writeln!(md, "\n## F: client memory per idle pooled connection\n\n| subject | KiB per connection |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "\n## F: client memory per idle pooled connection\n\n\
+         Resident memory added by opening 64 connections and leaving them idle, divided by 64; each \
+         subject measured in a fresh process of the harness (so no pool reuses a heap another one freed), \
+         three times in rotation, median.\n\n| subject | KiB per connection |\n|---|---|"
+    );
     for m in &r.memory {
         let _ = writeln!(md, "| {} | {:.1} |", m.subject, m.kib_per_connection);
     }
