@@ -120,7 +120,10 @@ impl Store {
              WHERE user_id = $1 AND tsv @@ q ORDER BY score DESC, id DESC LIMIT $3",
             self.layer.table()
         );
-        let rows = conn.query(&sql, &[&user, &tsquery, &top_k]).await?;
+        // Prepared once per connection: later searches skip the parse and
+        // plan, and the round trip that preparing takes.
+        let search = conn.prepare_cached(&sql).await?;
+        let rows = conn.query(&search, &[&user, &tsquery, &top_k]).await?;
         Ok(rows
             .iter()
             .map(|r| Hit {
@@ -203,24 +206,39 @@ impl UserServices {
         messages: &[Message],
     ) -> Result<Stored, crate::api::ApiError> {
         let mut conn = self.m0.pool.get().await?;
-        let tx = conn.transaction().await?;
-        let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
-        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        tx.execute(
-            "INSERT INTO m0_messages (user_id, session_id, role, content) \
-             SELECT $1, $2, r, c FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS t(r, c, n) ORDER BY n",
-            &[&self.user, &session, &roles, &contents],
-        )
-        .await?;
+        // The connection's cached statements (prepared on its first use).
+        let insert_messages = conn
+            .prepare_cached(
+                "INSERT INTO m0_messages (user_id, session_id, role, content) \
+                 SELECT $1, $2, r, c FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS t(r, c, n) ORDER BY n",
+            )
+            .await?;
         // Pending messages: after the last episode of the session.
-        let pending = tx
-            .query(
+        let select_pending = conn
+            .prepare_cached(
                 "SELECT id, role, content FROM m0_messages WHERE user_id = $1 AND session_id = $2 AND id > \
                  coalesce((SELECT max(last_message_id) FROM m1_episodes WHERE user_id = $1 AND session_id = $2), 0) \
                  ORDER BY id",
-                &[&self.user, &session],
             )
             .await?;
+        let insert_episode = conn
+            .prepare_cached(
+                "INSERT INTO m1_episodes (user_id, session_id, first_message_id, last_message_id, content) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let insert_facts = conn
+            .prepare_cached(
+                "INSERT INTO m2_facts (user_id, content, source) SELECT $1, f, 'extracted' FROM unnest($2::text[]) f \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let tx = conn.transaction().await?;
+        let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        tx.execute(&insert_messages, &[&self.user, &session, &roles, &contents])
+            .await?;
+        let pending = tx.query(&select_pending, &[&self.user, &session]).await?;
         let mut episodes = 0;
         for group in pending.chunks_exact(EPISODE_SIZE) {
             let text: Vec<String> = group
@@ -229,8 +247,7 @@ impl UserServices {
                 .collect();
             episodes += tx
                 .execute(
-                    "INSERT INTO m1_episodes (user_id, session_id, first_message_id, last_message_id, content) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &insert_episode,
                     &[
                         &self.user,
                         &session,
@@ -250,12 +267,7 @@ impl UserServices {
         let extracted = if facts.is_empty() {
             0
         } else {
-            tx.execute(
-                "INSERT INTO m2_facts (user_id, content, source) SELECT $1, f, 'extracted' FROM unnest($2::text[]) f \
-                 ON CONFLICT DO NOTHING",
-                &[&self.user, &facts],
-            )
-            .await?
+            tx.execute(&insert_facts, &[&self.user, &facts]).await?
         };
         tx.commit().await?;
         Ok(Stored {
@@ -268,13 +280,13 @@ impl UserServices {
     /// Stores facts given by the caller in M2; returns how many were new.
     pub async fn add_facts(&self, facts: &[String]) -> Result<u64, crate::api::ApiError> {
         let conn = self.m2.pool.get().await?;
-        Ok(conn
-            .execute(
+        let insert_facts = conn
+            .prepare_cached(
                 "INSERT INTO m2_facts (user_id, content, source) SELECT $1, f, 'given' FROM unnest($2::text[]) f \
                  ON CONFLICT DO NOTHING",
-                &[&self.user, &facts],
             )
-            .await?)
+            .await?;
+        Ok(conn.execute(&insert_facts, &[&self.user, &facts]).await?)
     }
 
     /// Memory service: searches the three layers concurrently and ranks the

@@ -340,6 +340,15 @@ async fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
         metrics["pgfleet_service_cache_hits_total"],
         stats["services"]["hits"].as_f64().unwrap()
     );
+    // The stores run cached statements: prepared once per connection, then
+    // reused by later requests.
+    let (prepared, hits) = (
+        pool["counters"]["statements_prepared"].as_f64().unwrap(),
+        pool["counters"]["statement_cache_hits"].as_f64().unwrap(),
+    );
+    assert!(prepared >= 1.0 && hits >= 1.0, "{}", pool["counters"]);
+    assert_eq!(metrics["pgfleet_statements_prepared_total"], prepared);
+    assert_eq!(metrics["pgfleet_statement_cache_hits_total"], hits);
     assert_eq!(
         stats["services"]["entries"], 2,
         "alice (pre-cached) and bob"
