@@ -298,7 +298,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     for &op in b_ops.iter().filter(|_| wants('b')).filter(wants_op) {
         for &c in b_conc.iter().filter(wants_tasks) {
-            let mut with_baselines = subjects.clone();
+            // bb8 has no statement cache: it has no prepared form to run.
+            let mut with_baselines: Vec<_> = subjects
+                .iter()
+                .filter(|(kind, _)| !(op.is_prepared() && *kind == Kind::Bb8))
+                .cloned()
+                .collect();
             with_baselines.push((Kind::Dedicated, dedicated.clone()));
             with_baselines.push((Kind::Pipelined, pipelined.clone()));
             with_baselines.push((Kind::PgfleetShared, shared.clone()));
@@ -554,9 +559,26 @@ fn cpu_ticks_self() -> u64 {
 
 /// CPU of the postmaster and all its children (the backends), including
 /// backends that have exited since: the postmaster reaps them, and their
-/// ticks move to its children's times.
+/// ticks move to its children's times. A backend reaped between reading the
+/// postmaster and scanning the backends would be missed, so the scan is
+/// repeated (a few times at most) until the postmaster reads the same
+/// before and after it.
 fn cpu_ticks_server(postmaster: u32) -> u64 {
-    let mut total = cpu_ticks_of(&postmaster.to_string(), true);
+    let pid = postmaster.to_string();
+    let mut total = 0;
+    for _ in 0..5 {
+        let before = cpu_ticks_of(&pid, true);
+        total = before + cpu_ticks_backends(postmaster);
+        if cpu_ticks_of(&pid, true) == before {
+            break;
+        }
+    }
+    total
+}
+
+/// CPU of the postmaster's live children.
+fn cpu_ticks_backends(postmaster: u32) -> u64 {
+    let mut total = 0;
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -722,6 +744,9 @@ fn rss_kib() -> f64 {
 
 /// Idle connections opened per memory probe.
 const PROBE_CONNECTIONS: u32 = 64;
+/// Connections opened before the probe's baseline, so that one-time costs
+/// (lazy statics, allocator arenas of the runtime's threads) stay out of it.
+const PROBE_WARM: u32 = 8;
 /// Memory probes per subject (the median is reported).
 const PROBES: usize = 3;
 
@@ -767,17 +792,18 @@ async fn memory(url: &str) -> Result<Vec<MemoryRow>, BoxError> {
         .collect())
 }
 
-/// One memory probe (in its own process): RSS added by opening
-/// `PROBE_CONNECTIONS` connections of `kind` and leaving them idle, per
-/// connection.
+/// One memory probe (in its own process): RSS added per idle connection
+/// of `kind`, between `PROBE_WARM` and `PROBE_CONNECTIONS` of them open.
 async fn memory_probe(kind: Kind, url: &str) -> Result<f64, BoxError> {
-    let before = rss_kib();
     let s = Subject::build(kind, url, PROBE_CONNECTIONS, 0).await?;
+    s.fill(PROBE_WARM as usize).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = rss_kib();
     s.fill(PROBE_CONNECTIONS as usize).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let after = rss_kib();
     s.close().await;
-    Ok((after - before) / f64::from(PROBE_CONNECTIONS))
+    Ok((after - before) / f64::from(PROBE_CONNECTIONS - PROBE_WARM))
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ pub enum Op {
     AcquireYieldRelease,
     /// `SELECT 1` through a statement prepared once per connection (pgfleet,
     /// deadpool: `prepare_cached`; the baselines prepare at start; sqlx: its
-    /// own statement cache; bb8 has no statement cache and runs `Select1Extended`).
+    /// own statement cache; bb8 has no statement cache and is not measured).
     Select1Prepared,
     /// `SELECT 1`, extended protocol with an unnamed statement, in one round
     /// trip (`query_typed`: the server parses and plans every time; sqlx: its
@@ -90,14 +90,10 @@ impl Op {
         Op::PointSimple,
     ];
 
-    /// The operation a subject without a statement cache (bb8) runs instead:
-    /// a prepared query becomes the one-round-trip unnamed statement.
-    fn without_statement_cache(self) -> Op {
-        match self {
-            Op::Select1Prepared => Op::Select1Extended,
-            Op::PointPrepared => Op::PointExtended,
-            op => op,
-        }
+    /// Runs through a statement cached per connection: subjects without a
+    /// statement cache (bb8) are not measured on it.
+    pub fn is_prepared(self) -> bool {
+        matches!(self, Op::Select1Prepared | Op::PointPrepared)
     }
 
     /// Display name.
@@ -371,7 +367,12 @@ impl Subject {
             }
             Subject::Bb8(p) => {
                 let conn = p.get().await?;
-                on_client!(op.without_statement_cache(), &conn, |sql| conn.prepare(sql));
+                if op.is_prepared() {
+                    return Err(
+                        "bb8 has no statement cache: not measured on prepared queries".into(),
+                    );
+                }
+                on_client!(op, &conn, |sql| conn.prepare(sql));
             }
             Subject::Dedicated(clients) => {
                 let raw = &clients[task % clients.len()];

@@ -185,7 +185,7 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
          the pool's hand-off and FIFO order are what is measured). \
          Scenario B runs each query three ways: `prepared` (a statement prepared once per connection: \
          pgfleet and deadpool `prepare_cached`, the baselines prepare at start, sqlx its own statement cache; \
-         bb8 has no statement cache and runs the `extended` form instead), `extended` (an unnamed statement \
+         bb8 has no statement cache and is left out of these rows), `extended` (an unnamed statement \
          sent with every call in one round trip, `query_typed`: the server parses and plans every time; sqlx \
          again its cached statement) and `simple` (simple query protocol, no parameters). \
          CPU columns are cores busy on average (server: the postmaster and its backends, including those \
@@ -373,7 +373,8 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "\n## F: client memory per idle pooled connection\n\n\
-         Resident memory added by opening 64 connections and leaving them idle, divided by 64; each \
+         Resident memory added per idle connection while a pool grows from 8 to 64 of them (the first 8 \
+         absorb one-time costs: lazy statics, allocator arenas); each \
          subject measured in a fresh process of the harness (so no pool reuses a heap another one freed), \
          three times in rotation, median.\n\n| subject | KiB per connection |\n|---|---|"
     );

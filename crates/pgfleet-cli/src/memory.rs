@@ -206,7 +206,9 @@ impl UserServices {
         messages: &[Message],
     ) -> Result<Stored, crate::api::ApiError> {
         let mut conn = self.m0.pool.get().await?;
-        // The connection's cached statements (prepared on its first use).
+        // The connection's cached statements (prepared on its first use). All
+        // four are taken before the transaction, which borrows the guard:
+        // a fresh connection prepares the ones it may not need this time.
         let insert_messages = conn
             .prepare_cached(
                 "INSERT INTO m0_messages (user_id, session_id, role, content) \

@@ -74,7 +74,7 @@ pub struct PoolConfig {
     pub shared_connections: u32,
     /// Prepared statements each connection keeps for `prepare_cached`
     /// (`statement_cache_size`); past it the least recently used is closed.
-    /// Default 256, range 0..=100000; 0 caches nothing.
+    /// Default 256, range 0..=10000; 0 caches nothing.
     pub statement_cache_size: usize,
 }
 
@@ -107,7 +107,7 @@ const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Upper bound of pool sizes.
 const MAX_POOL_SIZE: u64 = 10_000;
 /// Upper bound of per-connection statement caches.
-const MAX_STATEMENT_CACHE: u64 = 100_000;
+const MAX_STATEMENT_CACHE: u64 = 10_000;
 
 /// What [`PoolConfig::problem`] found: the field (canonical key), its value
 /// as shown, and what is wrong.
@@ -195,11 +195,11 @@ impl PoolConfig {
                 "expected 1..=10000",
             );
         }
-        if self.statement_cache_size as u64 > MAX_STATEMENT_CACHE {
+        if u64::try_from(self.statement_cache_size).unwrap_or(u64::MAX) > MAX_STATEMENT_CACHE {
             return bad(
                 "statement_cache_size",
                 &self.statement_cache_size,
-                "expected 0..=100000",
+                "expected 0..=10000",
             );
         }
         if self.max_queries == Some(0) {
@@ -1183,7 +1183,7 @@ mod tests {
             ("url", "mysql://x".into(), "must start with postgres://"),
             ("password", RawValue::List(vec![]), "password = ***"),
             ("statement_cache_size", RawValue::Int(-1), "statement_cache_size = -1"),
-            ("statement_cache_size", RawValue::Int(100_001), "expected a whole number in 0..=100000"),
+            ("statement_cache_size", RawValue::Int(10_001), "expected a whole number in 0..=10000"),
         ] {
             let err = settings(&[(key, value)]).unwrap_err();
             assert!(err.is_config());
@@ -1383,12 +1383,12 @@ mod tests {
             .to_string()
             .contains("application_name"));
         let bad = PoolConfig {
-            statement_cache_size: 100_001,
+            statement_cache_size: 10_001,
             ..PoolConfig::default()
         };
         assert_eq!(
             bad.validate().unwrap_err().to_string(),
-            "invalid configuration: statement_cache_size = 100001 (code): expected 0..=100000"
+            "invalid configuration: statement_cache_size = 10001 (code): expected 0..=10000"
         );
     }
 

@@ -778,7 +778,9 @@ impl Pool {
     ///
     /// Only single autocommit statements without session state belong here:
     /// no `BEGIN`/`COMMIT`, `SET`, temporary tables, `LISTEN`, advisory locks,
-    /// cursors, or prepared statements kept beyond the lease. Statements from
+    /// cursors, `DISCARD`/`DEALLOCATE` (they would remove the statements the
+    /// connection's other leases rely on), or prepared statements kept
+    /// beyond the lease. Statements from
     /// [`SharedConnection::prepare_cached`] belong to the connection and stay
     /// cached there; use each through the lease that returned it. Use
     /// [`get`] for the rest. A connection found inside a transaction when a
@@ -1235,15 +1237,19 @@ impl PooledConnection {
 
     /// The statement for `sql`, prepared once per connection: later calls on
     /// the same connection, by any caller, reuse it without a round trip, and
-    /// the server skips parsing and planning when it runs. Up to
+    /// the server skips parsing it (and planning, once it settles on a
+    /// reusable plan: see PostgreSQL's `plan_cache_mode`). Up to
     /// `statement_cache_size` statements are kept per connection.
     ///
     /// A statement belongs to the connection that prepared it: run it on
-    /// this guard only, never on another connection (where its name may
-    /// stand for another statement). Run `DISCARD ALL` or `DEALLOCATE ALL`
+    /// this guard only (on another connection it does not exist), and drop
+    /// your copies before the guard. Run `DISCARD ALL` or `DEALLOCATE ALL`
     /// only together with
     /// [`clear_statement_cache`](Self::clear_statement_cache): they drop the
-    /// statements on the server, not in the cache.
+    /// statements on the server, not in the cache. The same goes for a
+    /// schema change that alters a cached statement's result columns (the
+    /// server then answers 0A000, "cached plan must not change result
+    /// type"): clear the cache of the connection that reports it.
     ///
     /// # Errors
     /// The server's error preparing `sql` (nothing is cached then).
@@ -1273,7 +1279,8 @@ impl PooledConnection {
     }
 
     /// Forgets this connection's cached statements, after `DISCARD ALL` or
-    /// `DEALLOCATE ALL` removed them on the server.
+    /// `DEALLOCATE ALL` removed them on the server, or after a schema change
+    /// made one fail with 0A000.
     pub fn clear_statement_cache(&self) {
         self.conn().raw.statements.clear();
     }

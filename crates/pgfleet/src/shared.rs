@@ -24,7 +24,8 @@
 //! state — queries, inserts, updates, deletes, each on its own. What may not:
 //! `BEGIN`/`COMMIT` (other tasks' statements would run inside the
 //! transaction), `SET`, temporary tables, `LISTEN`, advisory locks, cursors,
-//! and prepared statements used beyond the lease that prepared them (a
+//! `DISCARD`/`DEALLOCATE` (they remove the cached statements other leases
+//! use), and prepared statements used beyond the lease that prepared them (a
 //! statement from [`SharedConnection::prepare_cached`] belongs to the
 //! connection, not the lease, and is the fastest way to run one). The
 //! guard only derefs to `&Client`, so `Client::transaction` (which needs

@@ -3,7 +3,8 @@
 //! A statement prepared on the server lives as long as the session that
 //! prepared it, so the cache belongs to one physical connection and dies with
 //! it. Executing a cached statement costs Bind/Execute only: the server skips
-//! parsing and planning, which for short statements is most of its work.
+//! parsing, and planning too once it settles on a reusable plan
+//! (`plan_cache_mode`); for short statements that is most of its work.
 //!
 //! The cache is bounded (`statement_cache_size`); when it is full, the least
 //! recently used statement is dropped, and tokio-postgres closes it on the

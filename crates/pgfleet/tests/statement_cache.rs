@@ -189,3 +189,53 @@ async fn shared_leases_share_their_connections_statements() {
         assert_eq!(rows[0].get::<_, i64>(0), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_evicted_while_in_use_still_run_and_are_closed_after() {
+    let app = app("stmt_thrash");
+    let mut cfg = config(&app, 0, 4);
+    cfg.shared_connections = 2;
+    cfg.statement_cache_size = 1;
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    // Three texts through a cache of one: nearly every call evicts a
+    // statement that other leases may still hold.
+    let texts = [
+        "SELECT $1::int4 * 2",
+        "SELECT $1::int4 * 2 + 0",
+        "SELECT $1::int4 * 2 - 0",
+    ];
+    let (tasks, rounds) = (32i32, 50i32);
+    let mut handles = Vec::new();
+    for i in 0..tasks {
+        let pool = pool.clone();
+        handles.push(tokio::spawn(async move {
+            for j in 0..rounds {
+                let conn = pool.shared().await.unwrap();
+                let text = texts[usize::try_from((i + j) % 3).unwrap()];
+                let statement = conn.prepare_cached(text).await.unwrap();
+                tokio::task::yield_now().await;
+                let row = conn.query_one(&statement, &[&(i + j)]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), 2 * (i + j));
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let counters = pool.stats().counters;
+    assert_eq!(
+        counters.statements_prepared + counters.statement_cache_hits,
+        u64::try_from(tasks * rounds).unwrap()
+    );
+    assert_eq!(counters.dirty_returns, 0);
+    // Whatever was evicted has been closed on the server.
+    for _ in 0..4 {
+        let conn = pool.shared().await.unwrap();
+        let rows = conn
+            .query_typed("SELECT count(*) FROM pg_prepared_statements", &[])
+            .await
+            .unwrap();
+        assert_eq!(conn.cached_statements(), 1);
+        assert_eq!(rows[0].get::<_, i64>(0), 1);
+    }
+}
