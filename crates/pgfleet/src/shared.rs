@@ -339,7 +339,8 @@ impl SharedConnection {
     /// and shared by every lease on it, as
     /// [`PooledConnection::prepare_cached`](crate::PooledConnection::prepare_cached).
     /// This is the fastest way to run a statement in shared mode: the server
-    /// skips parsing and planning, and the statement lives as long as the
+    /// skips parsing (and planning, once it settles on a reusable plan), and
+    /// the statement lives as long as the
     /// connection, not the lease. Run it through this lease only: another
     /// lease may be on another connection.
     ///

@@ -24,6 +24,12 @@ async fn server_statements(conn: &PooledConnection) -> Vec<String> {
     .collect()
 }
 
+/// The pool's statement-cache counters: (statements prepared, cache hits).
+fn prepared_and_hits(pool: &Pool) -> (u64, u64) {
+    let counters = pool.stats().counters;
+    (counters.statements_prepared, counters.statement_cache_hits)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_is_prepared_once_per_connection_and_reused() {
     let app = app("stmt_reuse");
@@ -43,9 +49,7 @@ async fn a_statement_is_prepared_once_per_connection_and_reused() {
     assert_eq!(row.get::<_, i32>(0), 2);
     assert_eq!(conn.cached_statements(), 1);
     assert_eq!(server_statements(&conn).await, vec![sql.to_owned()]);
-    let counters = pool.stats().counters;
-    assert_eq!(counters.statements_prepared, 1);
-    assert_eq!(counters.statement_cache_hits, 2);
+    assert_eq!(prepared_and_hits(&pool), (1, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,11 +71,7 @@ async fn the_least_recently_used_statement_is_closed_when_the_cache_is_full() {
     let row = conn.query_one(&b, &[]).await.unwrap();
     assert_eq!(row.get::<_, &str>(0), "b");
     assert_eq!(server_statements(&conn).await, ["SELECT 'c'", "SELECT 'b'"]);
-    let counters = pool.stats().counters;
-    assert_eq!(
-        (counters.statements_prepared, counters.statement_cache_hits),
-        (4, 1)
-    );
+    assert_eq!(prepared_and_hits(&pool), (4, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,11 +90,7 @@ async fn parameter_types_make_separate_entries() {
     assert_eq!(row.get::<_, i64>(0), 7);
     assert_eq!(conn.cached_statements(), 2);
     assert_eq!(server_statements(&conn).await, [sql, sql]);
-    let counters = pool.stats().counters;
-    assert_eq!(
-        (counters.statements_prepared, counters.statement_cache_hits),
-        (2, 1)
-    );
+    assert_eq!(prepared_and_hits(&pool), (2, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,11 +112,7 @@ async fn a_failed_prepare_is_not_cached_and_size_zero_caches_nothing() {
     drop((first, second));
     assert_eq!(server_statements(&conn).await, Vec::<String>::new());
     assert_eq!(conn.cached_statements(), 0);
-    let counters = pool.stats().counters;
-    assert_eq!(
-        (counters.statements_prepared, counters.statement_cache_hits),
-        (2, 0)
-    );
+    assert_eq!(prepared_and_hits(&pool), (2, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,17 +158,13 @@ async fn shared_leases_share_their_connections_statements() {
     for h in handles {
         h.await.unwrap();
     }
-    let counters = pool.stats().counters;
-    let calls = u64::try_from(tasks * rounds).unwrap();
-    assert_eq!(
-        counters.statements_prepared + counters.statement_cache_hits,
-        calls
-    );
+    let (prepared, hits) = prepared_and_hits(&pool);
+    assert_eq!(prepared + hits, u64::try_from(tasks * rounds).unwrap());
     // Only callers that missed together before the first prepare finished
     // prepare again: at most one per task per lane.
     assert!(
-        counters.statements_prepared <= 2 * u64::try_from(tasks).unwrap(),
-        "{counters:?}"
+        prepared <= 2 * u64::try_from(tasks).unwrap(),
+        "{prepared} prepared, {hits} hits"
     );
     // Each lane keeps one statement; race losers' copies were closed.
     for _ in 0..4 {
@@ -222,12 +210,9 @@ async fn statements_evicted_while_in_use_still_run_and_are_closed_after() {
     for h in handles {
         h.await.unwrap();
     }
-    let counters = pool.stats().counters;
-    assert_eq!(
-        counters.statements_prepared + counters.statement_cache_hits,
-        u64::try_from(tasks * rounds).unwrap()
-    );
-    assert_eq!(counters.dirty_returns, 0);
+    let (prepared, hits) = prepared_and_hits(&pool);
+    assert_eq!(prepared + hits, u64::try_from(tasks * rounds).unwrap());
+    assert_eq!(pool.stats().counters.dirty_returns, 0);
     // Whatever was evicted has been closed on the server.
     for _ in 0..4 {
         let conn = pool.shared().await.unwrap();
