@@ -750,7 +750,8 @@ const PROBE_WARM: u32 = 8;
 /// Memory probes per subject (the median is reported).
 const PROBES: usize = 3;
 
-/// Scenario F: memory added by 64 idle pooled connections, per connection.
+/// Scenario F: resident memory per idle pooled connection, as a pool grows
+/// from `PROBE_WARM` to `PROBE_CONNECTIONS` idle connections.
 /// Every subject is measured in a fresh process of this binary
 /// (`--memory-probe`), several times in rotation: in one process, a pool
 /// measured after another would reuse the heap the first one freed and look

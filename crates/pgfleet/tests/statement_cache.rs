@@ -24,6 +24,14 @@ async fn server_statements(conn: &PooledConnection) -> Vec<String> {
     .collect()
 }
 
+/// A pool of one connection (so every `get()` finds the same one) caching
+/// `cache_size` statements, tagged with a fresh application name.
+fn one_connection_pool(prefix: &str, cache_size: usize) -> Pool {
+    let mut cfg = config(&app(prefix), 0, 1);
+    cfg.statement_cache_size = cache_size;
+    Pool::new(target(cluster()), cfg).unwrap()
+}
+
 /// The pool's statement-cache counters: (statements prepared, cache hits).
 fn prepared_and_hits(pool: &Pool) -> (u64, u64) {
     let counters = pool.stats().counters;
@@ -32,8 +40,7 @@ fn prepared_and_hits(pool: &Pool) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_is_prepared_once_per_connection_and_reused() {
-    let app = app("stmt_reuse");
-    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let pool = one_connection_pool("stmt_reuse", 256);
     let sql = "SELECT $1::int4 + 1";
     {
         let conn = pool.get().await.unwrap();
@@ -54,10 +61,7 @@ async fn a_statement_is_prepared_once_per_connection_and_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_least_recently_used_statement_is_closed_when_the_cache_is_full() {
-    let app = app("stmt_evict");
-    let mut cfg = config(&app, 0, 1);
-    cfg.statement_cache_size = 2;
-    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let pool = one_connection_pool("stmt_evict", 2);
     let conn = pool.get().await.unwrap();
     conn.prepare_cached("SELECT 'a'").await.unwrap();
     conn.prepare_cached("SELECT 'b'").await.unwrap();
@@ -76,8 +80,7 @@ async fn the_least_recently_used_statement_is_closed_when_the_cache_is_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameter_types_make_separate_entries() {
-    let app = app("stmt_types");
-    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let pool = one_connection_pool("stmt_types", 256);
     let conn = pool.get().await.unwrap();
     let sql = "SELECT $1";
     let int4 = conn.prepare_typed_cached(sql, &[Type::INT4]).await.unwrap();
@@ -95,10 +98,7 @@ async fn parameter_types_make_separate_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_prepare_is_not_cached_and_size_zero_caches_nothing() {
-    let app = app("stmt_fail");
-    let mut cfg = config(&app, 0, 1);
-    cfg.statement_cache_size = 0;
-    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let pool = one_connection_pool("stmt_fail", 0);
     let conn = pool.get().await.unwrap();
     let error = conn.prepare_cached("SELEC 1").await.unwrap_err();
     assert_eq!(
@@ -117,8 +117,7 @@ async fn a_failed_prepare_is_not_cached_and_size_zero_caches_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clearing_the_cache_follows_deallocate_all() {
-    let app = app("stmt_clear");
-    let pool = Pool::new(target(cluster()), config(&app, 0, 1)).unwrap();
+    let pool = one_connection_pool("stmt_clear", 256);
     let conn = pool.get().await.unwrap();
     let sql = "SELECT 2";
     let stale = conn.prepare_cached(sql).await.unwrap();
