@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use pgfleet::Loader;
+use pgfleet::{Effective, FleetConfig, Loaded, Loader, PoolConfig};
+use pgfleet_memory::{precache, PrecacheEntry};
+use serde::Serialize;
 
 /// Arguments of `pgfleet config check`.
 #[derive(Debug, Args)]
@@ -42,8 +44,15 @@ pub fn run(args: &CheckArgs) -> ExitCode {
             "none (no --config and no ./config: defaults and environment only)".to_owned(),
         ),
     };
-    let loaded = match loader.load() {
+    let loaded = match precache::declare(loader).load() {
         Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("pgfleet: {e}");
+            return ExitCode::from(INVALID);
+        }
+    };
+    let precache = match precache::entries(&loaded) {
+        Ok(entries) => entries,
         Err(e) => {
             eprintln!("pgfleet: {e}");
             return ExitCode::from(INVALID);
@@ -51,7 +60,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     };
     let mut out = String::new();
     if args.json {
-        match serde_json::to_string_pretty(&loaded.report()) {
+        match serde_json::to_string_pretty(&Report::new(&loaded, precache)) {
             Ok(json) => outln!(out, "{json}"),
             Err(e) => {
                 eprintln!("pgfleet: cannot serialise the report: {e}");
@@ -118,14 +127,69 @@ pub fn run(args: &CheckArgs) -> ExitCode {
             );
         }
     }
-    if !loaded.precache().is_empty() {
+    if !precache.is_empty() {
         outln!(out, "\npre-created services:");
-        for p in loaded.precache() {
+        for p in &precache {
             outln!(out, "  user {}: {}", p.user, p.services.join(", "));
         }
     }
     outln!(out, "\nconfiguration is valid");
     emit(&out)
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    /// The effective target, password masked.
+    target: String,
+    /// Its normalised key (see `Target::key`).
+    key: &'a str,
+    /// Files read.
+    files: &'a [String],
+    /// Effective values and their sources.
+    effective: &'a [Effective],
+    /// The effective pool configuration (durations as `"30s"` text).
+    pool_config: &'a PoolConfig,
+    /// Pools to warm.
+    warmup: Vec<WarmupRow>,
+    /// Users whose services `pgfleet serve` creates at start.
+    precache: Vec<PrecacheEntry>,
+    /// Fleet-wide settings.
+    fleet: &'a FleetConfig,
+}
+
+/// One warm-up target in a [`Report`].
+#[derive(Debug, Serialize)]
+struct WarmupRow {
+    /// The target, password masked.
+    url: String,
+    /// Its warm floor.
+    min_size: u32,
+    /// Its cap.
+    max_size: u32,
+}
+
+impl<'a> Report<'a> {
+    fn new(loaded: &'a Loaded, precache: Vec<PrecacheEntry>) -> Report<'a> {
+        Report {
+            target: loaded.target().masked_url(),
+            key: loaded.target().key(),
+            files: loaded.files(),
+            effective: loaded.explain(),
+            pool_config: loaded.pool_config(),
+            warmup: loaded
+                .warmup()
+                .iter()
+                .map(|w| WarmupRow {
+                    url: w.target.masked_url(),
+                    min_size: w.config.min_size,
+                    max_size: w.config.max_size,
+                })
+                .collect(),
+            precache,
+            fleet: loaded.fleet_config(),
+        }
+    }
 }
 
 /// Writes the report to standard output; a closed pipe (`| head`) is not an

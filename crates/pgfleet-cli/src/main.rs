@@ -10,10 +10,8 @@
 //! * `pgfleet monitor [--interval S] [--duration S] [--max N]` samples the
 //!   server's client connections from `pg_stat_activity`.
 
-mod api;
 mod check;
 mod demo;
-mod memory;
 mod monitor;
 mod serve;
 

@@ -3,15 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use pgfleet::{Fleet, Loader, ServiceCache, Target};
+use pgfleet::{Fleet, Loader, Target};
+use pgfleet_memory::{create_schema, precache, App};
 use pgfleet_testkit::TempCluster;
-
-use crate::memory::{create_schema, App, SERVICE_NAMES};
 
 /// Arguments of `pgfleet serve`.
 #[derive(Debug, Args)]
@@ -59,7 +57,10 @@ async fn serve(args: &ServeArgs) -> Result<(), String> {
         None if PathBuf::from("config").is_dir() => Loader::new("config"),
         None => Loader::without_files(),
     };
-    let loaded = loader.load().map_err(|e| e.to_string())?;
+    let loaded = precache::declare(loader)
+        .load()
+        .map_err(|e| e.to_string())?;
+    let precache = precache::entries(&loaded).map_err(|e| e.to_string())?;
     let configured = loaded.settings().is_set("url") || loaded.settings().is_set("host");
     // With no database configured: a throwaway local cluster, kept for the
     // life of the process.
@@ -91,13 +92,11 @@ async fn serve(args: &ServeArgs) -> Result<(), String> {
         (Some(cluster), target, warm)
     };
     let fleet = Fleet::with_config(loaded.fleet_config().clone()).map_err(|e| e.to_string())?;
-    let app = Arc::new(App {
-        fleet: fleet.clone(),
-        target: target.clone(),
-        config: loaded.pool_config().clone(),
-        services: ServiceCache::new(),
-        ready: false.into(),
-    });
+    let app = Arc::new(App::new(
+        fleet.clone(),
+        target.clone(),
+        loaded.pool_config().clone(),
+    ));
     let schema_pool = fleet
         .pool(&target, loaded.pool_config())
         .map_err(|e| e.to_string())?;
@@ -116,40 +115,23 @@ async fn serve(args: &ServeArgs) -> Result<(), String> {
     // Warm-up and pre-caching run while the server already answers
     // (/health says "starting" until they are done).
     let warming = app.clone();
-    let precache = loaded.precache().to_vec();
     tokio::spawn(async move {
-        let report = warming.fleet.warmup(warm).await;
+        let report = warming.fleet().warmup(warm).await;
         for o in &report.outcomes {
             match &o.result {
                 Ok(took) => tracing::info!(pool = %o.url, ?took, "warmed up"),
                 Err(e) => tracing::warn!(pool = %o.url, error = %e, "warm-up failed"),
             }
         }
-        for entry in precache {
-            if let Some(bad) = entry
-                .services
-                .iter()
-                .find(|s| !SERVICE_NAMES.contains(&s.as_str()))
-            {
-                tracing::warn!(user = %entry.user, service = %bad, "unknown service in precache_configs (known: memory, buffer, storage)");
-                continue;
-            }
-            match warming.user(&entry.user).await {
-                Ok(_) => tracing::info!(user = %entry.user, "services pre-created"),
-                Err(e) => {
-                    tracing::warn!(user = %entry.user, error = ?e, "pre-creating services failed")
-                }
-            }
-        }
-        warming.ready.store(true, Ordering::SeqCst);
+        warming.precache(&precache).await;
+        warming.set_ready();
     });
 
-    axum::serve(listener, crate::api::router(app.clone()))
-        .with_graceful_shutdown(shutdown_signal())
+    pgfleet_memory::serve(listener, app.clone(), shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
     println!("shutting down: in-flight requests finished; closing connections");
-    app.services.clear();
+    app.clear_services();
     let report = fleet
         .close_all(Duration::from_secs_f64(args.shutdown_timeout))
         .await;

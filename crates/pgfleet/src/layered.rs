@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Serialize;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::budget::{BudgetConfig, BudgetMode};
@@ -46,9 +45,6 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("DATABASE_URL", "url"),
 ];
 
-/// Services pre-created for a user when `services` is not given.
-pub const DEFAULT_SERVICES: &[&str] = &["memory", "buffer", "storage"];
-
 /// A YAML node with the file it came from.
 #[derive(Debug, Clone)]
 struct Node {
@@ -68,10 +64,12 @@ enum NodeValue {
 pub struct Loader {
     dir: Option<PathBuf>,
     env: Option<BTreeMap<String, String>>,
+    /// Keys of `connection_pool` that belong to the application.
+    application_keys: Vec<String>,
 }
 
 /// The result of loading: the effective target and pool configuration, the
-/// warm-up and pre-cache lists, and where every value came from.
+/// warm-up list, the application's own keys, and where every value came from.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     files: Vec<String>,
@@ -80,7 +78,7 @@ pub struct Loaded {
     config: PoolConfig,
     effective: Vec<Effective>,
     warmup: Vec<WarmupEntry>,
-    precache: Vec<PrecacheEntry>,
+    application: Vec<ApplicationValue>,
     fleet: FleetConfig,
 }
 
@@ -95,14 +93,19 @@ pub struct WarmupEntry {
     pub config: PoolConfig,
 }
 
-/// Services to create for a user at start-up
-/// (`connection_pool.precache_configs`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PrecacheEntry {
-    /// The user id.
-    pub user: String,
-    /// The services (`memory`, `buffer`, `storage` by default).
-    pub services: Vec<String>,
+/// A value under `connection_pool` that the application declared its own
+/// with [`Loader::application_key`] (e.g. the memory service's
+/// `precache_configs`): interpolated, otherwise as written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplicationValue {
+    /// The key inside `connection_pool`.
+    pub key: String,
+    /// Its dotted path, e.g. `connection_pool.precache_configs`.
+    pub path: String,
+    /// The file it came from, relative to the configuration directory.
+    pub file: String,
+    /// The value, its strings interpolated.
+    pub value: RawValue,
 }
 
 impl Loader {
@@ -112,6 +115,7 @@ impl Loader {
         Loader {
             dir: Some(dir.into()),
             env: None,
+            application_keys: Vec::new(),
         }
     }
 
@@ -120,6 +124,7 @@ impl Loader {
         Loader {
             dir: None,
             env: None,
+            application_keys: Vec::new(),
         }
     }
 
@@ -136,6 +141,16 @@ impl Loader {
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
         );
+        self
+    }
+
+    /// Declares a key of the `connection_pool` section as the application's
+    /// own (the seed's `precache_configs`, say): pgfleet accepts it instead
+    /// of reporting an unknown key, interpolates its strings, and hands it
+    /// over through [`Loaded::application_value`] for the application to
+    /// read and check.
+    pub fn application_key(mut self, key: impl Into<String>) -> Loader {
+        self.application_keys.push(key.into());
         self
     }
 
@@ -177,8 +192,8 @@ impl Loader {
         }
         let (target, config) = settings.resolve()?;
         let effective = settings.explain()?;
-        let (warmup, precache) = match lookup(&root, &["connection_pool"]) {
-            Some(block) => startup(block, &settings, &env)?,
+        let (warmup, application) = match lookup(&root, &["connection_pool"]) {
+            Some(block) => startup(block, &settings, &self.application_keys, &env)?,
             None => (Vec::new(), Vec::new()),
         };
         let fleet = match lookup(&root, &["fleet"]) {
@@ -192,7 +207,7 @@ impl Loader {
             config,
             effective,
             warmup,
-            precache,
+            application,
             fleet,
         })
     }
@@ -239,9 +254,10 @@ impl Loaded {
         &self.warmup
     }
 
-    /// Users whose services to create at start-up.
-    pub fn precache(&self) -> &[PrecacheEntry] {
-        &self.precache
+    /// The value of an application key of `connection_pool` (see
+    /// [`Loader::application_key`]), if the files set it.
+    pub fn application_value(&self, key: &str) -> Option<&ApplicationValue> {
+        self.application.iter().find(|v| v.key == key)
     }
 
     /// Fleet-wide settings (the `fleet:` section): server budgets.
@@ -253,60 +269,6 @@ impl Loaded {
     pub fn files(&self) -> &[String] {
         &self.files
     }
-
-    /// A serialisable summary (for `pgfleet config check --json`).
-    pub fn report(&self) -> LoadedReport {
-        LoadedReport {
-            target: self.target.masked_url(),
-            key: self.target.key().to_owned(),
-            files: self.files.clone(),
-            effective: self.effective.clone(),
-            pool_config: self.config.clone(),
-            warmup: self
-                .warmup
-                .iter()
-                .map(|w| WarmupReportEntry {
-                    url: w.target.masked_url(),
-                    min_size: w.config.min_size,
-                    max_size: w.config.max_size,
-                })
-                .collect(),
-            precache: self.precache.clone(),
-            fleet: self.fleet.clone(),
-        }
-    }
-}
-
-/// What [`Loaded::report`] returns.
-#[derive(Debug, Clone, Serialize)]
-pub struct LoadedReport {
-    /// The effective target, password masked.
-    pub target: String,
-    /// Its normalised key (see [`Target::key`]).
-    pub key: String,
-    /// Files read.
-    pub files: Vec<String>,
-    /// Effective values and their sources.
-    pub effective: Vec<Effective>,
-    /// The effective pool configuration (durations as `"30s"` text).
-    pub pool_config: PoolConfig,
-    /// Pools to warm.
-    pub warmup: Vec<WarmupReportEntry>,
-    /// Users to pre-cache.
-    pub precache: Vec<PrecacheEntry>,
-    /// Fleet-wide settings.
-    pub fleet: FleetConfig,
-}
-
-/// One warm-up target in a [`LoadedReport`].
-#[derive(Debug, Clone, Serialize)]
-pub struct WarmupReportEntry {
-    /// The target, password masked.
-    pub url: String,
-    /// Its warm floor.
-    pub min_size: u32,
-    /// Its cap.
-    pub max_size: u32,
 }
 
 fn empty_map(file: &str) -> Node {
@@ -712,8 +674,9 @@ fn apply_section(
 fn startup(
     block: &Node,
     base: &PoolSettings,
+    application_keys: &[String],
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(Vec<WarmupEntry>, Vec<PrecacheEntry>)> {
+) -> Result<(Vec<WarmupEntry>, Vec<ApplicationValue>)> {
     let NodeValue::Map(pairs) = &block.value else {
         return Err(config_error(format!(
             "{}: `connection_pool` must be a mapping",
@@ -721,9 +684,28 @@ fn startup(
         )));
     };
     let mut warmup = Vec::new();
-    let mut precache = Vec::new();
+    let mut application = Vec::new();
     for (key, node) in pairs {
         let path = format!("connection_pool.{key}");
+        if application_keys.iter().any(|k| k == key) {
+            application.push(ApplicationValue {
+                key: key.clone(),
+                value: raw(node, &path, env)?,
+                path,
+                file: node.file.to_string(),
+            });
+            continue;
+        }
+        if key != "warmup_configs" {
+            let known: Vec<&str> = std::iter::once("warmup_configs")
+                .chain(application_keys.iter().map(String::as_str))
+                .collect();
+            return Err(config_error(format!(
+                "unknown key `{key}` in connection_pool ({}); known: {} (an application declares its own keys with Loader::application_key)",
+                node.file,
+                known.join(", ")
+            )));
+        }
         let items = match &node.value {
             NodeValue::List(items) => items.as_slice(),
             NodeValue::Scalar(RawValue::Null) => &[],
@@ -734,88 +716,14 @@ fn startup(
                 )))
             }
         };
-        match key.as_str() {
-            "warmup_configs" => {
-                for (i, item) in items.iter().enumerate() {
-                    let mut settings = base.clone();
-                    apply_section(&mut settings, item, &format!("{path}[{i}]"), env)?;
-                    let (target, config) = settings.resolve()?;
-                    warmup.push(WarmupEntry { target, config });
-                }
-            }
-            "precache_configs" => {
-                for (i, item) in items.iter().enumerate() {
-                    precache.push(precache_entry(item, &format!("{path}[{i}]"), env)?);
-                }
-            }
-            other => {
-                return Err(config_error(format!(
-                    "unknown key `{other}` in connection_pool ({}); known: warmup_configs, precache_configs",
-                    node.file
-                )))
-            }
+        for (i, item) in items.iter().enumerate() {
+            let mut settings = base.clone();
+            apply_section(&mut settings, item, &format!("{path}[{i}]"), env)?;
+            let (target, config) = settings.resolve()?;
+            warmup.push(WarmupEntry { target, config });
         }
     }
-    Ok((warmup, precache))
-}
-
-fn precache_entry(
-    item: &Node,
-    path: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<PrecacheEntry> {
-    let RawValue::Map(pairs) = raw(item, path, env)? else {
-        return Err(config_error(format!(
-            "{path} ({}): expected a mapping with `user`",
-            item.file
-        )));
-    };
-    let mut user = None;
-    let mut services = None;
-    for (key, value) in pairs {
-        match (key.as_str(), value) {
-            ("user", RawValue::Str(s)) if !s.trim().is_empty() => user = Some(s),
-            ("user", v) => {
-                return Err(config_error(format!(
-                    "{path}.user = {v} ({}): expected a non-empty user id",
-                    item.file
-                )))
-            }
-            ("services", RawValue::List(list)) => {
-                let mut names = Vec::new();
-                for v in list {
-                    match v {
-                        RawValue::Str(s) if !s.is_empty() => names.push(s),
-                        v => {
-                            return Err(config_error(format!(
-                                "{path}.services: {v} ({}): expected service names",
-                                item.file
-                            )))
-                        }
-                    }
-                }
-                services = Some(names);
-            }
-            ("services", v) => {
-                return Err(config_error(format!(
-                    "{path}.services = {v} ({}): expected a list",
-                    item.file
-                )))
-            }
-            (other, _) => {
-                return Err(config_error(format!(
-                    "unknown key `{other}` in {path} ({}); known: user, services",
-                    item.file
-                )))
-            }
-        }
-    }
-    Ok(PrecacheEntry {
-        user: user
-            .ok_or_else(|| config_error(format!("{path} ({}): `user` is missing", item.file)))?,
-        services: services
-            .unwrap_or_else(|| DEFAULT_SERVICES.iter().map(|s| (*s).to_owned()).collect()),
-    })
+    Ok((warmup, application))
 }
 
 /// Reads the `fleet:` section: `budget` (`auto`, `off` or a number),

@@ -10,7 +10,6 @@ pub mod architecture {}
 
 pub mod activity;
 pub mod budget;
-pub mod cache;
 pub mod config;
 mod conn;
 pub mod error;
@@ -28,13 +27,12 @@ pub mod target;
 
 pub use activity::{sample as sample_activity, ActivitySample};
 pub use budget::{BudgetConfig, BudgetMode, BudgetStats, Derivation};
-pub use cache::{CacheStats, ServiceCache};
 pub use config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
 pub use error::{Error, ErrorKind, Result, TimeoutStage};
 pub use fleet::{
     CloseReport, Fleet, FleetConfig, FleetStats, PoolHandle, WarmupOutcome, WarmupReport,
 };
-pub use layered::{Loaded, Loader, PrecacheEntry, WarmupEntry};
+pub use layered::{ApplicationValue, Loaded, Loader, WarmupEntry};
 pub use pool::{Pool, PooledConnection};
 pub use shared::SharedConnection;
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};

@@ -29,7 +29,11 @@ fn source_of(loaded: &pgfleet::Loaded, key: &str) -> String {
 
 #[test]
 fn seed_files_load_unchanged_with_store_layer_winning() {
-    let loaded = Loader::new(fixture("seed")).env(no_env()).load().unwrap();
+    let loaded = Loader::new(fixture("seed"))
+        .application_key("precache_configs")
+        .env(no_env())
+        .load()
+        .unwrap();
     let t = loaded.target();
     assert_eq!(t.key(), "postgres://postgres@localhost:5432/memfuse");
     assert!(t.has_password());
@@ -79,11 +83,24 @@ fn seed_files_load_unchanged_with_store_layer_winning() {
         40,
         "warm-up entries inherit the pool settings"
     );
-    assert_eq!(loaded.precache().len(), 1);
-    assert_eq!(loaded.precache()[0].user, "default_user");
-    assert_eq!(
-        loaded.precache()[0].services,
-        ["memory", "buffer", "storage"]
+    // The application's own key, handed over as written (the memory
+    // service reads it: pgfleet-memory's tests).
+    let precache = loaded.application_value("precache_configs").unwrap();
+    assert_eq!(precache.path, "connection_pool.precache_configs");
+    assert_eq!(precache.file, "config.yaml");
+    assert!(matches!(&precache.value, pgfleet::RawValue::List(items) if items.len() == 1));
+}
+
+#[test]
+fn application_keys_must_be_declared() {
+    let err = Loader::new(fixture("seed"))
+        .env(no_env())
+        .load()
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown key `precache_configs` in connection_pool"),
+        "{err}"
     );
 }
 
@@ -102,6 +119,7 @@ fn seed_small_example_gives_pool_size_plus_overflow() {
 fn environment_overrides_files_and_database_url_wins() {
     let secret = "s3cr3t-xyz";
     let loaded = Loader::new(fixture("seed"))
+        .application_key("precache_configs")
         .env([
             ("POSTGRES_HOST", "db.internal"),
             ("POSTGRES_PASSWORD", secret),
@@ -115,12 +133,14 @@ fn environment_overrides_files_and_database_url_wins() {
     );
     assert_eq!(source_of(&loaded, "host"), "env POSTGRES_HOST");
     assert_eq!(source_of(&loaded, "port"), "env POSTGRES_PORT");
-    let shown =
-        serde_json::to_string(&loaded.report()).unwrap() + &format!("{:?}", loaded.explain());
+    let shown = serde_json::to_string(loaded.explain()).unwrap()
+        + &serde_json::to_string(loaded.pool_config()).unwrap()
+        + &format!("{:?}", loaded.explain());
     assert!(!shown.contains(secret), "{shown}");
     assert!(shown.contains("***"));
 
     let loaded = Loader::new(fixture("seed"))
+        .application_key("precache_configs")
         .env([
             ("POSTGRES_HOST", "db.internal"),
             ("DATABASE_URL", "postgresql://app:pw@primary:5433/app"),
@@ -253,11 +273,6 @@ fn every_invalid_configuration_names_key_value_and_file() {
         ),
         (
             "config.yaml",
-            "connection_pool:\n  precache_configs:\n    - services: [memory]\n",
-            &["`user` is missing"][..],
-        ),
-        (
-            "config.yaml",
             "connection_pool:\n  warmup_configs:\n    - host: h\n      max_size: none\n",
             &["connection_pool.warmup_configs[0].max_size"][..],
         ),
@@ -364,6 +379,7 @@ fn fleet_section_sets_server_budgets() {
 #[test]
 fn database_url_query_carries_pool_keys_at_its_layer() {
     let loaded = Loader::new(fixture("seed"))
+        .application_key("precache_configs")
         .env([(
             "DATABASE_URL",
             "postgres://app:pw@primary/app?pool_size=4&max_overflow=2&pool_timeout=250ms",

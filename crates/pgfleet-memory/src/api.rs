@@ -1,6 +1,6 @@
-//! HTTP endpoints of `pgfleet serve`, and how errors become responses.
+//! The HTTP API of the memory service, and how the service's errors become
+//! responses.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +13,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::memory::{tsquery, App, Message};
+use crate::app::App;
+use crate::error::MemoryError;
+use crate::services::{tsquery, Message};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -78,28 +80,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<pgfleet::Error> for ApiError {
-    fn from(e: pgfleet::Error) -> Self {
-        if e.is_timeout() || e.is_connect() || e.is_closed() {
-            ApiError::Unavailable(format!("database unavailable: {e}"))
-        } else {
-            ApiError::Internal(e.to_string())
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for ApiError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        let code = e.code().map(|c| c.code().to_owned());
-        let unavailable = e.is_closed()
-            || code.is_none() && e.as_db_error().is_none()
-            || code
-                .as_deref()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300");
-        if unavailable {
-            ApiError::Unavailable(format!("database unavailable: {e}"))
-        } else {
-            ApiError::Internal(format!("database error: {e}"))
+impl From<MemoryError> for ApiError {
+    fn from(e: MemoryError) -> Self {
+        match e {
+            MemoryError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            MemoryError::Database(_) | MemoryError::Config(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -252,17 +237,17 @@ async fn query(
 
 async fn stats(State(app): State<Arc<App>>) -> impl IntoResponse {
     Json(json!({
-        "ready": app.ready.load(Ordering::SeqCst),
-        "fleet": app.fleet.stats(),
-        "services": app.services.stats(),
+        "ready": app.is_ready(),
+        "fleet": app.fleet().stats(),
+        "services": app.service_stats(),
     }))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResponse, ApiError> {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::gauge::Gauge;
-    let mut registry = pgfleet::metrics::registry(&app.fleet.stats());
-    let cache = app.services.stats();
+    let mut registry = pgfleet::metrics::registry(&app.fleet().stats());
+    let cache = app.service_stats();
     let entries = Gauge::<i64>::default();
     entries.set(cache.entries as i64);
     let hits = Counter::<u64>::default();
@@ -296,13 +281,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResponse, ApiEr
 }
 
 async fn health(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if !app.ready.load(Ordering::SeqCst) {
+    if !app.is_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "starting"})),
         );
     }
-    let stats = app.fleet.stats();
+    let stats = app.fleet().stats();
     let broken: Vec<String> = stats
         .pools
         .values()
@@ -323,4 +308,19 @@ async fn health(State(app): State<Arc<App>>) -> impl IntoResponse {
             Json(json!({"status": "degraded", "reason": broken.join("; ")})),
         )
     }
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets the
+/// requests in flight finish.
+///
+/// # Errors
+/// The listener's I/O error.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -1,149 +1,19 @@
-//! The memory model of `pgfleet serve`: three layers, each a store with its
-//! own table and a pool handle from the fleet (so every store of every user
-//! shares the one pool per database), and per-user services.
+//! The services of one user (seed 004: memory, buffer, storage) over the
+//! three layers' stores.
 //!
 //! * M0 — raw messages of a session;
 //! * M1 — episodes: consecutive messages of a session grouped by four;
 //! * M2 — facts: short statements about a user (given, or extracted from the
 //!   user's own messages starting with "I " or "My ").
-//!
-//! Search is PostgreSQL full-text search (`simple` configuration) with GIN
-//! indexes; results of the three layers are ranked together by `ts_rank`.
 
-use std::sync::Arc;
-
-use pgfleet::{Fleet, PoolConfig, PoolHandle, Target};
+use pgfleet::{Fleet, PoolConfig, Target};
 use serde::Serialize;
+
+use crate::error::MemoryError;
+use crate::store::{Hit, Layer, Store};
 
 /// Messages per M1 episode.
 pub const EPISODE_SIZE: usize = 4;
-
-/// The schema; idempotent, serialised by an advisory lock so that several
-/// replicas starting together do not race.
-const SCHEMA: &str = "
-SELECT pg_advisory_xact_lock(727274);
-CREATE TABLE IF NOT EXISTS m0_messages (
-    id bigserial PRIMARY KEY,
-    user_id text NOT NULL,
-    session_id text NOT NULL,
-    role text NOT NULL,
-    content text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', content)) STORED
-);
-CREATE INDEX IF NOT EXISTS m0_messages_tsv ON m0_messages USING gin (tsv);
-CREATE INDEX IF NOT EXISTS m0_messages_session ON m0_messages (user_id, session_id, id);
-CREATE TABLE IF NOT EXISTS m1_episodes (
-    id bigserial PRIMARY KEY,
-    user_id text NOT NULL,
-    session_id text NOT NULL,
-    first_message_id bigint NOT NULL,
-    last_message_id bigint NOT NULL,
-    content text NOT NULL,
-    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', content)) STORED,
-    UNIQUE (user_id, session_id, first_message_id)
-);
-CREATE INDEX IF NOT EXISTS m1_episodes_tsv ON m1_episodes USING gin (tsv);
-CREATE TABLE IF NOT EXISTS m2_facts (
-    id bigserial PRIMARY KEY,
-    user_id text NOT NULL,
-    content text NOT NULL,
-    source text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', content)) STORED,
-    UNIQUE (user_id, content)
-);
-CREATE INDEX IF NOT EXISTS m2_facts_tsv ON m2_facts USING gin (tsv);
-";
-
-/// Creates the tables and indexes if they are missing.
-///
-/// # Errors
-/// The pool's or the server's error.
-pub async fn create_schema(pool: &PoolHandle) -> Result<(), String> {
-    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    let tx = conn.transaction().await.map_err(|e| e.to_string())?;
-    tx.batch_execute(SCHEMA).await.map_err(|e| e.to_string())?;
-    tx.commit().await.map_err(|e| e.to_string())
-}
-
-/// A memory layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub enum Layer {
-    /// Raw messages.
-    M0,
-    /// Episodes.
-    M1,
-    /// Facts.
-    M2,
-}
-
-impl Layer {
-    fn table(self) -> &'static str {
-        match self {
-            Layer::M0 => "m0_messages",
-            Layer::M1 => "m1_episodes",
-            Layer::M2 => "m2_facts",
-        }
-    }
-}
-
-/// One layer's store: its table and its handle to the shared pool.
-pub struct Store {
-    layer: Layer,
-    pool: PoolHandle,
-}
-
-/// One search hit.
-#[derive(Debug, Clone, Serialize)]
-pub struct Hit {
-    /// The layer it came from.
-    pub layer: Layer,
-    /// Row id in the layer's table.
-    pub id: i64,
-    /// The text.
-    pub content: String,
-    /// `ts_rank` score.
-    pub score: f32,
-}
-
-impl Store {
-    async fn search(
-        &self,
-        user: &str,
-        tsquery: &str,
-        top_k: i64,
-    ) -> Result<Vec<Hit>, crate::api::ApiError> {
-        let conn = self.pool.get().await?;
-        let sql = format!(
-            "SELECT id, content, ts_rank(tsv, q) AS score FROM {}, to_tsquery('simple', $2) q \
-             WHERE user_id = $1 AND tsv @@ q ORDER BY score DESC, id DESC LIMIT $3",
-            self.layer.table()
-        );
-        // Prepared once per connection: later searches skip the parse and
-        // plan, and the round trip that preparing takes.
-        let search = conn.prepare_cached(&sql).await?;
-        let rows = conn.query(&search, &[&user, &tsquery, &top_k]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| Hit {
-                layer: self.layer,
-                id: r.get(0),
-                content: r.get(1),
-                score: r.get(2),
-            })
-            .collect())
-    }
-}
-
-/// The services of one user (seed 004: memory, buffer, storage), created once
-/// per user by the service cache.
-pub struct UserServices {
-    user: String,
-    m0: Store,
-    m1: Store,
-    m2: Store,
-}
 
 /// The service names `precache_configs` may list.
 pub const SERVICE_NAMES: &[&str] = &["memory", "buffer", "storage"];
@@ -169,6 +39,14 @@ pub struct Message {
     pub content: String,
 }
 
+/// The services of one user, created once per user by the service cache.
+pub struct UserServices {
+    user: String,
+    m0: Store,
+    m1: Store,
+    m2: Store,
+}
+
 impl UserServices {
     /// The stores of `user`, each with its own handle to the shared pool.
     ///
@@ -179,33 +57,28 @@ impl UserServices {
         target: &Target,
         config: &PoolConfig,
         user: &str,
-    ) -> pgfleet::Result<Self> {
+    ) -> Result<Self, MemoryError> {
+        let store = |layer| Ok::<_, MemoryError>(Store::new(layer, fleet.pool(target, config)?));
         Ok(UserServices {
             user: user.to_owned(),
-            m0: Store {
-                layer: Layer::M0,
-                pool: fleet.pool(target, config)?,
-            },
-            m1: Store {
-                layer: Layer::M1,
-                pool: fleet.pool(target, config)?,
-            },
-            m2: Store {
-                layer: Layer::M2,
-                pool: fleet.pool(target, config)?,
-            },
+            m0: store(Layer::M0)?,
+            m1: store(Layer::M1)?,
+            m2: store(Layer::M2)?,
         })
     }
 
     /// Storage service: writes messages to M0; buffer service: groups the
     /// session's pending messages into M1 episodes and extracts M2 facts.
     /// One transaction.
+    ///
+    /// # Errors
+    /// The pool's or the server's error; nothing is stored then.
     pub async fn add_messages(
         &self,
         session: &str,
         messages: &[Message],
-    ) -> Result<Stored, crate::api::ApiError> {
-        let mut conn = self.m0.pool.get().await?;
+    ) -> Result<Stored, MemoryError> {
+        let mut conn = self.m0.pool().get().await?;
         // The connection's cached statements (prepared on its first use). All
         // four are taken before the transaction, which borrows the guard:
         // a fresh connection prepares the ones it may not need this time.
@@ -280,8 +153,11 @@ impl UserServices {
     }
 
     /// Stores facts given by the caller in M2; returns how many were new.
-    pub async fn add_facts(&self, facts: &[String]) -> Result<u64, crate::api::ApiError> {
-        let conn = self.m2.pool.get().await?;
+    ///
+    /// # Errors
+    /// The pool's or the server's error.
+    pub async fn add_facts(&self, facts: &[String]) -> Result<u64, MemoryError> {
+        let conn = self.m2.pool().get().await?;
         let insert_facts = conn
             .prepare_cached(
                 "INSERT INTO m2_facts (user_id, content, source) SELECT $1, f, 'given' FROM unnest($2::text[]) f \
@@ -293,11 +169,10 @@ impl UserServices {
 
     /// Memory service: searches the three layers concurrently and ranks the
     /// hits together.
-    pub async fn query(
-        &self,
-        tsquery: &str,
-        top_k: usize,
-    ) -> Result<Vec<Hit>, crate::api::ApiError> {
+    ///
+    /// # Errors
+    /// The first error of the three searches.
+    pub async fn query(&self, tsquery: &str, top_k: usize) -> Result<Vec<Hit>, MemoryError> {
         let k = top_k as i64;
         let (m0, m1, m2) = tokio::try_join!(
             self.m0.search(&self.user, tsquery, k),
@@ -333,35 +208,6 @@ pub fn tsquery(query: &str) -> Option<String> {
         .map(str::to_lowercase)
         .collect();
     (!words.is_empty()).then(|| words.join(" | "))
-}
-
-/// Shared state of the service.
-pub struct App {
-    /// The fleet.
-    pub fleet: Fleet,
-    /// The database.
-    pub target: Target,
-    /// Its pool configuration.
-    pub config: PoolConfig,
-    /// Per-user services.
-    pub services: pgfleet::ServiceCache<String, UserServices>,
-    /// Warm-up finished.
-    pub ready: std::sync::atomic::AtomicBool,
-}
-
-impl App {
-    /// The services of `user`, created once.
-    pub async fn user(
-        self: &Arc<Self>,
-        user: &str,
-    ) -> Result<Arc<UserServices>, crate::api::ApiError> {
-        self.services
-            .get_or_try_init(&user.to_owned(), || async {
-                UserServices::new(&self.fleet, &self.target, &self.config, user)
-                    .map_err(crate::api::ApiError::from)
-            })
-            .await
-    }
 }
 
 #[cfg(test)]
