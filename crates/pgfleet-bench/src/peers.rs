@@ -222,7 +222,7 @@ impl Subject {
                 pgfleet::Target::parse(url)?,
                 pgfleet::PoolConfig {
                     min_size: min,
-                    max_size: size,
+                    max_size: Some(size),
                     acquire_timeout: Duration::from_secs(60),
                     application_name: "bench-pgfleet".into(),
                     shared_connections,

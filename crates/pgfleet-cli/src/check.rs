@@ -123,7 +123,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
                 "  {} (min_size {}, max_size {})",
                 w.target,
                 w.config.min_size,
-                w.config.max_size
+                w.config.effective_max_size()
             );
         }
     }
@@ -134,6 +134,46 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         }
     }
     outln!(out, "\nconfiguration is valid");
+    emit(&out)
+}
+
+/// `pgfleet config keys`: the table of keys, as the parser reads it.
+pub fn keys() -> ExitCode {
+    let keys: Vec<pgfleet::KeyInfo> = pgfleet::config_keys().collect();
+    let names: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            if k.aliases.is_empty() {
+                k.name.to_owned()
+            } else {
+                format!("{} ({})", k.name, k.aliases.join(", "))
+            }
+        })
+        .collect();
+    let name_width = names.iter().map(String::len).max().unwrap_or(0);
+    let default_width = keys.iter().map(|k| k.default.len()).max().unwrap_or(0);
+    let range_width = keys
+        .iter()
+        .map(|k| k.range.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    outln!(
+        out,
+        "{:name_width$}  {:default_width$}  {:range_width$}  meaning",
+        "key (aliases)",
+        "default",
+        "range"
+    );
+    for (key, name) in keys.iter().zip(&names) {
+        outln!(
+            out,
+            "{name:name_width$}  {:default_width$}  {:range_width$}  {}",
+            key.default,
+            key.range,
+            key.doc
+        );
+    }
     emit(&out)
 }
 
@@ -183,7 +223,7 @@ impl<'a> Report<'a> {
                 .map(|w| WarmupRow {
                     url: w.target.masked_url(),
                     min_size: w.config.min_size,
-                    max_size: w.config.max_size,
+                    max_size: w.config.effective_max_size(),
                 })
                 .collect(),
             precache,

@@ -205,7 +205,7 @@ impl Sampler {
             target.clone(),
             PoolConfig {
                 min_size: 1,
-                max_size: 1,
+                max_size: Some(1),
                 application_name: "pgfleet-demo-sampler".into(),
                 ..PoolConfig::default()
             },
@@ -271,7 +271,7 @@ async fn run_mode(mode: Mode, args: &DemoArgs, target: &Target) -> Result<RunRep
                 // What the original service did: a small pool per store.
                 let config = PoolConfig {
                     min_size: 1,
-                    max_size: 2,
+                    max_size: Some(2),
                     acquire_timeout: timeout,
                     application_name: app.into(),
                     ..PoolConfig::default()
@@ -283,7 +283,7 @@ async fn run_mode(mode: Mode, args: &DemoArgs, target: &Target) -> Result<RunRep
             Mode::Fleet => {
                 let config = PoolConfig {
                     min_size: 2,
-                    max_size: 20,
+                    max_size: Some(20),
                     acquire_timeout: timeout,
                     application_name: app.into(),
                     ..PoolConfig::default()

@@ -2,7 +2,7 @@
 //!
 //! * `pgfleet config check [--config DIR] [--json]` prints the effective
 //!   configuration with the source of every value (passwords masked) and
-//!   exits 2 when it is invalid.
+//!   exits 2 when it is invalid; `pgfleet config keys` lists every key.
 //! * `pgfleet demo [--naive | --compare]` reproduces the "too many clients"
 //!   incident with per-store pools and shows the fleet holding.
 //! * `pgfleet serve [--config DIR] [--listen ADDR]` runs the multi-user
@@ -53,6 +53,9 @@ enum ConfigCommand {
     /// Print the effective configuration and where each value comes from;
     /// exit 2 if it is invalid.
     Check(check::CheckArgs),
+    /// List every configuration key of a pool and its database: aliases,
+    /// default, range, and what it does.
+    Keys,
 }
 
 fn main() -> ExitCode {
@@ -78,5 +81,8 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check(args),
         } => check::run(&args),
+        Command::Config {
+            command: ConfigCommand::Keys,
+        } => check::keys(),
     }
 }

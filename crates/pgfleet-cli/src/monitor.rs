@@ -99,7 +99,7 @@ async fn monitor(args: &MonitorArgs) -> Result<ExitCode, String> {
         target.clone(),
         PoolConfig {
             min_size: 0,
-            max_size: 1,
+            max_size: Some(1),
             acquire_timeout: Duration::from_secs(10),
             application_name: "pgfleet-monitor".into(),
             ..PoolConfig::default()

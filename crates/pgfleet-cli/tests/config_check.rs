@@ -123,3 +123,24 @@ fn without_a_directory_defaults_and_environment_are_used() {
         "{stdout}"
     );
 }
+
+#[test]
+fn config_keys_lists_every_key_with_aliases_defaults_and_ranges() {
+    let (code, out, err) = pgfleet(&["config", "keys"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let row = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no row for {key}: {out}"))
+            .to_owned()
+    };
+    let min = row("min_size (pool_size)");
+    assert!(min.contains(" 1 ") && min.contains("0..=10000"), "{min}");
+    let timeout = row("timeout (pool_timeout, acquire_timeout)");
+    assert!(
+        timeout.contains("30s") && timeout.contains("7 days"),
+        "{timeout}"
+    );
+    assert!(row("statement_cache_size").contains("256"));
+    assert_eq!(out.lines().count(), pgfleet::config_keys().count() + 1);
+}

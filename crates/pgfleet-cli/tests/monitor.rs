@@ -28,7 +28,7 @@ async fn samples_connections_marks_the_fleet_and_enforces_max() {
         Target::parse(&url).unwrap(),
         PoolConfig {
             min_size: 3,
-            max_size: 3,
+            max_size: Some(3),
             application_name: "pgfleet-monitored".into(),
             ..PoolConfig::default()
         },

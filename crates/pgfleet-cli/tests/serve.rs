@@ -453,7 +453,7 @@ async fn two_hundred_users_with_mixed_requests_stay_within_the_pool() {
         Target::parse(&cluster.url("postgres")).unwrap(),
         PoolConfig {
             min_size: 1,
-            max_size: 1,
+            max_size: Some(1),
             application_name: "serve-test-sampler".into(),
             ..PoolConfig::default()
         },

@@ -244,33 +244,37 @@ async fn stats(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResponse, ApiError> {
-    use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::metrics::gauge::Gauge;
-    let mut registry = pgfleet::metrics::registry(&app.fleet().stats());
+    use pgfleet::prometheus_client::encoding::text::encode;
+    use pgfleet::prometheus_client::metrics::counter::Counter;
+    use pgfleet::prometheus_client::metrics::gauge::Gauge;
+    use pgfleet::prometheus_client::registry::Registry;
+    let mut registry = Registry::default();
+    pgfleet::FleetMetrics::new(app.fleet()).register(&mut registry);
     let cache = app.service_stats();
     let entries = Gauge::<i64>::default();
-    entries.set(cache.entries as i64);
+    entries.set(i64::try_from(cache.entries).unwrap_or(i64::MAX));
     let hits = Counter::<u64>::default();
     hits.inc_by(cache.hits);
     let misses = Counter::<u64>::default();
     misses.inc_by(cache.misses);
-    registry.register(
+    let ours = registry.sub_registry_with_prefix("pgfleet");
+    ours.register(
         "service_cache_entries",
         "Users with services created",
         entries,
     );
-    registry.register(
+    ours.register(
         "service_cache_hits",
         "Service lookups served from the cache",
         hits,
     );
-    registry.register(
+    ours.register(
         "service_cache_misses",
         "Service lookups that created services",
         misses,
     );
-    let text =
-        pgfleet::metrics::encode(&registry).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fleet = Fleet::new();
     let config = PoolConfig {
         min_size: 2,
-        max_size: 8,
+        max_size: Some(8),
         application_name: "pgfleet-quickstart".into(),
         ..PoolConfig::default()
     };
@@ -93,7 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "300 concurrent queries in {:?}: {} failed; server backends for this app: {backends} (max_size {})",
         started.elapsed(),
         failed,
-        config.max_size
+        config.effective_max_size()
     );
     println!("{}", serde_json::to_string_pretty(&fleet.stats())?);
     let closed = fleet.close_all(Duration::from_secs(5)).await;

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-
 use crate::error::{Error, Result};
 
 /// Client connections on a server at one moment, as `pg_stat_activity` shows
 /// them (the sampling connection itself left out).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct ActivitySample {
     /// Client backends.
     pub total: usize,

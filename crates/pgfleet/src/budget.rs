@@ -19,98 +19,29 @@
 //! second while probing.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::oneshot;
+use tokio_postgres::Client;
 
+use crate::config::{BudgetConfig, BudgetMode};
 use crate::error::{Error, Result};
-use crate::pool::Shared;
 
-/// How a server's budget is set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BudgetMode {
-    /// Derived at first contact: `max_connections` minus
-    /// `superuser_reserved_connections` and `reserved_connections`, minus the
-    /// headroom, divided by the replicas.
-    Auto,
-    /// A fixed number of connections for this process.
-    Fixed(u32),
-    /// No budget: pools are bounded by their own `max_size` only.
-    Off,
-}
-
-impl fmt::Display for BudgetMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BudgetMode::Auto => f.write_str("auto"),
-            BudgetMode::Fixed(n) => write!(f, "{n}"),
-            BudgetMode::Off => f.write_str("off"),
-        }
-    }
-}
-
-/// Fleet-wide settings of server budgets (the `fleet:` section).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BudgetConfig {
-    /// The mode for servers not listed in `servers`. Default `auto`.
-    pub mode: BudgetMode,
-    /// Connections left for other clients (psql, monitoring, migrations) by
-    /// `auto`. Default 3.
-    pub headroom: u32,
-    /// How many replicas of this application share the server; `auto`
-    /// divides by it. Default 1.
-    pub replicas: u32,
-    /// Per-server modes, keyed by `host:port` ([`crate::Target::server_key`]).
-    pub servers: BTreeMap<String, BudgetMode>,
-}
-
-impl Default for BudgetConfig {
-    fn default() -> Self {
-        BudgetConfig {
-            mode: BudgetMode::Auto,
-            headroom: 3,
-            replicas: 1,
-            servers: BTreeMap::new(),
-        }
-    }
-}
-
-impl BudgetConfig {
-    /// The mode for one server.
-    pub fn mode_for(&self, server: &str) -> BudgetMode {
-        self.servers.get(server).copied().unwrap_or(self.mode)
-    }
-
-    /// Checks the settings.
-    ///
-    /// # Errors
-    /// `Config` for zero replicas or a fixed budget of zero.
-    pub fn validate(&self) -> Result<()> {
-        if self.replicas == 0 {
-            return Err(Error::config(
-                "invalid configuration: fleet.replicas = 0: expected at least 1",
-            ));
-        }
-        for (server, mode) in std::iter::once(("default", &self.mode))
-            .chain(self.servers.iter().map(|(k, v)| (k.as_str(), v)))
-        {
-            if *mode == BudgetMode::Fixed(0) {
-                return Err(Error::config(format!(
-                    "invalid configuration: budget of {server} = 0: expected at least 1, `auto` or `off`"
-                )));
-            }
-        }
-        Ok(())
-    }
+/// What a budget may ask of a pool on its server: close one idle connection
+/// above its floor, so that the unit it held can go to another pool. The
+/// budget knows its pools through this alone.
+pub(crate) trait Reclaim: Send + Sync {
+    /// Closes the longest-idle connection if the pool is above its floor;
+    /// whether one was closed.
+    fn reclaim_idle(&self) -> bool;
 }
 
 /// How an `auto` budget was derived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Derivation {
     /// The server's `max_connections`.
     pub max_connections: u32,
@@ -167,7 +98,7 @@ pub(crate) struct ServerBudget {
 
 struct Member {
     pool_id: u64,
-    pool: Weak<Shared>,
+    pool: Weak<dyn Reclaim>,
     label: String,
     min_size: u32,
     units: u32,
@@ -268,7 +199,7 @@ impl ServerBudget {
     pub(crate) fn join(
         &self,
         pool_id: u64,
-        pool: Weak<Shared>,
+        pool: Weak<dyn Reclaim>,
         label: String,
         min_size: u32,
     ) -> Result<()> {
@@ -500,7 +431,7 @@ impl ServerBudget {
     /// Asks the other pools on the server to close one idle connection
     /// above their floor; the freed unit goes to the oldest waiter.
     fn reclaim_for(&self, pool_id: u64) {
-        let candidates: Vec<Arc<Shared>> = {
+        let candidates: Vec<Arc<dyn Reclaim>> = {
             let st = self.lock();
             if st.target.is_none() {
                 return;
@@ -511,8 +442,8 @@ impl ServerBudget {
                 .filter_map(|m| m.pool.upgrade())
                 .collect()
         };
-        for shared in candidates {
-            if shared.reclaim_idle() {
+        for pool in candidates {
+            if pool.reclaim_idle() {
                 self.reclaims.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -556,6 +487,25 @@ impl ServerBudget {
     }
 }
 
+/// Reads the server's connection limits over `client`, the first
+/// connection to a server whose budget is `auto`, and derives the budget
+/// from them.
+pub(crate) async fn derive_from_server(budget: &Arc<ServerBudget>, client: &Client) {
+    let query = "SELECT current_setting('max_connections')::int, \
+                 current_setting('superuser_reserved_connections')::int, \
+                 coalesce(current_setting('reserved_connections', true), '0')::int";
+    match client.query_one(query, &[]).await {
+        Ok(row) => {
+            let get = |i: usize| u32::try_from(row.get::<_, i32>(i)).unwrap_or(0);
+            budget.derive(get(0), get(1), get(2));
+        }
+        Err(e) => {
+            tracing::warn!(server = %budget.server(), error = %e, "could not read the server's connection limits");
+            budget.derivation_failed();
+        }
+    }
+}
+
 fn floor_list(members: &[Member]) -> String {
     members
         .iter()
@@ -566,7 +516,9 @@ fn floor_list(members: &[Member]) -> String {
 }
 
 /// Statistics of one server budget.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct BudgetStats {
     /// `host:port` of the server.
     pub server: String,
@@ -603,25 +555,5 @@ mod tests {
         let d = Derivation::new(20, 3, 2, 3, 1);
         assert_eq!(d.budget, 12);
         assert_eq!(Derivation::new(5, 3, 0, 10, 4).budget, 1, "never zero");
-    }
-
-    #[test]
-    fn zero_replicas_or_zero_budget_are_invalid() {
-        let bad = BudgetConfig {
-            replicas: 0,
-            ..BudgetConfig::default()
-        };
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("replicas = 0"));
-        let mut bad = BudgetConfig::default();
-        bad.servers.insert("db:5432".into(), BudgetMode::Fixed(0));
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("db:5432 = 0"));
     }
 }

@@ -53,6 +53,11 @@ pub enum ErrorKind {
     /// The configuration is invalid; the message names the key, the value and
     /// where it came from.
     Config,
+    /// A statement failed: the server refused it (see [`Error::code`]), or
+    /// the connection broke while it ran. Made from a
+    /// [`tokio_postgres::Error`], so that one `?` serves pool and query
+    /// errors alike.
+    Db,
 }
 
 /// The error of every fallible pgfleet operation.
@@ -141,6 +146,24 @@ impl Error {
         self.0.kind == ErrorKind::Config
     }
 
+    /// True for a failed statement (an error of tokio-postgres).
+    pub fn is_db(&self) -> bool {
+        self.0.kind == ErrorKind::Db
+    }
+
+    /// The tokio-postgres error behind this one, if it is a `Db` error.
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        self.source_pg()
+            .and_then(tokio_postgres::Error::as_db_error)
+    }
+
+    fn source_pg(&self) -> Option<&tokio_postgres::Error> {
+        self.0
+            .source
+            .as_deref()
+            .and_then(|e| e.downcast_ref::<tokio_postgres::Error>())
+    }
+
     /// The SQLSTATE of the server error behind this error, if there is one
     /// (e.g. `28P01` for a wrong password, `3D000` for a missing database,
     /// `53300` for "too many clients").
@@ -162,6 +185,19 @@ impl Error {
             cur = e.source();
         }
         None
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    /// A `Db` error whose message is the server's (`relation "x" does not
+    /// exist (ERROR 42P01)`) or the connection's, with the tokio-postgres
+    /// error as its source.
+    fn from(e: tokio_postgres::Error) -> Self {
+        let message = match e.as_db_error() {
+            Some(db) => format!("{} ({} {})", db.message(), db.severity(), db.code().code()),
+            None => report(&e),
+        };
+        Error::new(ErrorKind::Db, message).with_source(e)
     }
 }
 

@@ -1,39 +1,117 @@
-#![doc = include_str!("../../../README.md")]
+//! One shared, bounded, observable PostgreSQL pool per database for the whole
+//! process, on [`tokio_postgres`].
+//!
+//! A service that gives every store, user or memory layer its own pool ends
+//! with `FATAL: sorry, too many clients already`. pgfleet keeps **one pool
+//! per database** in a process-wide [`Fleet`], hands out counted
+//! [`PoolHandle`]s, and holds every pool of a server to a shared **server
+//! budget**, so the process can never be the one that exhausts the server.
+//!
+//! ```no_run
+//! use pgfleet::{Fleet, PoolConfig, Target};
+//!
+//! # async fn example() -> Result<(), pgfleet::Error> {
+//! let target = Target::parse("postgres://app:secret@127.0.0.1:5432/memfuse")?;
+//! let config = PoolConfig { min_size: 2, max_size: Some(20), ..PoolConfig::default() };
+//!
+//! // Every store asks the process-wide fleet; all get the same pool.
+//! let m0 = Fleet::global().pool(&target, &config)?;
+//! let m1 = Fleet::global().pool(&target, &config)?;
+//! assert_eq!(m0.active_references(), 2);
+//!
+//! let conn = m0.get().await?; // derefs to tokio_postgres::Client
+//! // Prepared once per connection, reused by whoever gets it next.
+//! let plus_one = conn.prepare_cached("SELECT $1::int + 1").await?;
+//! let row = conn.query_one(&plus_one, &[&41i32]).await?; // `?` takes both errors
+//! assert_eq!(row.get::<_, i32>(0), 42);
+//! # drop((m1, plus_one, conn));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is in it
+//!
+//! * [`Fleet`]: one [`Pool`] per normalised database address
+//!   ([`Target::key`]), lock-free lookups, single-flight creation, counted
+//!   handles that linger before closing, [`warmup`](Fleet::warmup),
+//!   [`close_all`](Fleet::close_all), [`stats`](Fleet::stats).
+//! * [`Pool`]: FIFO-fair acquire with timeouts, a warm floor, lifetimes with
+//!   jitter, idle timeouts, `max_queries`, health checks only for
+//!   connections that sat idle, and a protocol tap that never lets a dirty
+//!   connection (a request in flight, an open transaction) reach the next
+//!   caller. [`PooledConnection::prepare_cached`] keeps prepared statements
+//!   per connection; [`Pool::shared`] pipelines autocommit statements of
+//!   many tasks over a few connections.
+//! * Server budgets ([`BudgetConfig`]): `auto` reads the server's
+//!   `max_connections` at first contact; floors are reserved, idle
+//!   connections are reclaimed between pools, and a refusal lowers the
+//!   budget until slots free up.
+//! * Configuration: [`PoolConfig`] and [`FleetConfig`] as plain data, the one
+//!   key parser [`PoolSettings`] (YAML, environment, URL query, code), and
+//!   with the `yaml` feature a layered [`Loader`] for Hydra-style
+//!   directories. Every key is documented in the [configuration
+//!   reference](configuration).
+//! * Observability: [`PoolStats`] and [`FleetStats`] (serialisable with the
+//!   `serde` feature), Prometheus metrics with the `prometheus` feature
+//!   (`FleetMetrics`), and [`sample_activity`] for `pg_stat_activity`.
+//!
+//! # Errors
+//!
+//! Every fallible operation returns [`Error`]: a kind ([`ErrorKind`]), a
+//! message that names what failed (a timeout shows the pool's state and the
+//! last connect error), the SQLSTATE behind it ([`Error::code`]) and its
+//! cause. A `tokio_postgres::Error` converts into it, so one `?` serves pool
+//! and query errors alike. Passwords never appear in any `Display` or
+//! `Debug` output, error, log line or statistic.
+//!
+//! # Features
+//!
+//! All on by default; `--no-default-features` leaves a working pool and
+//! fleet without YAML or Prometheus in the dependency tree.
+//!
+//! * `yaml` — [`Loader`], [`Loaded`]: layered YAML configuration.
+//! * `prometheus` — `FleetMetrics`: a `prometheus-client` collector of a
+//!   fleet.
+//! * `serde` — `Serialize` for statistics and configurations, and
+//!   `Deserialize` for [`PoolConfig`] and [`FleetConfig`] through the same
+//!   key parser (unknown keys refused).
 
-/// The configuration reference (`docs/CONFIGURATION.md`).
-#[doc = include_str!("../../../docs/CONFIGURATION.md")]
-pub mod configuration_reference {}
-
-/// How pgfleet is built (`docs/ARCHITECTURE.md`).
-#[doc = include_str!("../../../docs/ARCHITECTURE.md")]
-pub mod architecture {}
-
-pub mod activity;
-pub mod budget;
-pub mod config;
+mod activity;
+mod budget;
+mod config;
 mod conn;
-pub mod error;
-pub mod fleet;
-mod internals;
-mod interpolate;
-pub mod layered;
-pub mod metrics;
-pub mod pool;
-pub mod shared;
-mod statements;
-pub mod stats;
-mod tap;
-pub mod target;
+mod error;
+mod fleet;
+#[cfg(feature = "prometheus")]
+mod metrics;
+mod pool;
+mod shared;
+mod stats;
+mod target;
+
+#[doc = include_str!("../docs/configuration.md")]
+pub mod configuration {}
 
 pub use activity::{sample as sample_activity, ActivitySample};
-pub use budget::{BudgetConfig, BudgetMode, BudgetStats, Derivation};
-pub use config::{Effective, PoolConfig, PoolSettings, RawValue, Source};
-pub use error::{Error, ErrorKind, Result, TimeoutStage};
-pub use fleet::{
-    CloseReport, Fleet, FleetConfig, FleetStats, PoolHandle, WarmupOutcome, WarmupReport,
+pub use budget::{BudgetStats, Derivation};
+pub use config::{
+    config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, KeyInfo, PoolConfig,
+    PoolSettings, RawValue, Source,
 };
-pub use layered::{ApplicationValue, Loaded, Loader, WarmupEntry};
+#[cfg(feature = "yaml")]
+pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};
+pub use error::{report, Error, ErrorKind, Result, TimeoutStage};
+pub use fleet::{CloseReport, Fleet, FleetStats, PoolHandle, WarmupOutcome, WarmupReport};
+#[cfg(feature = "prometheus")]
+pub use metrics::FleetMetrics;
 pub use pool::{Pool, PooledConnection};
+/// The prometheus-client of [`FleetMetrics`], so that the registry it is
+/// registered in is of the same version.
+#[cfg(feature = "prometheus")]
+pub use prometheus_client;
 pub use shared::SharedConnection;
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};
 pub use target::{Host, Target};
+/// The tokio-postgres this crate is built on, so that callers use the exact
+/// same version (`pgfleet::tokio_postgres::types::ToSql`, ...).
+pub use tokio_postgres;

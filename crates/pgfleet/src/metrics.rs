@@ -1,25 +1,45 @@
-//! Prometheus metrics of a fleet, built from a [`FleetStats`] snapshot with
-//! `prometheus-client` and labelled by masked pool URL (`pool`) and server
-//! (`server`).
-//!
-//! ```no_run
-//! # fn example(fleet: &pgfleet::Fleet) -> Result<(), std::fmt::Error> {
-//! let mut registry = pgfleet::metrics::registry(&fleet.stats());
-//! // ... register the application's own metrics ...
-//! let text = pgfleet::metrics::encode(&registry)?; // text exposition format
-//! # let _ = text;
-//! # Ok(())
-//! # }
-//! ```
+//! Prometheus metrics of a fleet (feature `prometheus`): a
+//! `prometheus-client` collector that reads [`Fleet::stats`] at each
+//! scrape, labelled by masked pool URL (`pool`) and server (`server`).
+//! Counter names and their help come from the one list of counters in
+//! `stats.rs`.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::fleet::FleetStats;
-use crate::stats::TimingStats;
+use crate::budget::BudgetStats;
+use crate::fleet::{Fleet, FleetStats};
+use crate::stats::PoolStats;
+
+/// The metrics of a fleet, read from its statistics at every scrape.
+///
+/// Register it in the application's registry, beside the application's own
+/// metrics, or encode it alone:
+///
+/// ```no_run
+/// # fn example(fleet: &pgfleet::Fleet) {
+/// use pgfleet::prometheus_client::registry::Registry;
+///
+/// let mut registry = Registry::default();
+/// pgfleet::FleetMetrics::new(fleet).register(&mut registry);
+/// // ... the application's own metrics ...
+/// let mut text = String::new();
+/// pgfleet::prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+///
+/// let alone: String = pgfleet::FleetMetrics::new(fleet).encode();
+/// # let _ = (text, alone);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FleetMetrics {
+    fleet: Fleet,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabel {
@@ -37,214 +57,177 @@ struct ServerLabel {
     server: String,
 }
 
-fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<PoolLabel, Gauge> {
-    let family = Family::<PoolLabel, Gauge>::default();
-    registry.register(name, help, family.clone());
-    family
+/// The prefix of every metric name.
+const PREFIX: &str = "pgfleet";
+
+impl FleetMetrics {
+    /// The metrics of `fleet` (a cheap clone of it).
+    pub fn new(fleet: &Fleet) -> FleetMetrics {
+        FleetMetrics {
+            fleet: fleet.clone(),
+        }
+    }
+
+    /// Registers these metrics in `registry`, under the prefix `pgfleet`.
+    pub fn register(self, registry: &mut Registry) {
+        registry
+            .sub_registry_with_prefix(PREFIX)
+            .register_collector(Box::new(self));
+    }
+
+    /// These metrics alone, in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut registry = Registry::default();
+        self.clone().register(&mut registry);
+        let mut out = String::new();
+        // Writing to a String does not fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
 }
 
-fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<PoolLabel, Counter> {
-    let family = Family::<PoolLabel, Counter>::default();
-    registry.register(name, help, family.clone());
-    family
+impl Collector for FleetMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        encode_stats(&self.fleet.stats(), &mut encoder)
+    }
 }
-
-type PoolValue<T> = fn(&crate::PoolStats) -> T;
-type BudgetValue<T> = fn(&crate::BudgetStats) -> T;
-type PoolTiming = fn(&crate::PoolStats) -> &TimingStats;
 
 fn as_i64<T: TryInto<i64>>(v: T) -> i64 {
     v.try_into().unwrap_or(i64::MAX)
 }
 
-/// A registry (prefix `pgfleet`) holding the metrics of every pool and
-/// server budget in `stats`.
-pub fn registry(stats: &FleetStats) -> Registry {
-    let mut registry = Registry::with_prefix("pgfleet");
-    let gauges: Vec<(Family<PoolLabel, Gauge>, PoolValue<i64>)> = vec![
+/// Writes one metric family.
+fn emit(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    family: &impl EncodeMetric,
+) -> Result<(), fmt::Error> {
+    family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)
+}
+
+/// A gauge per pool.
+fn pool_gauge(stats: &FleetStats, get: impl Fn(&PoolStats) -> i64) -> Family<PoolLabel, Gauge> {
+    let family = Family::<PoolLabel, Gauge>::default();
+    for (url, pool) in &stats.pools {
+        family
+            .get_or_create(&PoolLabel { pool: url.clone() })
+            .set(get(pool));
+    }
+    family
+}
+
+/// A gauge or counter per server budget.
+fn server_family<M: Default + Clone>(
+    stats: &FleetStats,
+    set: impl Fn(&M, &BudgetStats),
+) -> Family<ServerLabel, M> {
+    let family = Family::<ServerLabel, M>::default();
+    for (server, budget) in &stats.servers {
+        set(
+            &family.get_or_create(&ServerLabel {
+                server: server.clone(),
+            }),
+            budget,
+        );
+    }
+    family
+}
+
+fn encode_stats(stats: &FleetStats, encoder: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+    type PoolGauge = (&'static str, &'static str, fn(&PoolStats) -> i64);
+    let gauges: [PoolGauge; 9] = [
+        ("pool_size", "Open plus opening connections", |p| {
+            as_i64(p.gauges.size)
+        }),
+        ("pool_idle", "Idle connections", |p| as_i64(p.gauges.idle)),
+        ("pool_in_use", "Connections handed out", |p| {
+            as_i64(p.gauges.in_use)
+        }),
+        ("pool_waiting", "Callers waiting for a connection", |p| {
+            as_i64(p.gauges.waiting)
+        }),
+        ("pool_connecting", "Connections being opened", |p| {
+            as_i64(p.gauges.connecting)
+        }),
+        ("pool_min_size", "Configured warm floor", |p| {
+            as_i64(p.min_size)
+        }),
+        ("pool_max_size", "Configured hard cap", |p| {
+            as_i64(p.max_size)
+        }),
+        ("pool_active_references", "Live handles to the pool", |p| {
+            as_i64(p.active_references)
+        }),
         (
-            gauge_family(&mut registry, "pool_size", "Open plus opening connections"),
-            |p| as_i64(p.gauges.size),
-        ),
-        (
-            gauge_family(&mut registry, "pool_idle", "Idle connections"),
-            |p| as_i64(p.gauges.idle),
-        ),
-        (
-            gauge_family(&mut registry, "pool_in_use", "Connections handed out"),
-            |p| as_i64(p.gauges.in_use),
-        ),
-        (
-            gauge_family(
-                &mut registry,
-                "pool_waiting",
-                "Callers waiting for a connection",
-            ),
-            |p| as_i64(p.gauges.waiting),
-        ),
-        (
-            gauge_family(&mut registry, "pool_connecting", "Connections being opened"),
-            |p| as_i64(p.gauges.connecting),
-        ),
-        (
-            gauge_family(&mut registry, "pool_min_size", "Configured warm floor"),
-            |p| as_i64(p.min_size),
-        ),
-        (
-            gauge_family(&mut registry, "pool_max_size", "Configured hard cap"),
-            |p| as_i64(p.max_size),
-        ),
-        (
-            gauge_family(
-                &mut registry,
-                "pool_active_references",
-                "Live handles to the pool",
-            ),
-            |p| as_i64(p.active_references),
-        ),
-        (
-            gauge_family(
-                &mut registry,
-                "pool_shared_connections",
-                "Connections in service for shared mode",
-            ),
+            "pool_shared_connections",
+            "Connections in service for shared mode",
             |p| as_i64(p.gauges.shared),
         ),
     ];
-    let counters: Vec<(Family<PoolLabel, Counter>, PoolValue<u64>)> = vec![
-        (
-            counter_family(&mut registry, "acquires", "Successful acquires"),
-            |p| p.counters.acquires,
-        ),
-        (
-            counter_family(&mut registry, "acquires_waited", "Acquires that waited"),
-            |p| p.counters.acquires_waited,
-        ),
-        (
-            counter_family(
-                &mut registry,
-                "acquires_timed_out",
-                "Acquires that timed out",
-            ),
-            |p| p.counters.acquires_timed_out,
-        ),
-        (
-            counter_family(&mut registry, "connections_created", "Connections opened"),
-            |p| p.counters.connections_created,
-        ),
-        (
-            counter_family(&mut registry, "connect_errors", "Failed connect attempts"),
-            |p| p.counters.connect_errors,
-        ),
-        (
-            counter_family(
-                &mut registry,
-                "connections_refused",
-                "Connects refused with 53300",
-            ),
-            |p| p.counters.connections_refused,
-        ),
-        (
-            counter_family(
-                &mut registry,
-                "dirty_returns",
-                "Connections rolled back on return",
-            ),
-            |p| p.counters.dirty_returns,
-        ),
-        (
-            counter_family(&mut registry, "health_checks", "Round-trip health checks"),
-            |p| p.counters.health_checks,
-        ),
-        (
-            counter_family(
-                &mut registry,
-                "leaks_reported",
-                "Connections held past leak_threshold",
-            ),
-            |p| p.counters.leaks_reported,
-        ),
-        (
-            counter_family(&mut registry, "shared_leases", "Leases in shared mode"),
-            |p| p.counters.shared_leases,
-        ),
-        (
-            counter_family(
-                &mut registry,
-                "statements_prepared",
-                "Statements prepared on a statement-cache miss",
-            ),
-            |p| p.counters.statements_prepared,
-        ),
-        (
-            counter_family(
-                &mut registry,
-                "statement_cache_hits",
-                "prepare_cached calls served from the cache",
-            ),
-            |p| p.counters.statement_cache_hits,
-        ),
-    ];
-    let closed = Family::<ClosedLabel, Counter>::default();
-    registry.register(
-        "connections_closed",
-        "Connections closed, by reason",
-        closed.clone(),
-    );
-    // Timings: total seconds and sample count per pool.
-    let timings: [(&str, PoolTiming); 3] = [
-        ("wait", |p| &p.timings.wait),
-        ("hold", |p| &p.timings.hold),
-        ("connect", |p| &p.timings.connect),
-    ];
-    let mut timing_families = Vec::new();
-    for (name, get) in timings {
-        let sum = Family::<PoolLabel, Counter<f64>>::default();
-        let count = Family::<PoolLabel, Counter>::default();
-        registry.register(
-            format!("{name}_seconds"),
-            format!("Total {name} time"),
-            sum.clone(),
-        );
-        registry.register(
-            format!("{name}_samples"),
-            format!("Number of {name} samples"),
-            count.clone(),
-        );
-        timing_families.push((sum, count, get));
+    for (name, help, get) in gauges {
+        emit(encoder, name, help, &pool_gauge(stats, get))?;
     }
+    // Counters: one family per counter of `CounterStats`, named after it.
+    let mut counters: Vec<(&'static str, &'static str, Family<PoolLabel, Counter>)> = Vec::new();
+    let closed = Family::<ClosedLabel, Counter>::default();
     for (url, pool) in &stats.pools {
         let label = PoolLabel { pool: url.clone() };
-        for (family, get) in &gauges {
-            family.get_or_create(&label).set(get(pool));
+        for (i, (name, help, value)) in pool.counters.each().into_iter().enumerate() {
+            if counters.len() <= i {
+                counters.push((name, help, Family::default()));
+            }
+            counters[i].2.get_or_create(&label).inc_by(value);
         }
-        for (family, get) in &counters {
-            family.get_or_create(&label).inc_by(get(pool));
-        }
-        let c = &pool.counters;
-        for (reason, n) in [
-            ("lifetime", c.connections_closed_lifetime),
-            ("idle", c.connections_closed_idle),
-            ("broken", c.connections_closed_broken),
-            ("dirty", c.connections_closed_dirty),
-            ("max_queries", c.connections_closed_max_queries),
-            ("shutdown", c.connections_closed_shutdown),
-            ("reclaimed", c.connections_closed_reclaimed),
-        ] {
+        for (reason, value) in pool.counters.closed() {
             closed
                 .get_or_create(&ClosedLabel {
                     pool: url.clone(),
                     reason: reason.to_owned(),
                 })
-                .inc_by(n);
+                .inc_by(value);
         }
-        for (sum, count, get) in &timing_families {
+    }
+    for (name, help, family) in &counters {
+        emit(encoder, name, help.trim(), family)?;
+    }
+    emit(
+        encoder,
+        "connections_closed",
+        "Connections closed, by reason",
+        &closed,
+    )?;
+    // Timings: total seconds and sample count per pool.
+    type Timing = (&'static str, fn(&PoolStats) -> &crate::stats::TimingStats);
+    let timings: [Timing; 3] = [
+        ("wait", |p| &p.timings.wait),
+        ("hold", |p| &p.timings.hold),
+        ("connect", |p| &p.timings.connect),
+    ];
+    for (name, get) in timings {
+        let sum = Family::<PoolLabel, Counter<f64>>::default();
+        let count = Family::<PoolLabel, Counter>::default();
+        for (url, pool) in &stats.pools {
+            let label = PoolLabel { pool: url.clone() };
             let t = get(pool);
             sum.get_or_create(&label).inc_by(t.sum_us as f64 / 1e6);
             count.get_or_create(&label).inc_by(t.count);
         }
+        emit(
+            encoder,
+            &format!("{name}_seconds"),
+            &format!("Total {name} time"),
+            &sum,
+        )?;
+        emit(
+            encoder,
+            &format!("{name}_samples"),
+            &format!("Number of {name} samples"),
+            &count,
+        )?;
     }
-    let budget_gauges: Vec<(&str, &str, BudgetValue<i64>)> = vec![
+    type ServerGauge = (&'static str, &'static str, fn(&BudgetStats) -> i64);
+    let budget_gauges: [ServerGauge; 4] = [
         (
             "server_budget",
             "Connections this process may hold on the server (0 until auto is derived)",
@@ -262,7 +245,14 @@ pub fn registry(stats: &FleetStats) -> Registry {
             |b| as_i64(b.waiting),
         ),
     ];
-    let budget_counters: Vec<(&str, &str, BudgetValue<u64>)> = vec![
+    for (name, help, get) in budget_gauges {
+        let family = server_family::<Gauge>(stats, |g, b| {
+            g.set(get(b));
+        });
+        emit(encoder, name, help, &family)?;
+    }
+    type ServerCounter = (&'static str, &'static str, fn(&BudgetStats) -> u64);
+    let budget_counters: [ServerCounter; 2] = [
         (
             "server_reclaims",
             "Idle connections closed to free units for another pool",
@@ -274,45 +264,28 @@ pub fn registry(stats: &FleetStats) -> Registry {
             |b| b.refusals,
         ),
     ];
-    for (name, help, get) in budget_gauges {
-        let family = Family::<ServerLabel, Gauge>::default();
-        registry.register(name, help, family.clone());
-        for (server, b) in &stats.servers {
-            family
-                .get_or_create(&ServerLabel {
-                    server: server.clone(),
-                })
-                .set(get(b));
-        }
-    }
     for (name, help, get) in budget_counters {
-        let family = Family::<ServerLabel, Counter>::default();
-        registry.register(name, help, family.clone());
-        for (server, b) in &stats.servers {
-            family
-                .get_or_create(&ServerLabel {
-                    server: server.clone(),
-                })
-                .inc_by(get(b));
-        }
+        let family = server_family::<Counter>(stats, |c, b| {
+            c.inc_by(get(b));
+        });
+        emit(encoder, name, help, &family)?;
     }
-    registry
-}
-
-/// The registry in the Prometheus text exposition format.
-///
-/// # Errors
-/// Only if formatting fails (it does not for a `String`).
-pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry)?;
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::PoolStats;
+
+    /// A collector of a fixed snapshot, to test the encoding alone.
+    #[derive(Debug)]
+    struct Fixed(FleetStats);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+            encode_stats(&self.0, &mut encoder)
+        }
+    }
 
     #[test]
     fn pool_values_appear_labelled_by_masked_url() {
@@ -325,8 +298,14 @@ mod tests {
         pool.gauges.size = 7;
         pool.counters.acquires = 42;
         pool.counters.connections_closed_idle = 3;
+        pool.counters.statement_cache_hits = 5;
         stats.pools.insert(pool.url.clone(), pool);
-        let text = encode(&registry(&stats)).unwrap();
+        let mut registry = Registry::default();
+        registry
+            .sub_registry_with_prefix(PREFIX)
+            .register_collector(Box::new(Fixed(stats)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
             text.contains("pgfleet_pool_size{pool=\"postgres://app:***@db:5432/x\"} 7"),
             "{text}"
@@ -336,6 +315,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("pgfleet_connections_closed_total{pool=\"postgres://app:***@db:5432/x\",reason=\"idle\"} 3"), "{text}");
+        assert!(
+            text.contains(
+                "pgfleet_statement_cache_hits_total{pool=\"postgres://app:***@db:5432/x\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP pgfleet_statement_cache_hits `prepare_cached` calls served from a connection's statement cache."),
+            "{text}"
+        );
         assert!(
             text.contains("pgfleet_pool_max_size{pool=\"postgres://app:***@db:5432/x\"} 20"),
             "{text}"

@@ -38,21 +38,90 @@ use std::fmt;
 use std::ops::Deref;
 use std::panic::Location;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Error as PgError, Statement};
 
-use crate::pool::{Conn, Shared};
-use crate::tap::TxStatus;
+use crate::config::PoolConfig;
+use crate::conn::TxStatus;
+use crate::error::Result;
+use crate::pool::inner::{Conn, PoolInner};
+use crate::pool::maintain::tick_for;
+
+/// Leases a shared connection of `pool` for the caller at `location`: the
+/// body of [`Pool::shared`](crate::Pool::shared).
+pub(crate) async fn lease(
+    pool: &Arc<PoolInner>,
+    lanes: &Arc<Lanes>,
+    location: &'static Location<'static>,
+) -> Result<SharedConnection> {
+    let cap = pool.config.shared_connections.min(pool.max_size) as usize;
+    let deadline = Instant::now() + pool.config.acquire_timeout;
+    loop {
+        let changed = lanes.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        match lanes.decide(cap, Instant::now(), location) {
+            None => return Err(pool.closed_error()),
+            Some(Decision::Lease(lease, None)) => return Ok(lease),
+            Some(Decision::Lease(lease, Some(growing))) => {
+                // Open another lane without making this caller wait for it.
+                pool.runtime.spawn(grow(pool.clone(), growing, location));
+                return Ok(lease);
+            }
+            Some(Decision::Grow(growing)) => {
+                let conn = pool.get(location).await?.into_conn();
+                let lane = Lane::new(conn, pool, lanes, location);
+                let lease = SharedConnection::new(lane.clone(), location);
+                let added = lanes.add(lane, cap);
+                drop(growing);
+                return if added {
+                    Ok(lease)
+                } else {
+                    Err(pool.closed_error())
+                };
+            }
+            Some(Decision::Wait) => {
+                if tokio::time::timeout_at(deadline.into(), changed)
+                    .await
+                    .is_err()
+                {
+                    return Err(pool.timeout_error());
+                }
+            }
+        }
+    }
+}
+
+/// Opens one more lane in the background (the caller that asked for it
+/// already has a lease on another).
+async fn grow(pool: Arc<PoolInner>, growing: Growing, location: &'static Location<'static>) {
+    let cap = pool.config.shared_connections.min(pool.max_size) as usize;
+    match pool.get(location).await {
+        Ok(conn) => {
+            let lane = Lane::new(conn.into_conn(), &pool, &growing.lanes, location);
+            // Closed meanwhile: the lane, dropped, gives its connection back.
+            growing.lanes.add(lane, cap);
+        }
+        Err(e) => {
+            tracing::debug!(pool = %pool.label, error = %e, "could not open another shared connection")
+        }
+    }
+    drop(growing);
+}
 
 /// The lanes of one pool.
 pub(crate) struct Lanes {
     state: Mutex<LanesState>,
     /// Notified when a lane was added or an attempt to add one ended.
     changed: Notify,
+    /// Lanes with no lease for this long are given back (`idle_timeout`).
+    idle: Option<Duration>,
+    /// How often the sweep looks (the pool's maintenance tick).
+    tick: Duration,
 }
 
 #[derive(Default)]
@@ -60,13 +129,16 @@ struct LanesState {
     lanes: Vec<Arc<Lane>>,
     /// Lanes being opened (their connection is being acquired).
     growing: usize,
+    /// The sweep task runs (see [`sweep_lanes`]).
+    sweeping: bool,
     closed: bool,
 }
 
 /// One connection in shared mode.
 pub(crate) struct Lane {
     conn: Option<Conn>,
-    pool: Arc<Shared>,
+    pool: Arc<PoolInner>,
+    lanes: Weak<Lanes>,
     leases: UseCount,
     /// Where the lease that opened this lane was taken.
     location: &'static Location<'static>,
@@ -74,8 +146,8 @@ pub(crate) struct Lane {
     seen: Mutex<(u64, Instant)>,
 }
 
-/// What `Pool::shared` should do, decided under the lanes lock.
-pub(crate) enum Decision {
+/// What [`lease`] should do, decided under the lanes lock.
+enum Decision {
     /// Use this lease (already counted); with a token, also open another
     /// lane in the background.
     Lease(SharedConnection, Option<Growing>),
@@ -87,23 +159,25 @@ pub(crate) enum Decision {
 
 /// Counts a lane being opened; dropping it (on success, failure or
 /// cancellation) uncounts it and wakes the callers waiting for a lane.
-pub(crate) struct Growing {
-    pool: Arc<Shared>,
+struct Growing {
+    lanes: Arc<Lanes>,
 }
 
 impl Drop for Growing {
     fn drop(&mut self) {
-        let lanes = self.pool.lanes();
-        lanes.lock().growing -= 1;
-        lanes.changed.notify_waiters();
+        self.lanes.lock().growing -= 1;
+        self.lanes.changed.notify_waiters();
     }
 }
 
 impl Lanes {
-    pub(crate) fn new() -> Lanes {
+    /// No lanes yet, for a pool with `config`.
+    pub(crate) fn new(config: &PoolConfig) -> Lanes {
         Lanes {
             state: Mutex::new(LanesState::default()),
             changed: Notify::new(),
+            idle: config.idle_timeout,
+            tick: tick_for(config),
         }
     }
 
@@ -111,19 +185,12 @@ impl Lanes {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A future that completes at the next change of the lanes. Created (and
-    /// enabled) before deciding, so a change in between is not missed.
-    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.changed.notified()
-    }
-
     /// Picks the lane with the fewest leases (lanes within their time
     /// first), and asks for another lane while every lane is busy or one is
     /// due for replacement, and fewer than `cap` fresh ones exist or are
     /// being opened.
-    pub(crate) fn decide(
-        &self,
-        pool: &Arc<Shared>,
+    fn decide(
+        self: &Arc<Self>,
         cap: usize,
         now: Instant,
         location: &'static Location<'static>,
@@ -158,7 +225,9 @@ impl Lanes {
             let wanted = all_busy || fresh < st.lanes.len();
             let grow = (wanted && fresh + st.growing < cap).then(|| {
                 st.growing += 1;
-                Growing { pool: pool.clone() }
+                Growing {
+                    lanes: self.clone(),
+                }
             });
             match (least, grow) {
                 // Never wait for a new lane while one can take the statement.
@@ -171,34 +240,18 @@ impl Lanes {
         Some(decision)
     }
 
-    /// Adds a lane made from a connection of the pool, with a lease for
-    /// the caller that opened it if `leased`. `None` if the lanes were closed
-    /// meanwhile (the connection goes back to the pool).
-    pub(crate) fn add(
-        &self,
-        pool: &Arc<Shared>,
-        conn: Conn,
-        cap: usize,
-        location: &'static Location<'static>,
-        leased: bool,
-    ) -> Option<Option<SharedConnection>> {
-        let lane = Arc::new(Lane {
-            conn: Some(conn),
-            pool: pool.clone(),
-            leases: UseCount::default(),
-            location,
-            seen: Mutex::new((0, Instant::now())),
-        });
-        let lease = leased.then(|| SharedConnection::new(lane.clone(), location));
+    /// Adds a lane, and retires lanes past their time once their
+    /// replacement is in. Returns `false` (the lane is dropped, and its
+    /// connection goes back to the pool) if the lanes were closed meanwhile.
+    fn add(self: &Arc<Self>, lane: Arc<Lane>, cap: usize) -> bool {
         let mut st = self.lock();
         if st.closed {
             drop(st);
-            drop(lease);
             drop(lane);
-            return None;
+            return false;
         }
+        let runtime = lane.pool.runtime.clone();
         st.lanes.push(lane);
-        // The replacement is in: lanes past their time leave, oldest first.
         let now = Instant::now();
         let mut retired = Vec::new();
         while st.lanes.len() > cap {
@@ -207,40 +260,39 @@ impl Lanes {
                 None => break,
             }
         }
+        let start_sweep = !st.sweeping;
+        st.sweeping = true;
         drop(st);
         drop(retired);
-        Some(lease)
+        if start_sweep {
+            runtime.spawn(sweep_lanes(Arc::downgrade(self), self.tick));
+        }
+        true
     }
 
-    /// Gives back lanes that had no lease for `idle` (checked on the pool's
-    /// maintenance tick).
-    pub(crate) fn sweep(&self, idle: Option<Duration>, now: Instant) {
-        let Some(idle) = idle else {
-            return;
-        };
+    /// Gives back lanes that had no lease for `idle_timeout`, and lanes
+    /// that broke; returns whether any lane is left.
+    fn sweep(&self, now: Instant) -> bool {
+        let idle = self.idle;
         let mut retired = Vec::new();
-        {
+        let left = {
             let mut st = self.lock();
             let mut i = 0;
             while i < st.lanes.len() {
                 let lane = &st.lanes[i];
-                let (live, taken) = lane.leases.look();
-                let mut seen = lane.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                let unused = if live > 0 || seen.0 != taken {
-                    *seen = (taken, now);
-                    false
-                } else {
-                    now.saturating_duration_since(seen.1) >= idle
-                };
-                drop(seen);
+                let unused = idle.is_some_and(|idle| lane.unused_for(idle, now));
                 if unused || !lane.alive() {
                     retired.push(st.lanes.swap_remove(i));
                 } else {
                     i += 1;
                 }
             }
-        }
+            let left = !st.lanes.is_empty() && !st.closed;
+            st.sweeping = left;
+            left
+        };
         drop(retired);
+        left
     }
 
     /// Takes every lane out of service (the pool is closing).
@@ -272,7 +324,42 @@ impl Lanes {
     }
 }
 
+/// The sweep task of shared mode: on the pool's maintenance tick, gives back
+/// lanes that had no lease for `idle_timeout`, or broke. Runs while lanes
+/// exist; the next lane added starts it again.
+async fn sweep_lanes(lanes: Weak<Lanes>, tick: Duration) {
+    // The first tick is at once: skip it.
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let Some(lanes) = lanes.upgrade() else {
+            return;
+        };
+        if !lanes.sweep(Instant::now()) {
+            return;
+        }
+    }
+}
+
 impl Lane {
+    fn new(
+        conn: Conn,
+        pool: &Arc<PoolInner>,
+        lanes: &Arc<Lanes>,
+        location: &'static Location<'static>,
+    ) -> Arc<Lane> {
+        Arc::new(Lane {
+            conn: Some(conn),
+            pool: pool.clone(),
+            lanes: Arc::downgrade(lanes),
+            leases: UseCount::default(),
+            location,
+            seen: Mutex::new((0, Instant::now())),
+        })
+    }
+
     fn conn(&self) -> &Conn {
         self.conn.as_ref().expect("present until drop")
     }
@@ -291,13 +378,26 @@ impl Lane {
         !conn.is_expired(now)
             && self
                 .pool
-                .config()
+                .config
                 .max_queries
                 .is_none_or(|max| conn.raw.tap.queries() < max)
     }
 
     fn live_leases(&self) -> u64 {
         self.leases.live()
+    }
+
+    /// Whether no lease was taken or held for `idle`, as seen by the sweeps
+    /// (the first sweep that sees the lane unused starts the clock).
+    fn unused_for(&self, idle: Duration, now: Instant) -> bool {
+        let (live, taken) = self.leases.look();
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if live > 0 || seen.0 != taken {
+            *seen = (taken, now);
+            false
+        } else {
+            now.saturating_duration_since(seen.1) >= idle
+        }
     }
 }
 
@@ -329,7 +429,6 @@ impl SharedConnection {
             .fetch_add(1, Ordering::Relaxed);
         SharedConnection { lane, location }
     }
-
     /// Where this lease was taken (`shared()`'s caller).
     pub fn location(&self) -> &'static Location<'static> {
         self.location
@@ -385,13 +484,15 @@ impl Drop for SharedConnection {
         let status = lane.conn().raw.tap.status();
         if status != TxStatus::Idle {
             tracing::warn!(
-                pool = %lane.pool.label(),
+                pool = %lane.pool.label,
                 noticed_at = %self.location,
                 "a shared connection is inside a transaction: shared mode is for autocommit \
                  statements only. It is taken out of service and rolled back; statements of \
                  other tasks on it may have run inside that transaction"
             );
-            lane.pool.lanes().remove(lane);
+            if let Some(lanes) = lane.lanes.upgrade() {
+                lanes.remove(lane);
+            }
         }
     }
 }
@@ -399,7 +500,7 @@ impl Drop for SharedConnection {
 impl fmt::Debug for SharedConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedConnection")
-            .field("pool", &self.lane.pool.label())
+            .field("pool", &self.lane.pool.label)
             .field("leases", &self.lane.leases.live())
             .finish()
     }

@@ -4,29 +4,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
-
-/// Why a connection was closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CloseReason {
-    /// Older than `max_lifetime`.
-    Lifetime,
-    /// Idle above the floor for longer than `idle_timeout`.
-    Idle,
-    /// Socket closed, FATAL from the server, failed health check.
-    Broken,
-    /// Returned with a request in flight or a transaction that could not be
-    /// rolled back.
-    Dirty,
-    /// Served `max_queries` statements.
-    MaxQueries,
-    /// The pool was closed.
-    Shutdown,
-    /// Closed while idle above the floor to free a unit of the server budget
-    /// for another pool.
-    Reclaimed,
-}
-
 /// A histogram of durations in power-of-two microsecond buckets, plus sum
 /// and maximum. Recording is two relaxed atomic adds and a load (the count
 /// is the sum of the buckets; the maximum is written only when it grows).
@@ -104,7 +81,9 @@ impl Histogram {
 
 /// A snapshot of one timing histogram. Quantiles are upper bounds of
 /// power-of-two buckets, so they are within 2x of the truth.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct TimingStats {
     /// Number of samples.
     pub count: u64,
@@ -120,106 +99,157 @@ pub struct TimingStats {
     pub max_us: u64,
     /// Counts per bucket; bucket `i` holds samples below `2^i` microseconds
     /// (and at least `2^(i-1)`).
-    #[serde(skip)]
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub buckets: Vec<u64>,
 }
 
-/// Counters of one pool, updated without locks.
-#[derive(Debug)]
-pub(crate) struct Counters {
-    pub(crate) acquires_waited: AtomicU64,
-    pub(crate) acquires_timed_out: AtomicU64,
-    pub(crate) connections_created: AtomicU64,
-    pub(crate) connect_errors: AtomicU64,
-    pub(crate) closed_lifetime: AtomicU64,
-    pub(crate) closed_idle: AtomicU64,
-    pub(crate) closed_broken: AtomicU64,
-    pub(crate) closed_dirty: AtomicU64,
-    pub(crate) closed_max_queries: AtomicU64,
-    pub(crate) closed_shutdown: AtomicU64,
-    pub(crate) closed_reclaimed: AtomicU64,
-    pub(crate) connections_refused: AtomicU64,
-    pub(crate) dirty_returns: AtomicU64,
-    pub(crate) health_checks: AtomicU64,
-    pub(crate) leaks_reported: AtomicU64,
-    pub(crate) shared_leases: AtomicU64,
-    pub(crate) statements_prepared: AtomicU64,
-    pub(crate) statement_cache_hits: AtomicU64,
-    pub(crate) wait: Histogram,
-    pub(crate) hold: Histogram,
-    pub(crate) connect: Histogram,
+/// Defines every counter of a pool once: the atomic in [`Counters`], the
+/// field of [`CounterStats`] (with its doc, which is also its metric's
+/// help), the snapshot, and the list metrics read. Connections closed are
+/// counted by [`CloseReason`], one field per reason.
+macro_rules! counters {
+    (
+        counters { $( $(#[doc = $doc:literal])+ $name:ident, )* }
+        closed { $( $(#[doc = $cdoc:literal])+ $reason:ident => $field:ident, $label:literal; )* }
+    ) => {
+        /// Why a connection was closed.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum CloseReason {
+            $( $(#[doc = $cdoc])+ $reason, )*
+        }
+
+        /// Counters of one pool, updated without locks.
+        #[derive(Debug)]
+        pub(crate) struct Counters {
+            $( pub(crate) $name: AtomicU64, )*
+            /// Connections closed, by [`CloseReason`].
+            closed: [AtomicU64; CloseReason::ALL.len()],
+            /// Time `get()` callers waited; its count is the `acquires`.
+            pub(crate) wait: Histogram,
+            /// Time connections were held.
+            pub(crate) hold: Histogram,
+            /// Time to open a connection.
+            pub(crate) connect: Histogram,
+        }
+
+        /// Counters since the pool was created.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+        #[non_exhaustive]
+        pub struct CounterStats {
+            /// Successful `get()` calls.
+            pub acquires: u64,
+            $( $(#[doc = $doc])+ pub $name: u64, )*
+            $( $(#[doc = $cdoc])+ pub $field: u64, )*
+        }
+
+        impl CloseReason {
+            /// Every reason, in the order of the counters.
+            const ALL: [CloseReason; [$( stringify!($reason) ),*].len()] = [$( CloseReason::$reason ),*];
+
+        }
+
+        impl Counters {
+            pub(crate) fn new() -> Self {
+                Counters {
+                    $( $name: AtomicU64::new(0), )*
+                    closed: std::array::from_fn(|_| AtomicU64::new(0)),
+                    wait: Histogram::new(),
+                    hold: Histogram::new(),
+                    connect: Histogram::new(),
+                }
+            }
+
+            pub(crate) fn snapshot(&self) -> CounterStats {
+                let closed = |reason: CloseReason| self.closed[reason as usize].load(Ordering::Relaxed);
+                CounterStats {
+                    // Every successful acquire records its wait.
+                    acquires: self.wait.count(),
+                    $( $name: self.$name.load(Ordering::Relaxed), )*
+                    $( $field: closed(CloseReason::$reason), )*
+                }
+            }
+        }
+
+        impl CounterStats {
+            /// Every counter but the closed ones, as (name, help, value): the
+            /// name is the field's, the help its doc. For exporting to a
+            /// metrics system (`FleetMetrics` names its counters so).
+            pub fn each(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![
+                    ("acquires", "Successful `get()` calls.", self.acquires),
+                    $( (stringify!($name), concat!($($doc),+), self.$name), )*
+                ]
+            }
+
+            /// Connections closed, as (reason, value); the reasons are
+            /// `lifetime`, `idle`, `broken`, `dirty`, `max_queries`,
+            /// `shutdown`, `reclaimed`.
+            pub fn closed(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( ($label, self.$field), )* ]
+            }
+        }
+    };
+}
+
+counters! {
+    counters {
+        /// Successful `get()` calls that had to wait for a connection.
+        acquires_waited,
+        /// `get()` and `shared()` calls that timed out.
+        acquires_timed_out,
+        /// Connections opened.
+        connections_created,
+        /// Failed attempts to open a connection.
+        connect_errors,
+        /// Connect attempts the server refused with 53300 (too many clients).
+        connections_refused,
+        /// Connections returned inside a transaction and rolled back.
+        dirty_returns,
+        /// Round-trip health checks run on connections that sat idle.
+        health_checks,
+        /// Connections held longer than `leak_threshold`.
+        leaks_reported,
+        /// Leases handed out in shared mode (`Pool::shared`).
+        shared_leases,
+        /// Statements prepared by `prepare_cached` because the connection had
+        /// none cached for the text (cache misses).
+        statements_prepared,
+        /// `prepare_cached` calls served from a connection's statement cache.
+        statement_cache_hits,
+    }
+    closed {
+        /// Connections closed for reaching `max_lifetime`.
+        Lifetime => connections_closed_lifetime, "lifetime";
+        /// Connections above the floor closed after `idle_timeout`.
+        Idle => connections_closed_idle, "idle";
+        /// Connections found broken (closed socket, FATAL, failed health
+        /// check).
+        Broken => connections_closed_broken, "broken";
+        /// Connections discarded because they came back dirty and could not
+        /// be cleaned (request still running, failed rollback).
+        Dirty => connections_closed_dirty, "dirty";
+        /// Connections closed after `max_queries` statements.
+        MaxQueries => connections_closed_max_queries, "max_queries";
+        /// Connections closed because the pool closed.
+        Shutdown => connections_closed_shutdown, "shutdown";
+        /// Idle connections closed to free server-budget units for another
+        /// pool.
+        Reclaimed => connections_closed_reclaimed, "reclaimed";
+    }
 }
 
 impl Counters {
-    pub(crate) fn new() -> Self {
-        let z = || AtomicU64::new(0);
-        Counters {
-            acquires_waited: z(),
-            acquires_timed_out: z(),
-            connections_created: z(),
-            connect_errors: z(),
-            closed_lifetime: z(),
-            closed_idle: z(),
-            closed_broken: z(),
-            closed_dirty: z(),
-            closed_max_queries: z(),
-            closed_shutdown: z(),
-            closed_reclaimed: z(),
-            connections_refused: z(),
-            dirty_returns: z(),
-            health_checks: z(),
-            leaks_reported: z(),
-            shared_leases: z(),
-            statements_prepared: z(),
-            statement_cache_hits: z(),
-            wait: Histogram::new(),
-            hold: Histogram::new(),
-            connect: Histogram::new(),
-        }
-    }
-
+    /// Counts a connection closed for `reason`.
     pub(crate) fn closed(&self, reason: CloseReason) {
-        let counter = match reason {
-            CloseReason::Lifetime => &self.closed_lifetime,
-            CloseReason::Idle => &self.closed_idle,
-            CloseReason::Broken => &self.closed_broken,
-            CloseReason::Dirty => &self.closed_dirty,
-            CloseReason::MaxQueries => &self.closed_max_queries,
-            CloseReason::Shutdown => &self.closed_shutdown,
-            CloseReason::Reclaimed => &self.closed_reclaimed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn snapshot(&self) -> CounterStats {
-        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        CounterStats {
-            // Every successful acquire records its wait.
-            acquires: self.wait.count(),
-            acquires_waited: r(&self.acquires_waited),
-            acquires_timed_out: r(&self.acquires_timed_out),
-            connections_created: r(&self.connections_created),
-            connect_errors: r(&self.connect_errors),
-            connections_closed_lifetime: r(&self.closed_lifetime),
-            connections_closed_idle: r(&self.closed_idle),
-            connections_closed_broken: r(&self.closed_broken),
-            connections_closed_dirty: r(&self.closed_dirty),
-            connections_closed_max_queries: r(&self.closed_max_queries),
-            connections_closed_shutdown: r(&self.closed_shutdown),
-            connections_closed_reclaimed: r(&self.closed_reclaimed),
-            connections_refused: r(&self.connections_refused),
-            dirty_returns: r(&self.dirty_returns),
-            health_checks: r(&self.health_checks),
-            leaks_reported: r(&self.leaks_reported),
-            shared_leases: r(&self.shared_leases),
-            statements_prepared: r(&self.statements_prepared),
-            statement_cache_hits: r(&self.statement_cache_hits),
-        }
+        self.closed[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// Gauges: the pool right now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Gauges {
     /// Open connections plus connections being opened.
     pub size: u32,
@@ -236,53 +266,10 @@ pub struct Gauges {
     pub shared: u32,
 }
 
-/// Counters since the pool was created.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct CounterStats {
-    /// Successful `get()` calls.
-    pub acquires: u64,
-    /// Successful `get()` calls that had to wait for a connection.
-    pub acquires_waited: u64,
-    /// `get()` calls that timed out.
-    pub acquires_timed_out: u64,
-    /// Connections opened.
-    pub connections_created: u64,
-    /// Failed attempts to open a connection.
-    pub connect_errors: u64,
-    /// Connections closed for reaching `max_lifetime`.
-    pub connections_closed_lifetime: u64,
-    /// Connections above the floor closed after `idle_timeout`.
-    pub connections_closed_idle: u64,
-    /// Connections found broken (closed socket, FATAL, failed health check).
-    pub connections_closed_broken: u64,
-    /// Connections discarded because they came back dirty and could not be
-    /// cleaned (request still running, failed rollback).
-    pub connections_closed_dirty: u64,
-    /// Connections closed after `max_queries` statements.
-    pub connections_closed_max_queries: u64,
-    /// Connections closed because the pool closed.
-    pub connections_closed_shutdown: u64,
-    /// Idle connections closed to free server-budget units for another pool.
-    pub connections_closed_reclaimed: u64,
-    /// Connect attempts the server refused with 53300 (too many clients).
-    pub connections_refused: u64,
-    /// Connections returned inside a transaction and rolled back.
-    pub dirty_returns: u64,
-    /// Round-trip health checks run on connections that sat idle.
-    pub health_checks: u64,
-    /// Connections held longer than `leak_threshold`.
-    pub leaks_reported: u64,
-    /// Leases handed out in shared mode (`Pool::shared`).
-    pub shared_leases: u64,
-    /// Statements prepared by `prepare_cached` because the connection had
-    /// none cached for the text (cache misses).
-    pub statements_prepared: u64,
-    /// `prepare_cached` calls served from a connection's statement cache.
-    pub statement_cache_hits: u64,
-}
-
 /// Timings of one pool.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Timings {
     /// Time `get()` callers waited (all successful acquires).
     pub wait: TimingStats,
@@ -292,21 +279,10 @@ pub struct Timings {
     pub connect: TimingStats,
 }
 
-/// The configured bounds of a pool, as the seed's statistics show them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Bounds {
-    /// Warm floor.
-    pub min_size: u32,
-    /// Hard cap.
-    pub max_size: u32,
-    /// Acquire timeout in seconds.
-    pub timeout: f64,
-    /// Max lifetime in seconds, if any.
-    pub recycle: Option<f64>,
-}
-
 /// Everything about one pool at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct PoolStats {
     /// The pool's target, password masked.
     pub url: String,
@@ -314,11 +290,18 @@ pub struct PoolStats {
     pub min_size: u32,
     /// Hard cap (`max_size`).
     pub max_size: u32,
-    /// Acquire timeout in seconds.
-    pub timeout: f64,
-    /// Max lifetime in seconds, if any.
-    pub recycle: Option<f64>,
-    /// Live handles to the pool (fleet pools only).
+    /// Acquire timeout in seconds (`timeout`, the seed's name, in JSON).
+    #[cfg_attr(feature = "serde", serde(rename = "timeout"))]
+    pub timeout_s: f64,
+    /// Max lifetime in seconds, if any (`recycle`, the seed's name, in
+    /// JSON).
+    #[cfg_attr(feature = "serde", serde(rename = "recycle"))]
+    pub recycle_s: Option<f64>,
+    /// Live handles to the pool: those of its fleet for a fleet pool (the
+    /// same count as [`PoolHandle::active_references`]), 0 for a pool made
+    /// with `Pool::new`.
+    ///
+    /// [`PoolHandle::active_references`]: crate::PoolHandle::active_references
     pub active_references: usize,
     /// Whether the pool is closed.
     pub pool_closed: bool,

@@ -79,14 +79,14 @@ async fn invalid_pool_configuration_is_rejected_naming_the_field() {
         (
             PoolConfig {
                 min_size: 5,
-                max_size: 2,
+                max_size: Some(2),
                 ..PoolConfig::default()
             },
             "min_size",
         ),
         (
             PoolConfig {
-                max_size: 0,
+                max_size: Some(0),
                 min_size: 0,
                 ..PoolConfig::default()
             },
@@ -104,4 +104,27 @@ async fn invalid_pool_configuration_is_rejected_naming_the_field() {
         assert!(err.is_config(), "{err:?}");
         assert!(err.to_string().contains(field), "{err}");
     }
+}
+
+#[tokio::test]
+async fn unbounded_limits_wait_without_overflowing() {
+    let app = app("maxlimits");
+    // A wrong password: the warm-up fails at once, and `Duration::MAX`
+    // must not overflow computing its deadline.
+    let url = format!(
+        "postgres://postgres:not-the-password@127.0.0.1:{}/postgres",
+        cluster().port()
+    );
+    let bad = Pool::new(Target::parse(&url).unwrap(), config(&app, 1, 2)).unwrap();
+    let err = bad.wait_ready(Duration::MAX).await.unwrap_err();
+    assert_eq!(err.code(), Some("28P01"), "{err:?}");
+    let fleet = pgfleet::Fleet::new();
+    let good = fleet
+        .pool(&common::target(cluster()), &config(&app, 1, 2))
+        .unwrap();
+    good.wait_ready(Duration::MAX).await.unwrap();
+    let conn = good.get().await.unwrap();
+    drop(conn);
+    let report = fleet.close_all(Duration::MAX).await;
+    assert_eq!((report.pools, report.connections_cut), (1, 0));
 }

@@ -38,7 +38,7 @@ fn seed_files_load_unchanged_with_store_layer_winning() {
     assert_eq!(t.key(), "postgres://postgres@localhost:5432/memfuse");
     assert!(t.has_password());
     let c = loaded.pool_config();
-    assert_eq!((c.min_size, c.max_size), (15, 40));
+    assert_eq!((c.min_size, c.effective_max_size()), (15, 40));
     assert_eq!(c.acquire_timeout, Duration::from_secs(45));
     assert_eq!(c.max_lifetime, Some(Duration::from_secs(3600)));
     assert_eq!(
@@ -79,7 +79,7 @@ fn seed_files_load_unchanged_with_store_layer_winning() {
         "postgres://postgres@localhost:5432/memfuse"
     );
     assert_eq!(
-        loaded.warmup()[0].config.max_size,
+        loaded.warmup()[0].config.effective_max_size(),
         40,
         "warm-up entries inherit the pool settings"
     );
@@ -111,7 +111,7 @@ fn seed_small_example_gives_pool_size_plus_overflow() {
         .load()
         .unwrap();
     let c = loaded.pool_config();
-    assert_eq!((c.min_size, c.max_size), (10, 30));
+    assert_eq!((c.min_size, c.effective_max_size()), (10, 30));
     assert_eq!(c.acquire_timeout, Duration::from_secs(30));
 }
 
@@ -387,7 +387,7 @@ fn database_url_query_carries_pool_keys_at_its_layer() {
         .load()
         .unwrap();
     let c = loaded.pool_config();
-    assert_eq!((c.min_size, c.max_size), (4, 6));
+    assert_eq!((c.min_size, c.effective_max_size()), (4, 6));
     assert_eq!(c.acquire_timeout, Duration::from_millis(250));
     assert_eq!(source_of(&loaded, "min_size"), "url from env DATABASE_URL");
     // Keys the URL does not carry keep their file values.

@@ -71,7 +71,7 @@ async fn a_distinctive_password_never_appears_in_any_output() {
     let err = bad.get().await.unwrap_err();
     outputs.push(err.to_string());
     outputs.push(format!("{err:?}"));
-    outputs.push(pgfleet::error::report(&err));
+    outputs.push(pgfleet::report(&err));
     let report = fleet.warmup([(wrong_db.clone(), cfg.clone())]).await;
     outputs.push(format!("{report:?}"));
     fleet.close_all(Duration::from_secs(2)).await;

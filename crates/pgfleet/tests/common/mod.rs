@@ -27,7 +27,7 @@ pub fn config(app: &str, min_size: u32, max_size: u32) -> PoolConfig {
     PoolConfig {
         application_name: app.to_owned(),
         min_size,
-        max_size,
+        max_size: Some(max_size),
         acquire_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
         ..PoolConfig::default()

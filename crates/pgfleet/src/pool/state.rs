@@ -1,6 +1,7 @@
 //! The state of a pool that lives behind its mutex, and the decisions taken
-//! under it. Nothing here awaits, allocates connections or drops them: the
-//! callers in `pool.rs` do that after the lock is released.
+//! under it. Pure: nothing here awaits, opens, closes or drops a connection
+//! (the callers do that after the lock is released), and the connection is a
+//! type parameter, so every decision is tested without a server.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -9,13 +10,12 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use crate::error::Error;
-use crate::pool::Conn;
 use crate::stats::Gauges;
 
 /// One caller waiting in `get()`. Served in FIFO order by whatever frees up
 /// first: a returned connection or a newly opened one.
-pub(crate) struct Waiter {
-    pub(crate) tx: oneshot::Sender<Result<Conn, Error>>,
+pub(crate) struct Waiter<C> {
+    pub(crate) tx: oneshot::Sender<Result<C, Error>>,
     /// When the caller's `acquire_timeout` runs out (see `reap_waiters`).
     pub(crate) deadline: Instant,
 }
@@ -37,13 +37,14 @@ pub(crate) struct Plan {
     pub(crate) retry_at: Option<Instant>,
 }
 
-pub(crate) struct State {
+/// The state of one pool, with connections of type `C`.
+pub(crate) struct State<C> {
     /// Open connections nobody holds; the back is the most recently returned
     /// (handed out first, so the front ages and can be closed).
-    pub(crate) idle: VecDeque<Conn>,
+    pub(crate) idle: VecDeque<C>,
     /// Callers waiting, oldest first. May hold entries whose caller gave up;
     /// they are skipped when served and pruned when they pile up.
-    pub(crate) waiters: VecDeque<Waiter>,
+    pub(crate) waiters: VecDeque<Waiter<C>>,
     /// Callers really waiting (entries above minus the abandoned ones).
     pub(crate) waiting: u32,
     /// Open connections plus connections being opened.
@@ -67,7 +68,7 @@ pub(crate) struct State {
     pub(crate) live: HashMap<u64, AbortHandle>,
 }
 
-impl State {
+impl<C> State<C> {
     pub(crate) fn new() -> Self {
         State {
             idle: VecDeque::new(),
@@ -176,7 +177,7 @@ mod tests {
     #[test]
     fn plan_fills_floor_and_waiters_within_cap() {
         let now = Instant::now();
-        let mut st = State::new();
+        let mut st = State::<()>::new();
         assert_eq!(st.plan(2, 4, now).connects, 2);
         assert_eq!((st.size, st.connecting), (2, 2));
         st.waiting = 5;
@@ -189,7 +190,7 @@ mod tests {
     #[test]
     fn backoff_defers_connects_and_schedules_one_retry() {
         let now = Instant::now();
-        let mut st = State::new();
+        let mut st = State::<()>::new();
         st.connect_failed(ConnectFailure {
             message: "refused".into(),
             code: None,
@@ -206,7 +207,7 @@ mod tests {
 
     #[test]
     fn closed_pool_plans_nothing() {
-        let mut st = State::new();
+        let mut st = State::<()>::new();
         st.closed = true;
         assert_eq!(st.plan(3, 4, Instant::now()), Plan::default());
     }

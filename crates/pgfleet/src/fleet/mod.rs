@@ -14,24 +14,31 @@
 //! taking and dropping handles of one pool never write to a shared line. A
 //! linger watcher per pool sums the stripes on a tick; nothing on the handle
 //! path looks at the total.
+//!
+//! * `registry.rs` — the snapshot, the thread's copy of it, lookups, and
+//!   retirement's half of the handshake;
+//! * `handles.rs` — striped handle counts and [`PoolHandle`];
+//! * `linger.rs` — the linger watcher;
+//! * `reports.rs` — [`FleetStats`], [`WarmupReport`], [`CloseReport`].
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+mod handles;
+mod linger;
+mod registry;
+mod reports;
+
 use std::fmt;
-use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use hashbrown::HashTable;
-use serde::Serialize;
-
-use crate::budget::{BudgetConfig, BudgetMode, BudgetStats, ServerBudget};
-use crate::config::PoolConfig;
+pub use self::handles::PoolHandle;
+use self::handles::{stripe_count, Cell, Refs};
+use self::registry::{find, Entry, FleetInner, Registry, Snapshot, LOCAL};
+pub use self::reports::{CloseReport, FleetStats, WarmupOutcome, WarmupReport};
+use crate::budget::ServerBudget;
+use crate::config::{BudgetMode, FleetConfig, PoolConfig};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
-use crate::stats::PoolStats;
 use crate::target::Target;
 
 /// A registry of shared pools, one per database ([`Target::key`]).
@@ -41,199 +48,6 @@ use crate::target::Target;
 #[derive(Clone, Default)]
 pub struct Fleet {
     inner: Arc<FleetInner>,
-}
-
-/// Fleet-wide settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct FleetConfig {
-    /// Server budgets: how many connections this process may hold on each
-    /// server, across all its pools there.
-    pub budget: BudgetConfig,
-}
-
-/// The registry: one entry per key, found by the hash that [`Target`]
-/// computed once when it was built, so a lookup never hashes the key.
-type Registry = HashTable<Arc<Entry>>;
-
-struct FleetInner {
-    /// Names this fleet in the threads' snapshots (never reused).
-    id: u64,
-    config: FleetConfig,
-    pools: ArcSwap<Registry>,
-    /// Bumped after every store to `pools`: a snapshot read at the current
-    /// generation is current.
-    generation: AtomicU64,
-    /// One budget per server (`host:port`); created under `writer`.
-    budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
-    /// Held while creating or retiring a pool; lookups never take it.
-    writer: Mutex<()>,
-    closed: AtomicBool,
-    /// Handles kept by the fleet itself for warmed-up pools.
-    pinned: Mutex<Vec<PoolHandle>>,
-}
-
-impl FleetInner {
-    fn new(config: FleetConfig) -> FleetInner {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        FleetInner {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            config,
-            pools: ArcSwap::default(),
-            generation: AtomicU64::new(0),
-            budgets: Mutex::default(),
-            writer: Mutex::default(),
-            closed: AtomicBool::new(false),
-            pinned: Mutex::default(),
-        }
-    }
-
-    /// Publishes a new registry (under `writer`).
-    fn publish(&self, registry: Registry) -> Arc<Registry> {
-        let old = self.pools.swap(Arc::new(registry));
-        self.generation.fetch_add(1, Ordering::Release);
-        old
-    }
-}
-
-impl Default for FleetInner {
-    fn default() -> FleetInner {
-        FleetInner::new(FleetConfig::default())
-    }
-}
-
-impl Drop for FleetInner {
-    /// Threads may still hold a snapshot with this fleet's entries: close
-    /// the pools nobody holds a handle to now, rather than when the last
-    /// snapshot goes. Pools with handles close after their linger, as usual.
-    fn drop(&mut self) {
-        for entry in self.pools.load().iter() {
-            if entry.refs.look().0 == 0 {
-                entry.pool.close();
-            }
-        }
-    }
-}
-
-/// What a thread keeps for lookups.
-struct Local {
-    /// The stripe of this thread's handles (of `stripe_count()`).
-    stripe: usize,
-    /// The registry of the fleet this thread last looked in, and its
-    /// generation then. It may keep retired (closed) entries in memory until
-    /// the thread's next lookup; see `FleetInner::drop`.
-    snapshot: Option<Snapshot>,
-}
-
-struct Snapshot {
-    fleet: u64,
-    generation: u64,
-    registry: Arc<Registry>,
-}
-
-thread_local! {
-    static LOCAL: RefCell<Local> = RefCell::new(Local {
-        stripe: next_stripe(),
-        snapshot: None,
-    });
-}
-
-struct Entry {
-    key: Arc<str>,
-    hash: u64,
-    pool: Pool,
-    refs: Arc<Refs>,
-    /// One per stripe; a handle holds the cell of the thread that took it.
-    cells: Box<[Arc<Cell>]>,
-    fleet: Weak<FleetInner>,
-}
-
-/// The handle count of one pool.
-///
-/// Live handles are the cells' reference counts (less the entry's own
-/// reference to each cell): taking a handle clones the thread's cell,
-/// dropping it drops the clone. Taking also bumps the stripe's `taken`
-/// counter, so the linger watcher can tell "no handle now" from "no handle
-/// since the last look", and retirement can tell a handle taken at the last
-/// moment (see [`Entry::take_handle`]).
-struct Refs {
-    taken: Box<[Stripe]>,
-    /// The cells, to read their counts (set once, right after they exist).
-    cells: OnceLock<Box<[Weak<Cell>]>>,
-    /// References to each cell that are not handles: 1 while the entry
-    /// lives, 0 after.
-    base: AtomicUsize,
-    /// Set by the linger watcher before its final look at the stripes; a
-    /// lookup that sees it backs off. Both sides use `SeqCst`, so a handle
-    /// taken at the last moment and a retirement cannot miss each other.
-    retiring: AtomicBool,
-}
-
-/// Handles ever taken through one stripe (wrapping), on its own cache line.
-#[repr(align(128))]
-#[derive(Default)]
-struct Stripe(AtomicU64);
-
-impl Refs {
-    fn new(stripes: usize) -> Refs {
-        Refs {
-            taken: (0..stripes).map(|_| Stripe::default()).collect(),
-            cells: OnceLock::new(),
-            base: AtomicUsize::new(1),
-            retiring: AtomicBool::new(false),
-        }
-    }
-
-    /// Live handles, and a fingerprint of the handles ever taken.
-    ///
-    /// The fingerprint is read first: its `SeqCst` loads read every bump
-    /// before them, and each lookup clones its cell before it bumps, so the
-    /// counts read next include every handle the fingerprint counts.
-    fn look(&self) -> (usize, u64) {
-        let taken = self.taken.iter().fold(0u64, |sum, stripe| {
-            sum.wrapping_add(stripe.0.load(Ordering::SeqCst))
-        });
-        let base = self.base.load(Ordering::Acquire);
-        let live = self.cells.get().map_or(0, |cells| {
-            cells
-                .iter()
-                .map(|cell| cell.strong_count().saturating_sub(base))
-                .sum()
-        });
-        (live, taken)
-    }
-}
-
-/// What a handle holds: the pool and its stripe. Each cell is a separate
-/// allocation on its own cache lines, so cloning and dropping handles on one
-/// thread touches nothing another thread writes.
-#[repr(align(128))]
-struct Cell {
-    pool: Pool,
-    refs: Arc<Refs>,
-}
-
-/// How many stripes a pool's handle count uses: enough that the threads of
-/// a runtime rarely share one.
-fn stripe_count() -> usize {
-    static COUNT: OnceLock<usize> = OnceLock::new();
-    *COUNT.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(4, |n| n.get() * 2)
-            .next_power_of_two()
-            .clamp(2, 64)
-    })
-}
-
-/// The stripe of a new thread: threads take stripes in turn.
-fn next_stripe() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed) & (stripe_count() - 1)
-}
-
-/// A counted handle to a fleet pool. Derefs to [`Pool`] (`handle.get()`).
-/// While any handle lives, the pool stays open.
-pub struct PoolHandle {
-    cell: Arc<Cell>,
 }
 
 impl Fleet {
@@ -289,7 +103,7 @@ impl Fleet {
     #[inline(never)]
     fn create(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
         let inner = &self.inner;
-        let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let _writer = inner.write();
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::closed(format!(
                 "the fleet is closed; no pool for {target}"
@@ -343,7 +157,7 @@ impl Fleet {
         let mut pools = Registry::clone(&inner.pools.load());
         pools.insert_unique(entry.hash, entry.clone(), |e| e.hash);
         inner.publish(pools);
-        tokio::spawn(watch_linger(Arc::downgrade(&entry)));
+        tokio::spawn(linger::watch_linger(Arc::downgrade(&entry)));
         tracing::debug!(pool = %target, "pool created");
         Ok(handle)
     }
@@ -450,14 +264,16 @@ impl Fleet {
     }
 
     /// Closes every pool: idle connections now, waiters fail with `Closed`,
-    /// checked-out connections when they are returned — or, if still out at
-    /// `deadline`, cut. Later `pool()` and `get()` calls fail with `Closed`.
+    /// checked-out connections when they are returned — or, if still out
+    /// after `deadline`, cut (`Duration::MAX`: never cut). Later `pool()` and `get()` calls fail with `Closed`.
     /// Idempotent.
     pub async fn close_all(&self, deadline: Duration) -> CloseReport {
-        let deadline = Instant::now() + deadline;
+        // `Duration::MAX` (or any limit past what `Instant` holds) waits for
+        // every connection to come back.
+        let deadline = Instant::now().checked_add(deadline);
         let inner = &self.inner;
         let entries = {
-            let _writer = inner.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let _writer = inner.write();
             inner.closed.store(true, Ordering::SeqCst);
             inner.publish(Registry::default())
         };
@@ -470,7 +286,7 @@ impl Fleet {
         let mut report = CloseReport::default();
         for entry in entries.iter() {
             report.pools += 1;
-            report.connections_cut += entry.pool.wait_closed(deadline).await;
+            report.connections_cut += entry.pool.wait_closed_until(deadline).await;
         }
         report
     }
@@ -532,200 +348,10 @@ impl fmt::Debug for Fleet {
     }
 }
 
-/// The handle of the pool for `target` in `registry`, counted in `stripe`.
-fn find(registry: &Registry, target: &Target, stripe: usize) -> Option<PoolHandle> {
-    registry
-        .find(target.key_hash, |entry| {
-            Arc::ptr_eq(&entry.key, &target.key) || entry.key == target.key
-        })?
-        .take_handle(stripe)
-}
-
-impl Entry {
-    /// A new handle, counted in `stripe`; `None` if the pool is retiring.
-    ///
-    /// The cell is cloned first, then the stripe's `taken` bumped, then
-    /// `retiring` read, all but the clone `SeqCst`; retirement stores
-    /// `retiring` and then reads the stripes, both `SeqCst`. So either the
-    /// retirement sees the bump (and with it the clone) and gives up, or
-    /// this lookup sees `retiring` and gives its handle back.
-    #[inline]
-    fn take_handle(&self, stripe: usize) -> Option<PoolHandle> {
-        let handle = PoolHandle {
-            cell: self.cells[stripe].clone(),
-        };
-        self.refs.taken[stripe].0.fetch_add(1, Ordering::SeqCst);
-        if self.refs.retiring.load(Ordering::SeqCst) {
-            // This handle must not keep the pool: the caller creates a fresh
-            // pool under the writer lock.
-            return None;
-        }
-        Some(handle)
-    }
-
-    /// Closes the pool and removes it from the registry if it still has no
-    /// handle and none was taken since `seen` (a fingerprint from
-    /// [`Refs::look`]). Returns whether it retired.
-    fn retire(&self, seen: u64) -> bool {
-        let Some(fleet) = self.fleet.upgrade() else {
-            self.pool.close();
-            return true;
-        };
-        let _writer = fleet.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        self.refs.retiring.store(true, Ordering::SeqCst);
-        if self.refs.look() != (0, seen) {
-            // A lookup took a handle since the watcher looked.
-            self.refs.retiring.store(false, Ordering::SeqCst);
-            return false;
-        }
-        // Unit tests widen the window in which a lookup may still find the
-        // entry in a snapshot, to show the handshake closes it.
-        #[cfg(test)]
-        std::thread::sleep(Duration::from_millis(2));
-        let mut pools = Registry::clone(&fleet.pools.load());
-        if let Ok(found) = pools.find_entry(self.hash, |e| std::ptr::eq(Arc::as_ptr(e), self)) {
-            found.remove();
-            fleet.publish(pools);
-        }
-        tracing::debug!(pool = %self.pool.target(), "pool closed after linger with no handles");
-        self.pool.close();
-        true
-    }
-}
-
-/// Retires a pool once it has had no handle for its `linger` time. Looks at
-/// the handle count on a tick of a quarter of `linger` (10ms..1s); a handle
-/// taken between two looks restarts the wait. Ends when the pool closes or
-/// leaves the fleet.
-async fn watch_linger(entry: Weak<Entry>) {
-    let linger = match entry.upgrade() {
-        Some(entry) => entry.pool.config().linger,
-        None => return,
-    };
-    let tick = (linger / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut interval = tokio::time::interval(tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Since when the pool has had no handle, and the fingerprint then.
-    let mut unused: Option<(Instant, u64)> = None;
-    loop {
-        interval.tick().await;
-        let Some(entry) = entry.upgrade() else {
-            return;
-        };
-        if entry.pool.is_closed() {
-            return;
-        }
-        let (live, taken) = entry.refs.look();
-        unused = match unused {
-            _ if live > 0 => None,
-            Some((since, seen)) if seen == taken => {
-                if since.elapsed() >= linger && entry.retire(taken) {
-                    return;
-                }
-                Some((since, seen))
-            }
-            _ => Some((Instant::now(), taken)),
-        };
-    }
-}
-
-impl PoolHandle {
-    /// Live handles to this pool, this one included.
-    pub fn active_references(&self) -> usize {
-        self.cell.refs.look().0
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &Pool {
-        &self.cell.pool
-    }
-}
-
-impl Deref for PoolHandle {
-    type Target = Pool;
-    fn deref(&self) -> &Pool {
-        &self.cell.pool
-    }
-}
-
-impl Clone for PoolHandle {
-    /// The same cell: this handle keeps its count above the base, and the
-    /// clone's count lands on the same atomic, so the watcher never sees the
-    /// clone missing while this one is there.
-    fn clone(&self) -> Self {
-        PoolHandle {
-            cell: self.cell.clone(),
-        }
-    }
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        // The entry's references to the cells go with it.
-        self.refs.base.store(0, Ordering::Release);
-    }
-}
-
-impl fmt::Debug for PoolHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolHandle")
-            .field("pool", &self.cell.pool)
-            .field("active_references", &self.active_references())
-            .finish()
-    }
-}
-
-/// Statistics of a whole fleet.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct FleetStats {
-    /// Per pool, keyed by masked URL.
-    pub pools: BTreeMap<String, PoolStats>,
-    /// Per server budget, keyed by `host:port`.
-    pub servers: BTreeMap<String, BudgetStats>,
-}
-
-/// What [`Fleet::warmup`] did for each target.
-#[derive(Debug)]
-pub struct WarmupReport {
-    /// One per target, in completion order.
-    pub outcomes: Vec<WarmupOutcome>,
-}
-
-/// Warm-up of one target.
-#[derive(Debug)]
-pub struct WarmupOutcome {
-    /// The target, password masked.
-    pub url: String,
-    /// How long the warm floor took to open, or why it failed.
-    pub result: Result<Duration>,
-}
-
-impl WarmupReport {
-    /// Whether every target warmed up.
-    pub fn is_ok(&self) -> bool {
-        self.outcomes.iter().all(|o| o.result.is_ok())
-    }
-
-    /// The targets that failed, with their errors.
-    pub fn failures(&self) -> impl Iterator<Item = (&str, &Error)> {
-        self.outcomes
-            .iter()
-            .filter_map(|o| o.result.as_ref().err().map(|e| (o.url.as_str(), e)))
-    }
-}
-
-/// What [`Fleet::close_all`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct CloseReport {
-    /// Pools closed by this call.
-    pub pools: usize,
-    /// Connections still held by callers at the deadline, cut.
-    pub connections_cut: usize,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     /// A pool that never connects (`min_size` 0, nobody calls `get`).
     fn idle_config(linger: Duration) -> PoolConfig {
@@ -769,7 +395,7 @@ mod tests {
                 scope.spawn(move || {
                     let _context = runtime.enter();
                     let target = target();
-                    let mut last: Option<*const Shared> = None;
+                    let mut last: Option<u64> = None;
                     for phase in 0..80u64 {
                         // All quiet for about the linger time plus a tick,
                         // a little longer each phase, so the bursts start
@@ -780,10 +406,10 @@ mod tests {
                         for _ in 0..200 {
                             let handle = fleet.pool(&target, config).expect("pool");
                             assert!(!handle.is_closed(), "a lookup got a closed pool");
-                            let shared = Arc::as_ptr(&handle.shared);
-                            if last != Some(shared) {
+                            let id = handle.pool().id();
+                            if last != Some(id) {
                                 created.fetch_add(1, Ordering::Relaxed);
-                                last = Some(shared);
+                                last = Some(id);
                             }
                         }
                         // Past the window of a retirement that raced the
@@ -800,7 +426,62 @@ mod tests {
         );
     }
 
-    type Shared = crate::pool::Shared;
+    /// The handshake step by step, without relying on timing: a handle taken
+    /// before retirement looks again makes it back off; a lookup after the
+    /// mark backs off to the writer lock and, once the retirement is done,
+    /// gets a fresh pool, never the closed one.
+    #[test]
+    fn a_lookup_and_a_retirement_cannot_miss_each_other() {
+        let runtime = current_thread();
+        let _context = runtime.enter();
+        let fleet = Fleet::new();
+        let config = idle_config(Duration::from_secs(600));
+        let target = target();
+        let first = fleet.pool(&target, &config).expect("pool");
+        let first_id = first.pool().id();
+        drop(first);
+        let entry = fleet
+            .inner
+            .pools
+            .load()
+            .iter()
+            .next()
+            .expect("entry")
+            .clone();
+
+        let (live, seen) = entry.refs.look();
+        assert_eq!(live, 0);
+        let held = fleet.pool(&target, &config).expect("pool");
+        assert!(
+            !entry.retire(seen),
+            "retired a pool a lookup had just taken"
+        );
+        assert!(!held.is_closed());
+        drop(held);
+
+        let (_, seen) = entry.refs.look();
+        std::thread::scope(|scope| {
+            let writer = fleet.inner.write();
+            assert!(entry.mark_retiring(seen));
+            let lookup = scope.spawn(|| {
+                let _context = runtime.enter();
+                fleet.pool(&target, &config).expect("pool")
+            });
+            // The lookup counts its handle, sees the mark and waits for the
+            // writer lock.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while entry.refs.look().1 == seen {
+                assert!(Instant::now() < deadline, "the lookup never ran");
+                std::thread::yield_now();
+            }
+            entry.unpublish(&fleet.inner);
+            drop(writer);
+            let handle = lookup.join().expect("lookup thread");
+            assert!(!handle.is_closed(), "a lookup got the retired pool");
+            assert_ne!(handle.pool().id(), first_id, "the retired pool came back");
+        });
+        assert!(entry.pool.is_closed());
+    }
 
     #[test]
     fn dropping_a_fleet_closes_its_unheld_pools_though_a_thread_kept_a_snapshot() {
@@ -840,6 +521,13 @@ mod tests {
                 .expect("thread")
         });
         assert_eq!(first.active_references(), 3);
+        // A handle's stats count the fleet's handles, as the fleet's do.
+        assert_eq!(first.stats().active_references, 3);
+        assert_eq!(
+            first.pool().stats().active_references,
+            0,
+            "a bare Pool has none"
+        );
         drop(second);
         drop(third);
         assert_eq!(first.active_references(), 1);

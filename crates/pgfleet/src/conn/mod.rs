@@ -1,5 +1,13 @@
-//! Opening one physical connection: socket, protocol tap, tokio-postgres
-//! handshake, driver task.
+//! One physical connection: opening it (socket, protocol tap, tokio-postgres
+//! handshake, driver task) and what the pool watches on it.
+//!
+//! * `tap.rs` — the protocol tap, which follows the message stream;
+//! * `statements.rs` — the per-connection statement cache.
+
+mod statements;
+mod tap;
+
+pub(crate) use tap::TxStatus;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -10,10 +18,10 @@ use tokio::task::AbortHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 
+use self::statements::StatementCache;
+use self::tap::{Socket, TapState, TapStream};
 use crate::config::PoolConfig;
 use crate::error::Error;
-use crate::statements::StatementCache;
-use crate::tap::{Socket, TapState, TapStream};
 use crate::target::{Host, Target};
 
 /// An open connection and what the pool needs to watch and stop it.

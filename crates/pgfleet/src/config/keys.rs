@@ -1,0 +1,720 @@
+//! The one table of configuration keys.
+//!
+//! Every key — its name, aliases, kind and range, default and a one-line
+//! doc — is one row of [`KEYS`]. The parser ([`PoolSettings`]), the checks
+//! of a configuration built in code ([`PoolConfig::validate`]), `explain`,
+//! the suggestions for unknown keys, a URL's pool keys and the test of the
+//! configuration reference all read this table, so a key is added in one
+//! place.
+//!
+//! [`PoolSettings`]: super::PoolSettings
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::pool::PoolConfig;
+use super::value::{self, RawValue, Source, Why};
+use crate::error::{Error, Result};
+
+/// Upper bound of timeouts: anything longer is a mistake in units.
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Upper bound of lifetimes.
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Upper bound of pool sizes.
+pub(crate) const MAX_POOL_SIZE: u32 = 10_000;
+/// Upper bound of per-connection statement caches.
+const MAX_STATEMENT_CACHE: usize = 10_000;
+
+/// One configuration key.
+pub(crate) struct Key {
+    /// The canonical name (what `explain` and errors about a field show).
+    pub(crate) name: &'static str,
+    /// Other accepted names (the seed's and other pools' spellings).
+    pub(crate) aliases: &'static [&'static str],
+    /// What the value is, its range, and the field it sets.
+    pub(crate) kind: Kind,
+    /// The default, as the reference shows it.
+    pub(crate) default: &'static str,
+    /// What the key does, in one line.
+    pub(crate) doc: &'static str,
+}
+
+/// Reads and writes one field of a [`PoolConfig`].
+pub(crate) struct Field<T: 'static> {
+    get: fn(&PoolConfig) -> &T,
+    set: fn(&mut PoolConfig) -> &mut T,
+}
+
+macro_rules! field {
+    ($name:ident) => {
+        Field {
+            get: |c| &c.$name,
+            set: |c| &mut c.$name,
+        }
+    };
+}
+
+/// The kind of a key: how a raw value is checked and typed, and where it
+/// goes.
+pub(crate) enum Kind {
+    /// A `postgres://` URL; pool keys in its query are set through this
+    /// table too.
+    Url,
+    /// One host name or IP address, or a Unix socket directory.
+    Host,
+    /// A port number.
+    Port,
+    /// The database name.
+    Database,
+    /// The role name.
+    User,
+    /// A password: never shown.
+    Secret,
+    /// A number of connections in `min..=max`. `max_overflow` has no field:
+    /// it is added to the floor to make `max_size`.
+    Size {
+        min: u32,
+        max: u32,
+        field: Option<Field<u32>>,
+    },
+    /// `max_size`: a number of connections in `min..=max`, or unset to
+    /// follow a larger `min_size` (see `PoolConfig::effective_max_size`).
+    MaxSize { min: u32, max: u32 },
+    /// A number of entries, `0..=max`.
+    Len { max: usize, field: Field<usize> },
+    /// A count of at least `min`, or `off`.
+    Limit { min: u64, field: Field<Option<u64>> },
+    /// A duration up to `max`, always on.
+    Duration {
+        max: Duration,
+        field: Field<Duration>,
+    },
+    /// A duration up to `max`, or `off`.
+    OptDuration {
+        max: Duration,
+        field: Field<Option<Duration>>,
+    },
+    /// `application_name`: 1..=63 bytes.
+    AppName(Field<String>),
+    /// Run-time parameters sent at start-up, by name.
+    Settings(Field<BTreeMap<String, String>>),
+}
+
+/// Every key, in the order of the reference and of `explain`.
+pub(crate) const KEYS: &[Key] = &[
+    Key {
+        name: "url",
+        aliases: &["database_url"],
+        kind: Kind::Url,
+        default: "none",
+        doc: "a full postgres:// URL; its query may carry pool keys",
+    },
+    Key {
+        name: "host",
+        aliases: &[],
+        kind: Kind::Host,
+        default: "localhost",
+        doc: "one host name, IP address, or Unix socket directory",
+    },
+    Key {
+        name: "port",
+        aliases: &[],
+        kind: Kind::Port,
+        default: "5432",
+        doc: "the server's port",
+    },
+    Key {
+        name: "database",
+        aliases: &["db", "dbname"],
+        kind: Kind::Database,
+        default: "the user name",
+        doc: "the database name",
+    },
+    Key {
+        name: "user",
+        aliases: &["username"],
+        kind: Kind::User,
+        default: "postgres",
+        doc: "the role name",
+    },
+    Key {
+        name: "password",
+        aliases: &[],
+        kind: Kind::Secret,
+        default: "none",
+        doc: "the password, shown as *** everywhere",
+    },
+    Key {
+        name: "min_size",
+        aliases: &["pool_size"],
+        kind: Kind::Size {
+            min: 0,
+            max: MAX_POOL_SIZE,
+            field: Some(field!(min_size)),
+        },
+        default: "1",
+        doc: "warm floor: connections kept open even when idle",
+    },
+    Key {
+        name: "max_size",
+        aliases: &[],
+        kind: Kind::MaxSize {
+            min: 1,
+            max: MAX_POOL_SIZE,
+        },
+        default: "10",
+        doc: "hard cap on open plus opening connections",
+    },
+    Key {
+        name: "max_overflow",
+        aliases: &[],
+        kind: Kind::Size {
+            min: 0,
+            max: MAX_POOL_SIZE,
+            field: None,
+        },
+        default: "none",
+        doc: "connections above the floor: max_size = pool_size + max_overflow",
+    },
+    Key {
+        name: "timeout",
+        aliases: &["pool_timeout", "acquire_timeout"],
+        kind: Kind::Duration {
+            max: MAX_TIMEOUT,
+            field: field!(acquire_timeout),
+        },
+        default: "30s",
+        doc: "how long get() waits for a connection",
+    },
+    Key {
+        name: "connect_timeout",
+        aliases: &[],
+        kind: Kind::Duration {
+            max: MAX_TIMEOUT,
+            field: field!(connect_timeout),
+        },
+        default: "10s",
+        doc: "how long opening one connection may take",
+    },
+    Key {
+        name: "max_lifetime",
+        aliases: &["pool_recycle"],
+        kind: Kind::OptDuration {
+            max: MAX_LIFETIME,
+            field: field!(max_lifetime),
+        },
+        default: "1h",
+        doc: "connections older than this are closed when next idle",
+    },
+    Key {
+        name: "idle_timeout",
+        aliases: &["max_inactive_connection_lifetime"],
+        kind: Kind::OptDuration {
+            max: MAX_LIFETIME,
+            field: field!(idle_timeout),
+        },
+        default: "5m",
+        doc: "connections above min_size idle longer than this are closed",
+    },
+    Key {
+        name: "max_queries",
+        aliases: &[],
+        kind: Kind::Limit {
+            min: 1,
+            field: field!(max_queries),
+        },
+        default: "50000",
+        doc: "a connection is closed after serving this many statements",
+    },
+    Key {
+        name: "command_timeout",
+        aliases: &[],
+        kind: Kind::OptDuration {
+            max: MAX_TIMEOUT,
+            field: field!(command_timeout),
+        },
+        default: "off",
+        doc: "server-side statement_timeout of every connection",
+    },
+    Key {
+        name: "health_check_after",
+        aliases: &[],
+        kind: Kind::Duration {
+            max: MAX_TIMEOUT,
+            field: field!(health_check_after),
+        },
+        default: "5s",
+        doc: "a connection idle longer than this gets a round-trip check before use",
+    },
+    Key {
+        name: "linger",
+        aliases: &[],
+        kind: Kind::Duration {
+            max: MAX_TIMEOUT,
+            field: field!(linger),
+        },
+        default: "30s",
+        doc: "how long a fleet pool with no live handles stays open",
+    },
+    Key {
+        name: "leak_threshold",
+        aliases: &[],
+        kind: Kind::OptDuration {
+            max: MAX_TIMEOUT,
+            field: field!(leak_threshold),
+        },
+        default: "off",
+        doc: "a connection held longer than this is reported",
+    },
+    Key {
+        name: "application_name",
+        aliases: &[],
+        kind: Kind::AppName(field!(application_name)),
+        default: "pgfleet",
+        doc: "application_name of every connection, as pg_stat_activity shows it",
+    },
+    Key {
+        name: "server_settings",
+        aliases: &[],
+        kind: Kind::Settings(field!(server_settings)),
+        default: "none",
+        doc: "run-time parameters sent at connection start-up",
+    },
+    Key {
+        name: "shared_connections",
+        aliases: &[],
+        kind: Kind::Size {
+            min: 1,
+            max: MAX_POOL_SIZE,
+            field: Some(field!(shared_connections)),
+        },
+        default: "2",
+        doc: "connections that shared mode pipelines statements over",
+    },
+    Key {
+        name: "statement_cache_size",
+        aliases: &[],
+        kind: Kind::Len {
+            max: MAX_STATEMENT_CACHE,
+            field: field!(statement_cache_size),
+        },
+        default: "256",
+        doc: "prepared statements each connection keeps for prepare_cached",
+    },
+];
+
+/// The key that `name` (the canonical name or an alias) sets.
+pub(crate) fn lookup(name: &str) -> Option<&'static Key> {
+    KEYS.iter()
+        .find(|k| k.name == name || k.aliases.contains(&name))
+}
+
+/// The key of a canonical name; a name not in the table is a bug.
+pub(crate) fn key(name: &str) -> &'static Key {
+    KEYS.iter()
+        .find(|k| k.name == name)
+        .unwrap_or_else(|| panic!("`{name}` is not in the table of keys"))
+}
+
+/// The known name closest to `name`, if one is close.
+pub(crate) fn suggest(name: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()))
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+impl Key {
+    /// A part of the target (where to connect), not of the pool.
+    pub(crate) fn is_target_part(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Host | Kind::Port | Kind::Database | Kind::User | Kind::Secret
+        )
+    }
+
+    /// A key that a URL's query may carry: a pool key other than
+    /// `server_settings` (a mapping has no place in a query).
+    pub(crate) fn is_url_param(&self) -> bool {
+        !self.is_target_part() && !matches!(self.kind, Kind::Url | Kind::Settings(_))
+    }
+
+    /// Checks `raw` and stores it in `config`, for keys with a field.
+    /// Returns `false` for the others (target parts, `max_overflow`).
+    ///
+    /// # Errors
+    /// What is wrong with the value.
+    pub(crate) fn apply(&self, raw: &RawValue, config: &mut PoolConfig) -> Result<bool, Why> {
+        match &self.kind {
+            Kind::Size {
+                min,
+                max,
+                field: Some(field),
+            } => *(field.set)(config) = size(raw, *min, *max)?,
+            // `null` leaves it to follow `min_size` (a serialized default).
+            Kind::MaxSize { .. } if *raw == RawValue::Null => config.max_size = None,
+            Kind::MaxSize { min, max } => config.max_size = Some(size(raw, *min, *max)?),
+            Kind::Len { max, field } => {
+                *(field.set)(config) = value::count(raw, 0, *max as u64)? as usize;
+            }
+            Kind::Limit { min, field } => {
+                *(field.set)(config) = if value::is_off(raw) {
+                    None
+                } else {
+                    Some(value::count(raw, *min, u64::MAX)?)
+                };
+            }
+            Kind::Duration { max, field } => {
+                *(field.set)(config) = value::duration(raw, *max, false)?;
+            }
+            Kind::OptDuration { max, field } => {
+                *(field.set)(config) = if value::is_off(raw) {
+                    None
+                } else {
+                    Some(value::duration(raw, *max, true)?)
+                };
+            }
+            Kind::AppName(field) => {
+                let name = value::text(raw)?;
+                value::check_application_name(&name)?;
+                *(field.set)(config) = name;
+            }
+            Kind::Settings(field) => *(field.set)(config) = value::settings_map(raw)?,
+            Kind::Size { field: None, .. }
+            | Kind::Url
+            | Kind::Host
+            | Kind::Port
+            | Kind::Database
+            | Kind::User
+            | Kind::Secret => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Checks the value of this key's field in a configuration built in
+    /// code; returns the value as shown and what is wrong with it.
+    pub(crate) fn check(&self, config: &PoolConfig) -> Result<(), (String, Why)> {
+        let fail = |why: Why| Err((self.show(config).unwrap_or_default(), why));
+        match &self.kind {
+            Kind::Size {
+                min,
+                max,
+                field: Some(field),
+            } => {
+                let n = *(field.get)(config);
+                if n < *min || n > *max {
+                    return fail(format!("expected {min}..={max}"));
+                }
+            }
+            Kind::MaxSize { min, max } => {
+                if config.max_size.is_some_and(|n| n < *min || n > *max) {
+                    return fail(format!("expected {min}..={max}"));
+                }
+            }
+            Kind::Len { max, field } => {
+                if *(field.get)(config) > *max {
+                    return fail(format!("expected 0..={max}"));
+                }
+            }
+            Kind::Limit { min, field } => {
+                if (field.get)(config).is_some_and(|n| n < *min) {
+                    return fail(format!(
+                        "must be at least {min} (use None / `off` to disable)"
+                    ));
+                }
+            }
+            Kind::Duration { max, field } => {
+                if let Err(why) = value::check_duration(*(field.get)(config), *max, false) {
+                    return fail(why);
+                }
+            }
+            Kind::OptDuration { max, field } => {
+                if let Some(d) = *(field.get)(config) {
+                    if let Err(why) = value::check_duration(d, *max, false) {
+                        return fail(if d.is_zero() {
+                            format!("{why} (use None / `off` to disable)")
+                        } else {
+                            why
+                        });
+                    }
+                }
+            }
+            Kind::AppName(field) => {
+                if let Err(why) = value::check_application_name((field.get)(config)) {
+                    return fail(why);
+                }
+            }
+            Kind::Settings(field) => {
+                for (name, setting) in (field.get)(config) {
+                    if let Err(why) = value::check_setting_name(name)
+                        .and_then(|()| value::check_setting_value(setting))
+                    {
+                        return Err((format!("{name:?}"), why));
+                    }
+                }
+            }
+            Kind::Size { field: None, .. }
+            | Kind::Url
+            | Kind::Host
+            | Kind::Port
+            | Kind::Database
+            | Kind::User
+            | Kind::Secret => {}
+        }
+        Ok(())
+    }
+
+    /// The value of this key's field as `explain` and the reference show
+    /// it; `None` for keys without a field.
+    pub(crate) fn show(&self, config: &PoolConfig) -> Option<String> {
+        Some(match &self.kind {
+            Kind::Size {
+                field: Some(field), ..
+            } => (field.get)(config).to_string(),
+            Kind::MaxSize { .. } => config.effective_max_size().to_string(),
+            Kind::Len { field, .. } => (field.get)(config).to_string(),
+            Kind::Limit { field, .. } => {
+                (field.get)(config).map_or("off".to_owned(), |n| n.to_string())
+            }
+            Kind::Duration { field, .. } => value::show_duration(Some(*(field.get)(config))),
+            Kind::OptDuration { field, .. } => value::show_duration(*(field.get)(config)),
+            Kind::AppName(field) => (field.get)(config).clone(),
+            Kind::Settings(field) => {
+                let settings = (field.get)(config);
+                if settings.is_empty() {
+                    "none".to_owned()
+                } else {
+                    let shown: Vec<String> =
+                        settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    shown.join(", ")
+                }
+            }
+            Kind::Size { field: None, .. }
+            | Kind::Url
+            | Kind::Host
+            | Kind::Port
+            | Kind::Database
+            | Kind::User
+            | Kind::Secret => return None,
+        })
+    }
+
+    /// The valid range, as the reference shows it.
+    pub(crate) fn range(&self) -> String {
+        let days = |d: &Duration| format!("{} days", d.as_secs() / 86_400);
+        match &self.kind {
+            Kind::Size { min, max, .. } | Kind::MaxSize { min, max } => format!("{min}..={max}"),
+            Kind::Len { max, .. } => format!("0..={max}"),
+            Kind::Limit { min, .. } => format!("≥ {min}"),
+            Kind::Duration { max, .. } | Kind::OptDuration { max, .. } => {
+                format!("> 0, ≤ {}", days(max))
+            }
+            Kind::AppName(_) => "1..=63 bytes".to_owned(),
+            Kind::Port => "1..=65535".to_owned(),
+            Kind::Url
+            | Kind::Host
+            | Kind::Database
+            | Kind::User
+            | Kind::Secret
+            | Kind::Settings(_) => String::new(),
+        }
+    }
+}
+
+/// One configuration key as the reference documents it: what
+/// [`config_keys`] lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyInfo {
+    /// The canonical name.
+    pub name: &'static str,
+    /// Other accepted names.
+    pub aliases: &'static [&'static str],
+    /// The default, as the reference shows it.
+    pub default: &'static str,
+    /// The valid range (empty for names and URLs).
+    pub range: String,
+    /// What the key does, in one line.
+    pub doc: &'static str,
+}
+
+/// Every configuration key of a pool and its target, in the reference's
+/// order, from the same table that the parser and the checks read.
+pub fn config_keys() -> impl Iterator<Item = KeyInfo> {
+    KEYS.iter().map(|key| KeyInfo {
+        name: key.name,
+        aliases: key.aliases,
+        default: key.default,
+        range: key.range(),
+        doc: key.doc,
+    })
+}
+
+/// A size in `min..=max`, as the `u32` of a `PoolConfig` field.
+pub(crate) fn size(raw: &RawValue, min: u32, max: u32) -> Result<u32, Why> {
+    value::count(raw, u64::from(min), u64::from(max)).map(|n| n as u32)
+}
+
+/// What [`PoolConfig::problem`] found: the field (by its key), its value as
+/// shown, and what is wrong.
+pub(crate) struct Problem {
+    pub(crate) key: &'static str,
+    pub(crate) value: String,
+    pub(crate) why: String,
+}
+
+/// The checks of a configuration built in code read the same table.
+impl PoolConfig {
+    /// Checks a configuration built in code: sizes, durations, names.
+    ///
+    /// # Errors
+    /// A `Config` error naming the field (by its configuration key), its
+    /// value and the source `code`, e.g. `invalid configuration: max_size =
+    /// 0 (code): expected 1..=10000`.
+    pub fn validate(&self) -> Result<()> {
+        match self.problem() {
+            None => Ok(()),
+            Some(p) => Err(Error::config(format!(
+                "invalid configuration: {} = {} ({}): {}",
+                p.key,
+                p.value,
+                Source::Code,
+                p.why
+            ))),
+        }
+    }
+
+    /// The first field out of its range, or the first conflict between
+    /// fields.
+    pub(crate) fn problem(&self) -> Option<Problem> {
+        let bad = |key: &'static str, value: String, why: String| Some(Problem { key, value, why });
+        for key in KEYS {
+            if let Err((value, why)) = key.check(self) {
+                return bad(key.name, value, why);
+            }
+        }
+        let max_size = self.effective_max_size();
+        if self.min_size > max_size {
+            return bad(
+                "min_size",
+                self.min_size.to_string(),
+                format!("greater than max_size = {max_size}"),
+            );
+        }
+        if self.command_timeout.is_some() && self.server_settings.contains_key("statement_timeout")
+        {
+            return bad(
+                "server_settings",
+                "\"statement_timeout\"".to_owned(),
+                "ambiguous: command_timeout already sets statement_timeout; set one of them"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_aliases_are_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for key in KEYS {
+            for name in std::iter::once(key.name).chain(key.aliases.iter().copied()) {
+                assert!(seen.insert(name), "`{name}` is listed twice");
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_says_the_defaults_that_pool_config_has() {
+        let defaults = PoolConfig::default();
+        for key in KEYS {
+            if let Some(shown) = key.show(&defaults) {
+                assert_eq!(shown, key.default, "default of `{}`", key.name);
+            }
+        }
+    }
+
+    #[test]
+    fn every_field_of_the_default_config_is_in_range() {
+        let defaults = PoolConfig::default();
+        for key in KEYS {
+            assert!(key.check(&defaults).is_ok(), "`{}`", key.name);
+        }
+    }
+
+    /// The configuration reference has a row for every key, with its
+    /// aliases, default and range, and no row for a key that does not
+    /// exist.
+    #[test]
+    fn the_reference_documents_every_key_as_the_table_says() {
+        let reference = include_str!("../../docs/configuration.md");
+        // The tables of the target and pool keys.
+        let start = reference.find("### Target").expect("a Target section");
+        let end = reference
+            .find("### `connection_pool`")
+            .expect("a connection_pool section");
+        let rows: Vec<Vec<&str>> = reference[start..end]
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+            .collect();
+        for key in KEYS {
+            let row = rows
+                .iter()
+                .find(|r| r[0].starts_with(&format!("`{}`", key.name)))
+                .unwrap_or_else(|| panic!("no row for `{}` in the reference", key.name));
+            for alias in key.aliases {
+                assert!(
+                    row[0].contains(&format!("`{alias}`")),
+                    "`{}`: alias `{alias}` missing: {row:?}",
+                    key.name
+                );
+            }
+            let default = if key.default.contains(' ') || key.default == "none" {
+                key.default.to_owned()
+            } else {
+                format!("`{}`", key.default)
+            };
+            assert!(
+                row.iter().any(|cell| cell.starts_with(&default)),
+                "`{}`: default {default} missing: {row:?}",
+                key.name
+            );
+            let range = key.range();
+            assert!(
+                row.iter().any(|cell| cell.contains(&range)),
+                "`{}`: range {range} missing: {row:?}",
+                key.name
+            );
+        }
+        for name in rows.iter().filter_map(|r| r[0].split('`').nth(1)) {
+            assert!(
+                lookup(name).is_some_and(|k| k.name == name),
+                "the reference documents `{name}`, which is not a key"
+            );
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Configuration: what one pool does ([`PoolConfig`]), what the fleet does
+//! ([`FleetConfig`]), and how both are read from YAML layers, the
+//! environment, URLs and code.
+//!
+//! * `keys.rs` — the table of every key (name, aliases, kind, range,
+//!   default, doc) that everything below reads;
+//! * `value.rs` — raw values, their sources, and the checks of one value;
+//! * `pool.rs`, `fleet.rs` — the plain-data configurations;
+//! * `settings.rs` — [`PoolSettings`], the one parser of keys;
+//! * `serde.rs` — `Deserialize` through that same parser (feature `serde`);
+//! * `yaml.rs`, `interpolate.rs`, `layered.rs` — the layered loader
+//!   (feature `yaml`).
+
+mod fleet;
+#[cfg(feature = "yaml")]
+mod interpolate;
+mod keys;
+#[cfg(feature = "yaml")]
+mod layered;
+mod pool;
+#[cfg(feature = "serde")]
+mod serde;
+mod settings;
+mod value;
+#[cfg(feature = "yaml")]
+mod yaml;
+
+pub use fleet::{BudgetConfig, BudgetMode, FleetConfig};
+pub use keys::{config_keys, KeyInfo};
+#[cfg(feature = "yaml")]
+pub use layered::{ApplicationValue, Loaded, Loader, WarmupEntry};
+pub use pool::PoolConfig;
+pub use settings::{Effective, PoolSettings};
+pub use value::{RawValue, Source};

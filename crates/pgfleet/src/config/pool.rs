@@ -1,0 +1,123 @@
+//! [`PoolConfig`]: how one pool behaves, as plain data with documented
+//! defaults and [`validate`](PoolConfig::validate).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// `max_size` when it is not set and `min_size` is no larger.
+pub(crate) const DEFAULT_MAX_SIZE: u32 = 10;
+
+/// How one pool behaves. Every field is documented in the configuration
+/// reference with its YAML names, unit, default and range.
+///
+/// Build one with struct update syntax; `max_size` follows a larger
+/// `min_size` when it is left unset:
+///
+/// ```
+/// use pgfleet::PoolConfig;
+/// let config = PoolConfig { min_size: 20, ..PoolConfig::default() };
+/// assert!(config.validate().is_ok());
+/// assert_eq!(config.effective_max_size(), 20);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct PoolConfig {
+    /// Warm floor: connections kept open even when idle, refilled in the
+    /// background (`min_size`, alias `pool_size`). Default 1, range
+    /// 0..=10000 and at most the `max_size`.
+    pub min_size: u32,
+    /// Hard cap on open plus opening connections (`max_size`; or
+    /// `pool_size + max_overflow`). `None` (the default) means 10, or
+    /// `min_size` if larger; range 1..=10000. See
+    /// [`effective_max_size`](Self::effective_max_size).
+    pub max_size: Option<u32>,
+    /// How long `get()` waits for a connection before failing
+    /// (`timeout`, aliases `pool_timeout`, `acquire_timeout`). Default 30s,
+    /// at most 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text"))]
+    pub acquire_timeout: Duration,
+    /// How long opening one connection may take (`connect_timeout`).
+    /// Default 10s, at most 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text"))]
+    pub connect_timeout: Duration,
+    /// Connections older than this are closed when next idle
+    /// (`max_lifetime`, alias `pool_recycle`); up to 10% jitter is taken off
+    /// so connections opened together do not expire together. Default 1h,
+    /// at most 30 days; `None` keeps connections for ever.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub max_lifetime: Option<Duration>,
+    /// Connections above `min_size` idle for longer than this are closed
+    /// (`idle_timeout`, alias `max_inactive_connection_lifetime`).
+    /// Default 5min, at most 30 days; `None` keeps them.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub idle_timeout: Option<Duration>,
+    /// A connection is closed after serving this many statements
+    /// (`max_queries`). Default 50000, at least 1; `None` for no limit.
+    pub max_queries: Option<u64>,
+    /// Server-side `statement_timeout` of every connection
+    /// (`command_timeout`). Default off; at most 7 days. Conflicts with a
+    /// `statement_timeout` in `server_settings`.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub command_timeout: Option<Duration>,
+    /// A connection idle for longer than this is checked with a round trip
+    /// before it is handed out (`health_check_after`). Default 5s, at most
+    /// 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text"))]
+    pub health_check_after: Duration,
+    /// How long a fleet pool with no live handles stays open before it
+    /// closes (`linger`). Default 30s, at most 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text"))]
+    pub linger: Duration,
+    /// A connection held longer than this is reported with the place it was
+    /// taken (`leak_threshold`). Default off; at most 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub leak_threshold: Option<Duration>,
+    /// `application_name` of every connection, so that they can be found in
+    /// `pg_stat_activity` (`application_name`). Default `pgfleet`, 1..=63
+    /// bytes.
+    pub application_name: String,
+    /// Extra run-time parameters sent at connection start-up
+    /// (`server_settings`), e.g. `search_path`, `work_mem`. Names like
+    /// `work_mem` or `app.tenant`.
+    pub server_settings: BTreeMap<String, String>,
+    /// Connections the opt-in shared mode ([`Pool::shared`](crate::Pool::shared))
+    /// pipelines statements over, taken from the pool when first needed
+    /// (`shared_connections`). Default 2, range 1..=10000; at most the
+    /// `max_size` are used.
+    pub shared_connections: u32,
+    /// Prepared statements each connection keeps for `prepare_cached`
+    /// (`statement_cache_size`); past it the least recently used is closed.
+    /// Default 256, range 0..=10000; 0 caches nothing.
+    pub statement_cache_size: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_size: 1,
+            max_size: None,
+            acquire_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_lifetime: Some(Duration::from_secs(3600)),
+            idle_timeout: Some(Duration::from_secs(300)),
+            max_queries: Some(50_000),
+            command_timeout: None,
+            health_check_after: Duration::from_secs(5),
+            linger: Duration::from_secs(30),
+            leak_threshold: None,
+            application_name: "pgfleet".to_owned(),
+            server_settings: BTreeMap::new(),
+            shared_connections: 2,
+            statement_cache_size: 256,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The cap in force: `max_size`, or when it is `None`, 10 or `min_size`
+    /// if larger.
+    pub fn effective_max_size(&self) -> u32 {
+        self.max_size
+            .unwrap_or_else(|| DEFAULT_MAX_SIZE.max(self.min_size))
+    }
+}

@@ -1,0 +1,226 @@
+//! Taking a connection: an idle one checked without a round trip (the fast
+//! path, synchronous under the lock), a stale one checked with one, or a
+//! place in the FIFO queue of waiters, served by whatever frees up first.
+
+use std::panic::Location;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+
+use super::guard::PooledConnection;
+use super::inner::{Conn, PoolInner};
+use super::reaper;
+use super::release::Verdict;
+use super::state::{Plan, Waiter};
+use crate::error::{Error, Result};
+use crate::stats::CloseReason;
+
+/// What `take` found for a caller.
+enum Taken {
+    /// An idle connection, fit to hand out now.
+    Ready(Conn),
+    /// An idle connection that sat long enough to need a round-trip check.
+    Stale(Conn),
+    /// None idle: the caller is in the queue of waiters.
+    Queued(WaitGuard),
+}
+
+impl PoolInner {
+    /// `get()` on behalf of the caller at `location`.
+    pub(crate) async fn get(
+        self: &Arc<Self>,
+        location: &'static Location<'static>,
+    ) -> Result<PooledConnection> {
+        // One clock read serves the whole fast path: the verdict on an idle
+        // connection, its idle age, and the start of the hold time.
+        let started = Instant::now();
+        match self.take(started, started, location)? {
+            Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
+            // Waiting and health checks live in their own (boxed) future, so
+            // the future of a `get()` that finds an idle connection stays
+            // small.
+            slow => Box::pin(self.acquire_slow(slow, started, location)).await,
+        }
+    }
+
+    /// Takes an idle connection, or queues the caller as a waiter (and
+    /// starts the connects the pool needs). Connections found unfit on the
+    /// way are closed or sent to be cleaned.
+    fn take(
+        self: &Arc<Self>,
+        now: Instant,
+        started: Instant,
+        location: &'static Location<'static>,
+    ) -> Result<Taken> {
+        let mut discarded = Vec::new();
+        let mut dirty = Vec::new();
+        let mut plan = Plan::default();
+        let mut start_reaper = None;
+        let taken = {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(self.closed_error());
+            }
+            loop {
+                let Some(conn) = st.idle.pop_back() else {
+                    let (tx, rx) = oneshot::channel();
+                    let deadline = started + self.config.acquire_timeout;
+                    st.waiters.push_back(Waiter { tx, deadline });
+                    st.waiting += 1;
+                    if st.reap_at.is_none_or(|at| deadline < at) {
+                        st.reaper += 1;
+                        st.reap_at = Some(deadline);
+                        start_reaper = Some(st.reaper);
+                    }
+                    plan = self.plan(&mut st);
+                    // From here on, dropping the guard settles the wait.
+                    break Taken::Queued(WaitGuard {
+                        rx: Some(rx),
+                        pool: self.clone(),
+                    });
+                };
+                match self.verdict(&conn, now) {
+                    Verdict::Reuse => {
+                        let idle_for = now.saturating_duration_since(conn.idle_since);
+                        break if idle_for < self.config.health_check_after {
+                            Taken::Ready(conn)
+                        } else {
+                            Taken::Stale(conn)
+                        };
+                    }
+                    Verdict::Close(reason) => discarded.push((conn, reason)),
+                    Verdict::NeedsCleaning => dirty.push(conn),
+                }
+            }
+        };
+        for (conn, reason) in discarded {
+            conn.close(reason);
+        }
+        for conn in dirty {
+            self.send_to_clean(conn, location);
+        }
+        if let Some(id) = start_reaper {
+            reaper::start(self, id);
+        }
+        self.execute(plan);
+        Ok(taken)
+    }
+
+    /// The rest of an acquire that could not take a fresh idle connection:
+    /// health-check a stale one, or wait in line until the deadline.
+    async fn acquire_slow(
+        self: &Arc<Self>,
+        mut taken: Taken,
+        started: Instant,
+        location: &'static Location<'static>,
+    ) -> Result<PooledConnection> {
+        let deadline = started + self.config.acquire_timeout;
+        loop {
+            match taken {
+                Taken::Ready(conn) => {
+                    return Ok(self.hand_out(conn, started, Instant::now(), location));
+                }
+                Taken::Stale(conn) => {
+                    if let Some(conn) = self.check(conn, deadline).await {
+                        return Ok(self.hand_out(conn, started, Instant::now(), location));
+                    }
+                }
+                Taken::Queued(mut wait) => {
+                    // No timer here: the reaper fails the wait at its
+                    // deadline.
+                    let outcome = wait.rx.as_mut().expect("set when queued").await;
+                    wait.rx = None;
+                    let conn = match outcome {
+                        Ok(Ok(conn)) => conn,
+                        Ok(Err(error)) => {
+                            self.count_timeout(&error);
+                            return Err(error);
+                        }
+                        Err(_) => return Err(self.closed_error()),
+                    };
+                    self.counters
+                        .acquires_waited
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(self.hand_out(conn, started, Instant::now(), location));
+                }
+            }
+            // The stale connection failed its check: start over.
+            taken = self.take(Instant::now(), started, location)?;
+        }
+    }
+
+    /// Wraps a connection in its guard, recording how long the caller
+    /// waited.
+    fn hand_out(
+        self: &Arc<Self>,
+        conn: Conn,
+        started: Instant,
+        now: Instant,
+        location: &'static Location<'static>,
+    ) -> PooledConnection {
+        self.counters
+            .wait
+            .record(now.saturating_duration_since(started));
+        PooledConnection::new(conn, self.clone(), now, location)
+    }
+
+    /// Checks a connection that sat idle with one round trip; closes it if
+    /// it fails.
+    async fn check(&self, conn: Conn, deadline: Instant) -> Option<Conn> {
+        self.counters.health_checks.fetch_add(1, Ordering::Relaxed);
+        let limit = self
+            .config
+            .connect_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let ok = timeout(limit, conn.raw.client.simple_query(""))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok && conn.raw.tap.is_clean() {
+            Some(conn)
+        } else {
+            conn.close(CloseReason::Broken);
+            None
+        }
+    }
+}
+
+/// The receiving end of a wait; dropping it unserved withdraws from the
+/// queue, dropping it after a connection arrived returns the connection.
+struct WaitGuard {
+    rx: Option<oneshot::Receiver<Result<Conn, Error>>>,
+    pool: Arc<PoolInner>,
+}
+
+impl WaitGuard {
+    /// Stops waiting. Returns what was sent before the wait closed, if
+    /// anything.
+    fn cancel(&mut self) -> Option<Result<Conn, Error>> {
+        let mut rx = self.rx.take()?;
+        rx.close();
+        match rx.try_recv() {
+            Ok(received) => Some(received),
+            Err(_) => {
+                // Never served: the sender side will not count us any more.
+                let mut st = self.pool.lock();
+                debug_assert!(st.waiting > 0, "waiting count out of step");
+                st.waiting = st.waiting.saturating_sub(1);
+                st.prune_waiters();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        match self.cancel() {
+            Some(Ok(conn)) => self.pool.hand_off(self.pool.lock(), conn, Instant::now()),
+            // Timed out as the caller gave up: still a timeout.
+            Some(Err(error)) => self.pool.count_timeout(&error),
+            None => {}
+        }
+    }
+}

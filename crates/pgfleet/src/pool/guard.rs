@@ -1,0 +1,157 @@
+//! [`PooledConnection`]: a connection taken from a pool, returned when the
+//! guard is dropped.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::panic::Location;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Error as PgError, Statement};
+
+use super::inner::{Conn, PoolInner};
+
+/// A connection taken from a pool. Derefs to [`tokio_postgres::Client`];
+/// dropping it returns the connection to the pool, which rolls back an open
+/// transaction and never hands out a connection with a request in flight.
+pub struct PooledConnection {
+    conn: Option<Conn>,
+    pool: Arc<PoolInner>,
+    acquired_at: Instant,
+    location: &'static Location<'static>,
+}
+
+impl PooledConnection {
+    /// The guard of `conn`, taken from `pool` by the caller at `location`
+    /// at `acquired_at`.
+    pub(crate) fn new(
+        conn: Conn,
+        pool: Arc<PoolInner>,
+        acquired_at: Instant,
+        location: &'static Location<'static>,
+    ) -> PooledConnection {
+        PooledConnection {
+            conn: Some(conn),
+            pool,
+            acquired_at,
+            location,
+        }
+    }
+
+    /// Where this connection was taken (`get()`'s caller).
+    pub fn location(&self) -> &'static Location<'static> {
+        self.location
+    }
+
+    /// How long this connection has been held.
+    pub fn held_for(&self) -> Duration {
+        self.acquired_at.elapsed()
+    }
+
+    /// The statement for `sql`, prepared once per connection: later calls on
+    /// the same connection, by any caller, reuse it without a round trip, and
+    /// the server skips parsing it (and planning, once it settles on a
+    /// reusable plan: see PostgreSQL's `plan_cache_mode`). Up to
+    /// `statement_cache_size` statements are kept per connection.
+    ///
+    /// A statement belongs to the connection that prepared it: run it on
+    /// this guard only (on another connection it does not exist), and drop
+    /// your copies before the guard. Run `DISCARD ALL` or `DEALLOCATE ALL`
+    /// only together with
+    /// [`clear_statement_cache`](Self::clear_statement_cache): they drop the
+    /// statements on the server, not in the cache. The same goes for a
+    /// schema change that alters a cached statement's result columns (the
+    /// server then answers 0A000, "cached plan must not change result
+    /// type"): clear the cache of the connection that reports it.
+    ///
+    /// # Errors
+    /// The server's error preparing `sql` (nothing is cached then).
+    pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, PgError> {
+        self.prepare_typed_cached(sql, &[]).await
+    }
+
+    /// [`prepare_cached`](Self::prepare_cached) with parameter types given
+    /// (others inferred by the server); each list of types is its own entry.
+    ///
+    /// # Errors
+    /// The server's error preparing `sql`.
+    pub async fn prepare_typed_cached(
+        &self,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Statement, PgError> {
+        let raw = &self.conn().raw;
+        raw.statements
+            .prepare(&raw.client, &self.pool.counters, sql, types)
+            .await
+    }
+
+    /// Statements cached on this connection.
+    pub fn cached_statements(&self) -> usize {
+        self.conn().raw.statements.len()
+    }
+
+    /// Forgets this connection's cached statements, after `DISCARD ALL` or
+    /// `DEALLOCATE ALL` removed them on the server, or after a schema change
+    /// made one fail with 0A000.
+    pub fn clear_statement_cache(&self) {
+        self.conn().raw.statements.clear();
+    }
+
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("present until drop")
+    }
+
+    /// The connection, out of its guard (for shared mode, which returns it
+    /// itself).
+    pub(crate) fn into_conn(mut self) -> Conn {
+        self.conn.take().expect("present until drop")
+    }
+}
+
+impl Deref for PooledConnection {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.conn().raw.client
+    }
+}
+
+impl DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.conn.as_mut().expect("present until drop").raw.client
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let held = now.saturating_duration_since(self.acquired_at);
+        let pool = &self.pool;
+        pool.counters.hold.record(held);
+        if pool.config.leak_threshold.is_some_and(|t| held >= t) {
+            pool.counters.leaks_reported.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                pool = %pool.label,
+                held = %humantime::format_duration(held),
+                taken_at = %self.location,
+                "connection held longer than leak_threshold"
+            );
+        }
+        pool.release(conn, self.location, now);
+    }
+}
+
+impl fmt::Debug for PooledConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledConnection")
+            .field("pool", &self.pool.label)
+            .field("taken_at", &self.location)
+            .field("held_for", &self.held_for())
+            .finish()
+    }
+}

@@ -1,0 +1,410 @@
+//! The heart of a pool, in one file because its parts call each other: the
+//! state shared by every handle and task ([`PoolInner`]), the capacity a
+//! connection holds for its whole life ([`Slot`], [`PoolConn`]), handing a
+//! connection to the oldest waiter, and the connect task (`open`) that the
+//! plan asks for. Dropping a `Slot` replans, a plan starts connects, a
+//! connect hands a connection off: a loop that only one file can hold
+//! without a cycle of imports.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use tokio::time::timeout;
+
+use super::state::{ConnectFailure, Plan, State};
+use crate::budget::{self, Reclaim, ServerBudget, Unit};
+use crate::config::PoolConfig;
+use crate::conn::{self, RawConn};
+use crate::error::{Error, ErrorKind, TimeoutStage};
+use crate::stats::{CloseReason, Counters, Gauges};
+use crate::target::Target;
+
+/// What every handle, guard and task of one pool shares.
+pub(crate) struct PoolInner {
+    /// Identifies the pool in its server budget.
+    pub(crate) id: u64,
+    pub(crate) budget: Option<Arc<ServerBudget>>,
+    pub(crate) target: Target,
+    pub(crate) config: PoolConfig,
+    /// `config.effective_max_size()`, read on every plan.
+    pub(crate) max_size: u32,
+    pub(crate) pg: tokio_postgres::Config,
+    state: Mutex<State<Conn>>,
+    pub(crate) counters: Counters,
+    /// Notified when a connect attempt ends (warm-up waits on it).
+    pub(crate) connect_events: Notify,
+    /// Notified when the last connection of a closed pool is gone.
+    pub(crate) drained: Notify,
+    pub(crate) runtime: tokio::runtime::Handle,
+    next_slot: AtomicU64,
+    /// Masked URL, for messages.
+    pub(crate) label: String,
+}
+
+/// One unit of the pool's capacity, held by a connection (or a connect in
+/// progress) for its whole life. Dropping it gives the unit back and
+/// replans (refill the floor, serve waiters).
+pub(crate) struct Slot {
+    pool: Weak<PoolInner>,
+    id: u64,
+    connecting: bool,
+    reason: Option<CloseReason>,
+}
+
+/// A pooled connection, boxed: it moves between the idle queue, waiters and
+/// guards, and a pointer moves cheaper than the whole.
+pub(crate) type Conn = Box<PoolConn>;
+
+/// A pooled connection with its bookkeeping.
+pub(crate) struct PoolConn {
+    pub(crate) raw: RawConn,
+    /// When this connection is to be retired (lifetime minus jitter).
+    expires: Option<Instant>,
+    pub(crate) idle_since: Instant,
+    slot: Slot,
+    /// The server-budget unit, given back after the slot.
+    _unit: Option<Unit>,
+}
+
+impl PoolConn {
+    /// Closes the connection, counting it under `reason`.
+    pub(crate) fn close(mut self: Box<Self>, reason: CloseReason) {
+        self.slot.reason = Some(reason);
+        drop(self);
+    }
+
+    pub(crate) fn is_expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|t| now >= t)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        if let Some(reason) = self.reason {
+            pool.counters.closed(reason);
+        }
+        let (plan, drained) = {
+            let mut st = pool.lock();
+            st.size -= 1;
+            st.live.remove(&self.id);
+            // A connect that never finished does not replan here: its task
+            // replans after a failure, and a task dropped by a runtime that is
+            // shutting down must not spawn another one (which would be dropped
+            // at once, and so on).
+            let plan = if self.connecting {
+                st.connecting -= 1;
+                Plan::default()
+            } else {
+                pool.plan(&mut st)
+            };
+            (plan, st.closed && st.size == 0)
+        };
+        pool.execute(plan);
+        if drained {
+            pool.drained.notify_waiters();
+        }
+    }
+}
+
+impl PoolInner {
+    /// The state of a new pool; nothing is opened until the first plan.
+    pub(crate) fn new(
+        id: u64,
+        target: Target,
+        config: PoolConfig,
+        budget: Option<Arc<ServerBudget>>,
+        runtime: tokio::runtime::Handle,
+    ) -> PoolInner {
+        PoolInner {
+            id,
+            budget,
+            pg: conn::pg_config(&target, &config),
+            label: target.to_string(),
+            target,
+            max_size: config.effective_max_size(),
+            config,
+            state: Mutex::new(State::new()),
+            counters: Counters::new(),
+            connect_events: Notify::new(),
+            drained: Notify::new(),
+            runtime,
+            next_slot: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State<Conn>> {
+        // The state is consistent between statements; a panic elsewhere
+        // while holding the lock cannot leave it half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn plan(&self, st: &mut State<Conn>) -> Plan {
+        st.plan(self.config.min_size, self.max_size, Instant::now())
+    }
+
+    /// Plans under the lock and starts what the plan asks for.
+    pub(crate) fn replan(self: &Arc<Self>) {
+        let plan = self.plan(&mut self.lock());
+        self.execute(plan);
+    }
+
+    /// Starts what a plan asks for: connect tasks, and a replan when the
+    /// reconnect backoff ends. Called without the lock.
+    pub(crate) fn execute(self: &Arc<Self>, plan: Plan) {
+        for _ in 0..plan.connects {
+            let slot = Slot {
+                pool: Arc::downgrade(self),
+                id: self.next_slot.fetch_add(1, Ordering::Relaxed),
+                connecting: true,
+                reason: None,
+            };
+            self.runtime.spawn(open(self.clone(), slot));
+        }
+        if let Some(at) = plan.retry_at {
+            let weak = Arc::downgrade(self);
+            self.runtime.spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                if let Some(pool) = weak.upgrade() {
+                    pool.lock().retry_scheduled = false;
+                    pool.replan();
+                }
+            });
+        }
+    }
+
+    /// Gives a clean connection to the oldest live waiter, or puts it idle
+    /// (idle since `now`).
+    pub(crate) fn hand_off(
+        &self,
+        mut st: MutexGuard<'_, State<Conn>>,
+        mut conn: Conn,
+        now: Instant,
+    ) {
+        if st.closed {
+            drop(st);
+            conn.close(CloseReason::Shutdown);
+            return;
+        }
+        while let Some(waiter) = st.waiters.pop_front() {
+            if waiter.tx.is_closed() {
+                continue;
+            }
+            match waiter.tx.send(Ok(conn)) {
+                Ok(()) => {
+                    st.waiting -= 1;
+                    return;
+                }
+                // The caller gave up between the check and the send.
+                Err(Ok(back)) => conn = back,
+                Err(Err(_)) => unreachable!("only connections are sent here"),
+            }
+        }
+        conn.idle_since = now;
+        st.idle.push_back(conn);
+    }
+
+    /// The pool's gauges now.
+    pub(crate) fn gauges(&self) -> Gauges {
+        self.lock().gauges()
+    }
+
+    /// The gauges as error messages show them.
+    pub(crate) fn snapshot_line(&self) -> String {
+        let g = self.gauges();
+        format!(
+            "(size={}, idle={}, in_use={}, waiting={}, connecting={}, max_size={})",
+            g.size, g.idle, g.in_use, g.waiting, g.connecting, self.max_size
+        )
+    }
+
+    /// The message of the last connect attempt, if it failed.
+    pub(crate) fn last_failure_text(&self) -> Option<String> {
+        self.lock().last_failure.as_ref().map(|f| f.message.clone())
+    }
+
+    /// The error of an acquire that ran out of time, with the pool's
+    /// snapshot, its budget and the last connect error.
+    pub(crate) fn timeout_error(&self) -> Error {
+        let after = self.config.acquire_timeout;
+        let mut message = format!(
+            "timed out after {} waiting for a connection to {} {}",
+            humantime::format_duration(after),
+            self.label,
+            self.snapshot_line()
+        );
+        if let Some(budget) = &self.budget {
+            message.push_str("; ");
+            message.push_str(&budget.summary());
+        }
+        if let Some(last) = self.last_failure_text() {
+            message.push_str("; last connect error: ");
+            message.push_str(&last);
+        }
+        Error::timeout(TimeoutStage::Acquire, after, message)
+    }
+
+    /// Counts an acquire timeout, if `error` is one (each caller counts its
+    /// own, see `reap_waiters`).
+    pub(crate) fn count_timeout(&self, error: &Error) {
+        if matches!(
+            error.kind(),
+            ErrorKind::Timeout {
+                stage: TimeoutStage::Acquire,
+                ..
+            }
+        ) {
+            self.counters
+                .acquires_timed_out
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn closed_error(&self) -> Error {
+        Error::closed(format!("pool for {} is closed", self.label))
+    }
+
+    /// Cuts every connection still open: their driver tasks are aborted.
+    /// Returns how many there were.
+    pub(crate) fn cut_all(&self) -> usize {
+        let st = self.lock();
+        for driver in st.live.values() {
+            driver.abort();
+        }
+        st.size as usize
+    }
+}
+
+impl Reclaim for PoolInner {
+    fn reclaim_idle(&self) -> bool {
+        let victim = {
+            let mut st = self.lock();
+            if st.size - st.connecting <= self.config.min_size {
+                return false;
+            }
+            st.idle.pop_front()
+        };
+        match victim {
+            Some(conn) => {
+                conn.close(CloseReason::Reclaimed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The connect task: takes a unit of the server budget (if any), opens one
+/// connection within `connect_timeout`, and hands it to the oldest waiter
+/// (or puts it idle). On failure it records the error, starts the backoff,
+/// fails the waiters at once if waiting will not help, and replans.
+async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
+    let unit = match &pool.budget {
+        Some(budget) => {
+            let still_needed = || {
+                let st = pool.lock();
+                // This connect counts in `size`: it is needed while callers
+                // wait, or while it is part of the floor.
+                !st.closed && (st.waiting > 0 || st.size <= pool.config.min_size)
+            };
+            match budget.acquire(pool.id, still_needed).await {
+                Some(unit) => Some(unit),
+                None => return,
+            }
+        }
+        None => None,
+    };
+    let started = Instant::now();
+    let limit = pool.config.connect_timeout;
+    let result = match timeout(
+        limit,
+        conn::connect(&pool.target, &pool.pg, pool.config.statement_cache_size),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(Error::timeout(
+            TimeoutStage::Connect,
+            limit,
+            format!(
+                "timed out after {} connecting to {}",
+                humantime::format_duration(limit),
+                pool.label
+            ),
+        )),
+    };
+    match result {
+        Ok(raw) => {
+            if let Some(budget) = pool.budget.as_ref().filter(|b| b.needs_derivation()) {
+                budget::derive_from_server(budget, &raw.client).await;
+            }
+            pool.counters
+                .connections_created
+                .fetch_add(1, Ordering::Relaxed);
+            pool.counters.connect.record(started.elapsed());
+            let expires = pool.config.max_lifetime.map(|lifetime| {
+                // Up to 10% off, so connections opened together do not
+                // expire together.
+                raw.created + lifetime.mul_f64(1.0 - fastrand::f64() * 0.1)
+            });
+            let now = Instant::now();
+            let mut st = pool.lock();
+            st.connecting -= 1;
+            slot.connecting = false;
+            st.connect_succeeded();
+            st.live.insert(slot.id, raw.driver.clone());
+            let conn = Box::new(PoolConn {
+                raw,
+                expires,
+                idle_since: now,
+                slot,
+                _unit: unit,
+            });
+            pool.hand_off(st, conn, now);
+            pool.connect_events.notify_waiters();
+        }
+        Err(err) => {
+            connect_failed(&pool, &err);
+            drop(slot);
+            drop(unit);
+            // Retry after the backoff if callers or the floor still need it.
+            pool.replan();
+        }
+    }
+}
+
+/// Records a failed connect: counters, the budget's view of a refusal, the
+/// backoff, and the waiters failed at once when waiting will not help.
+fn connect_failed(pool: &PoolInner, err: &Error) {
+    pool.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+    let message = err.to_string();
+    let code = err.code().map(str::to_owned);
+    let permanent = code.as_deref().is_some_and(conn::is_permanent);
+    if code.as_deref() == Some(conn::TOO_MANY_CONNECTIONS) {
+        pool.counters
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(budget) = &pool.budget {
+            budget.refused();
+        }
+    }
+    tracing::warn!(pool = %pool.label, error = %message, "connect failed");
+    {
+        let mut st = pool.lock();
+        st.connect_failed(ConnectFailure {
+            message,
+            code,
+            at: Instant::now(),
+        });
+        if permanent {
+            // Waiting will not cure bad credentials or a missing database:
+            // fail the callers now.
+            st.fail_waiters(|| err.duplicate());
+        }
+    }
+    pool.connect_events.notify_waiters();
+}

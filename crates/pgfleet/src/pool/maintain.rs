@@ -1,0 +1,79 @@
+//! The maintenance task: closes idle connections past their lifetime, above
+//! the floor past their idle timeout, or dead, and refills the floor, on a
+//! tick derived from the configured durations. It holds only a weak
+//! reference to the pool and ends when the pool closes.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::inner::PoolInner;
+use crate::config::PoolConfig;
+use crate::stats::CloseReason;
+
+/// Starts the maintenance task of `pool`.
+pub(crate) fn start(pool: &Arc<PoolInner>) {
+    let tick = tick_for(&pool.config);
+    pool.runtime.spawn(maintain(Arc::downgrade(pool), tick));
+}
+
+async fn maintain(weak: Weak<PoolInner>, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(pool) = weak.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut victims = Vec::new();
+        let plan = {
+            let mut st = pool.lock();
+            if st.closed {
+                return;
+            }
+            let mut above_floor = st.size.saturating_sub(pool.config.min_size);
+            let idle_timeout = pool.config.idle_timeout;
+            // Oldest-idle first: the front of the queue.
+            let mut kept = VecDeque::with_capacity(st.idle.len());
+            while let Some(conn) = st.idle.pop_front() {
+                let reason = if conn.raw.is_broken() {
+                    Some(CloseReason::Broken)
+                } else if conn.is_expired(now) {
+                    Some(CloseReason::Lifetime)
+                } else if above_floor > 0
+                    && idle_timeout.is_some_and(|t| now - conn.idle_since >= t)
+                {
+                    Some(CloseReason::Idle)
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        above_floor = above_floor.saturating_sub(1);
+                        victims.push((conn, reason));
+                    }
+                    None => kept.push_back(conn),
+                }
+            }
+            st.idle = kept;
+            pool.plan(&mut st)
+        };
+        for (conn, reason) in victims {
+            conn.close(reason);
+        }
+        pool.execute(plan);
+    }
+}
+
+/// The maintenance tick: a quarter of the shortest timed behaviour, between
+/// 10ms and 1s.
+pub(crate) fn tick_for(config: &PoolConfig) -> Duration {
+    [config.idle_timeout, config.max_lifetime]
+        .into_iter()
+        .flatten()
+        .map(|d| d / 4)
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+}

@@ -1,0 +1,327 @@
+//! The pool: a bounded set of tokio-postgres connections to one database,
+//! handed out FIFO-fairly, kept healthy in the background, and never handed
+//! out dirty.
+//!
+//! This file is the [`Pool`] API. Behind it:
+//!
+//! * `state.rs` — the state behind the pool's mutex and the decisions taken
+//!   under it (`plan`, backoff, waiters), pure and tested without a server;
+//! * `inner.rs` — [`PoolInner`](inner::PoolInner), what every handle and task
+//!   shares; the RAII capacity a connection holds (`Slot`); the hand-off to
+//!   the oldest waiter; the connect task `open`;
+//! * `acquire.rs` — `get`: the fast path, health checks, waiting;
+//! * `release.rs` — a returned connection's verdict and the clean task;
+//! * `guard.rs` — [`PooledConnection`];
+//! * `reaper.rs`, `maintain.rs` — the background tasks that fail waiters at
+//!   their deadline and keep idle connections healthy.
+//!
+//! Connections are opened by background tasks, never by the caller of
+//! `get()`: a caller that gives up (timeout, dropped future) does not abort a
+//! connect half-way, and the connection goes to the next caller in line.
+
+mod acquire;
+mod guard;
+pub(crate) mod inner;
+pub(crate) mod maintain;
+mod reaper;
+mod release;
+mod state;
+
+use std::fmt;
+use std::future::Future;
+use std::panic::Location;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use self::guard::PooledConnection;
+use self::inner::PoolInner;
+use crate::budget::ServerBudget;
+use crate::config::PoolConfig;
+use crate::error::{Error, Result, TimeoutStage};
+use crate::shared::{self, Lanes, SharedConnection};
+use crate::stats::{PoolStats, Timings};
+use crate::target::Target;
+
+/// A pool of connections to one database.
+///
+/// Cheap to clone (two `Arc`s). Most code gets pools from a
+/// [`Fleet`](crate::Fleet), which keeps one per database; a `Pool` can also be
+/// built directly with [`Pool::new`].
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+    /// Shared mode's connections ([`Pool::shared`]).
+    lanes: Arc<Lanes>,
+}
+
+impl Pool {
+    /// Creates a pool and starts opening its warm floor (`min_size`
+    /// connections) in the background. Returns at once.
+    ///
+    /// # Errors
+    /// A `Config` error if the configuration is invalid or if called outside
+    /// a tokio runtime.
+    pub fn new(target: Target, config: PoolConfig) -> Result<Pool> {
+        Pool::build(target, config, None)
+    }
+
+    /// A pool that takes its connections from a server budget.
+    pub(crate) fn build(
+        target: Target,
+        config: PoolConfig,
+        budget: Option<Arc<ServerBudget>>,
+    ) -> Result<Pool> {
+        static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::config(
+                "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
+            )
+        })?;
+        let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
+        let lanes = Arc::new(Lanes::new(&config));
+        let inner = Arc::new(PoolInner::new(id, target, config, budget, runtime));
+        if let Some(budget) = &inner.budget {
+            let member: Arc<dyn crate::budget::Reclaim> = inner.clone();
+            budget.join(
+                inner.id,
+                Arc::downgrade(&member),
+                inner.label.clone(),
+                inner.config.min_size,
+            )?;
+        }
+        inner.replan();
+        maintain::start(&inner);
+        Ok(Pool { inner, lanes })
+    }
+
+    /// Takes a connection, waiting (FIFO) up to the acquire timeout.
+    ///
+    /// The returned guard derefs to [`tokio_postgres::Client`]; dropping it
+    /// returns the connection. The place of the call is recorded for leak
+    /// reports.
+    ///
+    /// # Errors
+    /// `Timeout { stage: Acquire }` with the pool's state and the last connect
+    /// error; `Connect` at once when the server rejects the credentials or
+    /// the database does not exist; `Closed` once the pool is closed, or
+    /// when the caller has to wait and the tokio runtime the pool was built
+    /// on has shut down (nothing could time the wait out or open a
+    /// connection).
+    ///
+    /// # Cancel safety
+    /// Dropping the future at any point loses nothing: a connection handed
+    /// to it after it was dropped goes to the next waiter.
+    #[track_caller]
+    pub fn get(&self) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
+        self.inner.get(Location::caller())
+    }
+
+    /// Opt-in shared mode: a lease on a connection that other tasks use at
+    /// the same time, their statements pipelined on one socket. For short
+    /// autocommit statements this does more per connection than [`get`]
+    /// (see `BENCHMARKS.md`), and it holds only `shared_connections` of the
+    /// pool's connections however many tasks use it.
+    ///
+    /// Only single autocommit statements without session state belong here:
+    /// no `BEGIN`/`COMMIT`, `SET`, temporary tables, `LISTEN`, advisory locks,
+    /// cursors, `DISCARD`/`DEALLOCATE` (they would remove the statements the
+    /// connection's other leases rely on), or prepared statements kept
+    /// beyond the lease. Statements from
+    /// [`SharedConnection::prepare_cached`] belong to the connection and stay
+    /// cached there; use each through the lease that returned it. Use
+    /// [`get`] for the rest. A connection found inside a transaction when a
+    /// lease ends is taken out of service with a warning and rolled back.
+    ///
+    /// The lease goes to the shared connection with the fewest leases. While
+    /// every one has a lease out and fewer than `shared_connections` exist,
+    /// another is taken from the pool in the background; only the first
+    /// caller, when there is none yet, waits for one (as `get` does).
+    ///
+    /// # Errors
+    /// `Closed` once the pool is closed; as [`get`] (`Timeout`, `Connect`)
+    /// when the first shared connection has to be taken.
+    ///
+    /// # Cancel safety
+    /// Dropping the future at any point loses nothing.
+    ///
+    /// [`get`]: Self::get
+    #[track_caller]
+    pub fn shared(&self) -> impl Future<Output = Result<SharedConnection>> + Send + '_ {
+        shared::lease(&self.inner, &self.lanes, Location::caller())
+    }
+
+    /// Waits until the warm floor is open (`min_size` connections), or fails
+    /// with the first connect error seen after the call, or times out.
+    /// `Duration::MAX` waits without a time limit.
+    ///
+    /// # Errors
+    /// `Connect` with the server's reason, `Timeout { stage: Connect }`, or
+    /// `Closed` if the pool is closed.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let inner = &self.inner;
+        let since = Instant::now();
+        let deadline = since.checked_add(limit);
+        loop {
+            let notified = inner.connect_events.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = inner.lock();
+                if st.closed {
+                    return Err(inner.closed_error());
+                }
+                if st.size - st.connecting >= inner.config.min_size {
+                    return Ok(());
+                }
+                if let Some(f) = st.last_failure.as_ref().filter(|f| f.at >= since) {
+                    let mut err = Error::connect(f.message.clone());
+                    err.set_code(f.code.clone());
+                    return Err(err);
+                }
+            }
+            match deadline {
+                None => notified.await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        return Err(Error::timeout(
+                            TimeoutStage::Connect,
+                            limit,
+                            format!(
+                                "timed out after {} warming up {} {}",
+                                humantime::format_duration(limit),
+                                inner.label,
+                                inner.snapshot_line()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the pool: waiters fail with `Closed`, idle connections close
+    /// now, connections in use close when returned, later `get()` calls
+    /// fail. Idempotent.
+    pub fn close(&self) {
+        let inner = &self.inner;
+        let (idle, drained) = {
+            let mut st = inner.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            st.fail_waiters(|| inner.closed_error());
+            let idle: Vec<_> = st.idle.drain(..).collect();
+            (idle, st.size == 0)
+        };
+        for conn in idle {
+            conn.close(crate::stats::CloseReason::Shutdown);
+        }
+        self.lanes.close();
+        if let Some(budget) = &inner.budget {
+            budget.leave(inner.id);
+        }
+        if drained {
+            inner.drained.notify_waiters();
+        }
+    }
+
+    /// After [`close`](Self::close): waits until every connection is gone,
+    /// or until `deadline`, when the connections still open (held by callers
+    /// or being opened) are cut. Returns how many had to be cut.
+    pub async fn wait_closed(&self, deadline: Instant) -> usize {
+        self.wait_closed_until(Some(deadline)).await
+    }
+
+    /// [`wait_closed`](Self::wait_closed); `None` waits without a deadline.
+    pub(crate) async fn wait_closed_until(&self, deadline: Option<Instant>) -> usize {
+        loop {
+            let notified = self.inner.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.lock().size == 0 {
+                return 0;
+            }
+            match deadline {
+                None => notified.await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline.into(), notified)
+                        .await
+                        .is_err()
+                    {
+                        return self.inner.cut_all();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed
+    }
+
+    /// The database this pool connects to.
+    pub fn target(&self) -> &Target {
+        &self.inner.target
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// A snapshot of the pool's gauges, counters and timings.
+    /// `active_references` is 0 here: a fleet's
+    /// [`PoolHandle::stats`](crate::PoolHandle::stats) fills it in.
+    pub fn stats(&self) -> PoolStats {
+        let inner = &self.inner;
+        let (mut gauges, closed, last) = {
+            let st = inner.lock();
+            (
+                st.gauges(),
+                st.closed,
+                st.last_failure.as_ref().map(|f| f.message.clone()),
+            )
+        };
+        gauges.shared = u32::try_from(self.lanes.count()).unwrap_or(u32::MAX);
+        let config = &inner.config;
+        PoolStats {
+            url: inner.label.clone(),
+            min_size: config.min_size,
+            max_size: inner.max_size,
+            timeout_s: config.acquire_timeout.as_secs_f64(),
+            recycle_s: config.max_lifetime.map(|d| d.as_secs_f64()),
+            active_references: 0,
+            pool_closed: closed,
+            gauges,
+            counters: inner.counters.snapshot(),
+            timings: Timings {
+                wait: inner.counters.wait.snapshot(),
+                hold: inner.counters.hold.snapshot(),
+                connect: inner.counters.connect.snapshot(),
+            },
+            last_connect_error: last,
+        }
+    }
+
+    /// Names the pool in its process (never reused).
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.inner.label)
+            .field("gauges", &self.inner.gauges())
+            .finish()
+    }
+}

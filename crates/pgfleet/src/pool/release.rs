@@ -1,0 +1,134 @@
+//! Where a returned connection goes: straight back (to a waiter or idle),
+//! closed, or to the clean task, which settles requests still in flight,
+//! cancels a statement still running and rolls back an open transaction.
+
+use std::panic::Location;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::time::timeout;
+use tokio_postgres::NoTls;
+
+use super::inner::{Conn, PoolInner};
+use crate::conn::{self, TxStatus};
+use crate::stats::CloseReason;
+
+/// How long a returned connection may take to receive the answers to
+/// requests still in flight before the pool cancels them.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Where a returned (or idle) connection goes.
+pub(crate) enum Verdict {
+    /// Clean and within its limits: reuse it as it is.
+    Reuse,
+    /// Close it, for this reason.
+    Close(CloseReason),
+    /// A request in flight or a transaction open: clean it first.
+    NeedsCleaning,
+}
+
+impl PoolInner {
+    /// Judges a connection at `now` without a round trip, from the tap.
+    pub(crate) fn verdict(&self, conn: &Conn, now: Instant) -> Verdict {
+        if conn.raw.is_broken() {
+            if let Some(code) = conn.raw.tap.fatal_code() {
+                tracing::debug!(pool = %self.label, sqlstate = %code, "connection closed by the server");
+            }
+            Verdict::Close(CloseReason::Broken)
+        } else if !conn.raw.tap.is_clean() {
+            Verdict::NeedsCleaning
+        } else if self
+            .config
+            .max_queries
+            .is_some_and(|max| conn.raw.tap.queries() >= max)
+        {
+            Verdict::Close(CloseReason::MaxQueries)
+        } else if conn.is_expired(now) {
+            Verdict::Close(CloseReason::Lifetime)
+        } else {
+            Verdict::Reuse
+        }
+    }
+
+    /// Takes back a connection from a caller, at `now`.
+    pub(crate) fn release(
+        self: &Arc<Self>,
+        conn: Conn,
+        location: &'static Location<'static>,
+        now: Instant,
+    ) {
+        match self.verdict(&conn, now) {
+            Verdict::Reuse => self.hand_off(self.lock(), conn, now),
+            Verdict::Close(reason) => conn.close(reason),
+            Verdict::NeedsCleaning => self.send_to_clean(conn, location),
+        }
+    }
+
+    /// Starts the clean task for a dirty connection; closes it instead when
+    /// no runtime runs (a guard dropped outside one).
+    pub(crate) fn send_to_clean(
+        self: &Arc<Self>,
+        conn: Conn,
+        location: &'static Location<'static>,
+    ) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => {
+                self.runtime.spawn(clean(self.clone(), conn, location));
+            }
+            Err(_) => conn.close(CloseReason::Dirty),
+        }
+    }
+}
+
+/// The clean task: waits for requests in flight (and cancels them if they
+/// run on), rolls back an open transaction, then returns the connection to
+/// the pool or closes it.
+async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'static>) {
+    let tap = conn.raw.tap.clone();
+    let mut settled = timeout(SETTLE, tap.settled()).await.unwrap_or(false);
+    if !settled && !conn.raw.is_broken() {
+        // A statement is still running on the server: cancel it so the
+        // connection can come back, rather than leave a busy backend behind.
+        let token = conn.raw.client.cancel_token();
+        if let Ok(socket) = conn::open_socket(&pool.target).await {
+            let _ = timeout(
+                pool.config.connect_timeout,
+                token.cancel_query_raw(socket, NoTls),
+            )
+            .await;
+            settled = timeout(pool.config.connect_timeout, tap.settled())
+                .await
+                .unwrap_or(false);
+        }
+    }
+    if !settled {
+        tracing::warn!(pool = %pool.label, taken_at = %location, "connection returned with a request still running; closed");
+        conn.close(CloseReason::Dirty);
+        return;
+    }
+    if tap.status() != TxStatus::Idle {
+        pool.counters.dirty_returns.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            pool = %pool.label,
+            taken_at = %location,
+            "connection returned inside a transaction; rolled back"
+        );
+        let rolled_back = timeout(
+            pool.config.connect_timeout,
+            conn.raw.client.batch_execute("ROLLBACK"),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !rolled_back || !tap.is_clean() {
+            conn.close(CloseReason::Dirty);
+            return;
+        }
+    }
+    let now = Instant::now();
+    match pool.verdict(&conn, now) {
+        Verdict::Reuse => pool.hand_off(pool.lock(), conn, now),
+        Verdict::Close(reason) => conn.close(reason),
+        Verdict::NeedsCleaning => conn.close(CloseReason::Dirty),
+    }
+}
