@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pgfleet::{BudgetConfig, BudgetMode, Fleet, FleetConfig, Pool, PoolConfig, Target};
-use pgfleet_testkit::TempCluster;
 use serde::Serialize;
 
 /// Arguments of `pgfleet demo`.
@@ -129,24 +128,17 @@ async fn demo(args: &DemoArgs) -> Result<ExitCode, String> {
     let (_cluster, target) = match url {
         Some(url) => (None, Target::parse(&url).map_err(|e| e.to_string())?),
         None => {
+            if let Some(missing) = crate::embedded::MISSING {
+                return Err(missing.to_owned());
+            }
             eprintln!(
                 "no database configured (--database-url or DATABASE_URL): starting a throwaway PostgreSQL cluster with max_connections={}",
                 args.max_connections
             );
-            let cluster = tokio::task::spawn_blocking({
-                let max = args.max_connections.to_string();
-                move || {
-                    TempCluster::builder()
-                        .setting("max_connections", max)
-                        .start()
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            let cluster = crate::embedded::start(Some(args.max_connections)).await?;
             eprintln!(
-                "  data directory {} (removed at exit)",
-                cluster.data_dir().display()
+                "  data kept under {} (removed at exit)",
+                cluster.dir().display()
             );
             let target = Target::parse(&cluster.url("postgres")).map_err(|e| e.to_string())?;
             (Some(cluster), target)

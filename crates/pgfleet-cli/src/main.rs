@@ -12,6 +12,7 @@
 
 mod check;
 mod demo;
+mod embedded;
 mod monitor;
 mod serve;
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 use clap::Args;
 use pgfleet::{Fleet, Loader, Target};
 use pgfleet_memory::{create_schema, precache, App};
-use pgfleet_testkit::TempCluster;
 
 /// Arguments of `pgfleet serve`.
 #[derive(Debug, Args)]
@@ -73,20 +72,17 @@ async fn serve(args: &ServeArgs) -> Result<(), String> {
         warm.push((loaded.target().clone(), loaded.pool_config().clone()));
         (None, loaded.target().clone(), warm)
     } else {
+        if let Some(missing) = crate::embedded::MISSING {
+            return Err(missing.to_owned());
+        }
         println!("no database configured: starting a throwaway local PostgreSQL cluster");
-        let cluster = tokio::task::spawn_blocking(TempCluster::start)
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let cluster = crate::embedded::start(None).await?;
         println!(
             "  data kept under {} until the server stops",
             cluster.dir().display()
         );
         let database = loaded.target().database().to_owned();
-        cluster
-            .create_database(&database)
-            .await
-            .map_err(|e| e.to_string())?;
+        cluster.create_database(&database).await?;
         let target = Target::parse(&cluster.url(&database)).map_err(|e| e.to_string())?;
         let warm = vec![(target.clone(), loaded.pool_config().clone())];
         (Some(cluster), target, warm)

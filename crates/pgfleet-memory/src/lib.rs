@@ -35,3 +35,9 @@ pub use precache::PrecacheEntry;
 pub use schema::create_schema;
 pub use services::{tsquery, Message, Stored, UserServices, EPISODE_SIZE, SERVICE_NAMES};
 pub use store::{Hit, Layer, Store};
+
+/// The repository's README, whose Rust examples run as this crate's doc
+/// tests (this crate is not published, so it may read outside itself).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -48,7 +48,7 @@
 //!   budget until slots free up.
 //! * Configuration: [`PoolConfig`] and [`FleetConfig`] as plain data, the one
 //!   key parser [`PoolSettings`] (YAML, environment, URL query, code), and
-//!   with the `yaml` feature a layered [`Loader`] for Hydra-style
+//!   with the `yaml` feature a layered `Loader` for Hydra-style
 //!   directories. Every key is documented in the [configuration
 //!   reference](configuration).
 //! * Observability: [`PoolStats`] and [`FleetStats`] (serialisable with the
@@ -69,7 +69,7 @@
 //! All on by default; `--no-default-features` leaves a working pool and
 //! fleet without YAML or Prometheus in the dependency tree.
 //!
-//! * `yaml` — [`Loader`], [`Loaded`]: layered YAML configuration.
+//! * `yaml` — `Loader`, `Loaded`: layered YAML configuration.
 //! * `prometheus` — `FleetMetrics`: a `prometheus-client` collector of a
 //!   fleet.
 //! * `serde` — `Serialize` for statistics and configurations, and

@@ -216,7 +216,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg(any(feature = "yaml", feature = "serde"))]
     fn a_fleet_section_reads_modes_and_numbers_and_names_bad_keys() {
+        use crate::config::RawValue;
+
         let raw = RawValue::Map(vec![
             ("budget".into(), RawValue::Int(40)),
             ("headroom".into(), "5".into()),

@@ -19,7 +19,7 @@ pub struct FleetStats {
     pub servers: BTreeMap<String, BudgetStats>,
 }
 
-/// What [`Fleet::warmup`] did for each target.
+/// What [`Fleet::warmup`](crate::Fleet::warmup) did for each target.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct WarmupReport {
@@ -51,7 +51,7 @@ impl WarmupReport {
     }
 }
 
-/// What [`Fleet::close_all`] did.
+/// What [`Fleet::close_all`](crate::Fleet::close_all) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
