@@ -22,6 +22,7 @@
 
 mod cluster;
 mod error;
+mod system;
 
 pub use cluster::{
     unique_name, Backend, BackendFilter, ClusterBuilder, TempCluster, ADMIN_APPLICATION_NAME,

@@ -135,6 +135,17 @@ fn server_family<M: Default + Clone>(
 }
 
 fn encode_stats(stats: &FleetStats, encoder: &mut DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+    encode_gauges(stats, encoder)?;
+    encode_counters(stats, encoder)?;
+    encode_timings(stats, encoder)?;
+    encode_budgets(stats, encoder)
+}
+
+/// The pools' gauges: sizes now and as configured.
+fn encode_gauges(
+    stats: &FleetStats,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), fmt::Error> {
     type PoolGauge = (&'static str, &'static str, fn(&PoolStats) -> i64);
     let gauges: [PoolGauge; 9] = [
         ("pool_size", "Open plus opening connections", |p| {
@@ -168,7 +179,15 @@ fn encode_stats(stats: &FleetStats, encoder: &mut DescriptorEncoder<'_>) -> Resu
     for (name, help, get) in gauges {
         emit(encoder, name, help, &pool_gauge(stats, get))?;
     }
-    // Counters: one family per counter of `CounterStats`, named after it.
+    Ok(())
+}
+
+/// One family per counter of `CounterStats`, named after it, and the
+/// connections closed by reason.
+fn encode_counters(
+    stats: &FleetStats,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), fmt::Error> {
     let mut counters: Vec<(&'static str, &'static str, Family<PoolLabel, Counter>)> = Vec::new();
     let closed = Family::<ClosedLabel, Counter>::default();
     for (url, pool) in &stats.pools {
@@ -196,8 +215,14 @@ fn encode_stats(stats: &FleetStats, encoder: &mut DescriptorEncoder<'_>) -> Resu
         "connections_closed",
         "Connections closed, by reason",
         &closed,
-    )?;
-    // Timings: total seconds and sample count per pool.
+    )
+}
+
+/// Timings: total seconds and sample count per pool.
+fn encode_timings(
+    stats: &FleetStats,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), fmt::Error> {
     type Timing = (&'static str, fn(&PoolStats) -> &crate::stats::TimingStats);
     let timings: [Timing; 3] = [
         ("wait", |p| &p.timings.wait),
@@ -226,6 +251,14 @@ fn encode_stats(stats: &FleetStats, encoder: &mut DescriptorEncoder<'_>) -> Resu
             &count,
         )?;
     }
+    Ok(())
+}
+
+/// The server budgets' gauges and counters.
+fn encode_budgets(
+    stats: &FleetStats,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), fmt::Error> {
     type ServerGauge = (&'static str, &'static str, fn(&BudgetStats) -> i64);
     let budget_gauges: [ServerGauge; 4] = [
         (

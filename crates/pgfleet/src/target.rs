@@ -157,101 +157,39 @@ impl Target {
         }
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (mut user, mut password) = match userinfo {
-            Some(info) => match info.split_once(':') {
-                Some((u, p)) => (
-                    decode(u, "the user", url)?,
-                    Some(decode(p, "the password", url)?),
-                ),
-                None => (decode(info, "the user", url)?, None),
-            },
-            None => (String::new(), None),
-        };
-        if hostport.contains(',') {
-            return Err(bad("several hosts are not supported; give one host".into()));
-        }
-        let (host_text, port_text) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (addr, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("unterminated [ in the IPv6 host".into()))?;
-            let port = match after {
-                "" => None,
-                p => Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| bad(format!("unexpected {p:?} after the IPv6 host")))?,
-                ),
-            };
-            (decode(addr, "the host", url)?, port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (decode(h, "the host", url)?, Some(p)),
-                None => (decode(hostport, "the host", url)?, None),
-            }
-        };
-        let mut host = host_text;
-        let mut port = port_text.map(str::to_owned);
         let raw_database = path.trim_end_matches('/');
         if raw_database.contains('/') {
             return Err(bad(format!(
                 "the path /{raw_database} has more than one segment (percent-encode '/' in a database name)"
             )));
         }
-        let mut database = decode(raw_database, "the database", url)?;
-        let mut options = None;
-        let mut application_name = None;
-        let mut connect_timeout = None;
+        let mut parts = UrlParts::from_authority(authority, url, &bad)?;
+        parts.database = decode(raw_database, "the database", url)?;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = decode(v, k, url)?;
-            match k {
-                "options" => options = Some(value),
-                "application_name" => application_name = Some(value),
-                "connect_timeout" => {
-                    let secs: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|s| *s > 0)
-                        .ok_or_else(|| bad(format!("connect_timeout = {value:?}: expected whole seconds >= 1")))?;
-                    connect_timeout = Some(Duration::from_secs(secs));
-                }
-                "sslmode" => match value.as_str() {
-                    "disable" | "allow" | "prefer" => {}
-                    "require" | "verify-ca" | "verify-full" => {
-                        return Err(bad(format!("sslmode = {value}: TLS is not supported by this build; use sslmode=disable or prefer")));
-                    }
-                    other => return Err(bad(format!("sslmode = {other:?}: expected disable, allow, prefer"))),
-                },
-                "user" => user = value,
-                "password" => password = Some(value),
-                "dbname" => database = value,
-                "host" => host = value,
-                "port" => port = Some(value),
-                other => {
-                    return Err(bad(format!(
-                        "unknown parameter {other:?} (known: options, application_name, connect_timeout, sslmode, user, password, dbname, host, port)"
-                    )))
-                }
-            }
+            parts.set_param(k, decode(v, k, url)?, &bad)?;
         }
-        if host.is_empty() {
+        if parts.host.is_empty() {
             return Err(bad("no host".into()));
         }
         // Checked again here: a `host=` parameter can list several too.
-        if host.contains(',') || port.as_deref().is_some_and(|p| p.contains(',')) {
+        if parts.host.contains(',') || parts.port.as_deref().is_some_and(|p| p.contains(',')) {
             return Err(bad("several hosts are not supported; give one host".into()));
         }
-        let port = match port.as_deref() {
+        let port = match parts.port.as_deref() {
             None | Some("") => 5432,
             Some(p) => parse_port(p).map_err(bad)?,
         };
-        let mut target = Target::from_parts(&host, port, &database, &user, password.as_deref())?;
-        target.options = options.filter(|o| !o.is_empty());
-        target.application_name = application_name;
-        target.connect_timeout = connect_timeout;
+        let mut target = Target::from_parts(
+            &parts.host,
+            port,
+            &parts.database,
+            &parts.user,
+            parts.password.as_deref(),
+        )?;
+        target.options = parts.options.filter(|o| !o.is_empty());
+        target.application_name = parts.application_name;
+        target.connect_timeout = parts.connect_timeout;
         target.rekey();
         Ok(target)
     }
@@ -430,6 +368,111 @@ impl Target {
     /// The URL with the password shown as `***`.
     pub fn masked_url(&self) -> String {
         self.to_string()
+    }
+}
+
+/// The parts of a URL as read, before the defaults of [`Target::from_parts`].
+#[derive(Default)]
+struct UrlParts {
+    user: String,
+    password: Option<String>,
+    host: String,
+    port: Option<String>,
+    database: String,
+    options: Option<String>,
+    application_name: Option<String>,
+    connect_timeout: Option<Duration>,
+}
+
+impl UrlParts {
+    /// `user:password@host:port`, the host possibly a bracketed IPv6
+    /// address.
+    fn from_authority(
+        authority: &str,
+        url: &str,
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<UrlParts> {
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let mut parts = UrlParts::default();
+        if let Some(info) = userinfo {
+            match info.split_once(':') {
+                Some((u, p)) => {
+                    parts.user = decode(u, "the user", url)?;
+                    parts.password = Some(decode(p, "the password", url)?);
+                }
+                None => parts.user = decode(info, "the user", url)?,
+            }
+        }
+        if hostport.contains(',') {
+            return Err(bad("several hosts are not supported; give one host".into()));
+        }
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unterminated [ in the IPv6 host".into()))?;
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| bad(format!("unexpected {p:?} after the IPv6 host")))?,
+                ),
+            };
+            (decode(addr, "the host", url)?, port)
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (decode(h, "the host", url)?, Some(p)),
+                None => (decode(hostport, "the host", url)?, None),
+            }
+        };
+        parts.host = host;
+        parts.port = port.map(str::to_owned);
+        Ok(parts)
+    }
+
+    /// One query parameter, decoded.
+    fn set_param(
+        &mut self,
+        name: &str,
+        value: String,
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<()> {
+        match name {
+            "options" => self.options = Some(value),
+            "application_name" => self.application_name = Some(value),
+            "connect_timeout" => {
+                let secs: u64 = value.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                    bad(format!(
+                        "connect_timeout = {value:?}: expected whole seconds >= 1"
+                    ))
+                })?;
+                self.connect_timeout = Some(Duration::from_secs(secs));
+            }
+            "sslmode" => match value.as_str() {
+                "disable" | "allow" | "prefer" => {}
+                "require" | "verify-ca" | "verify-full" => {
+                    return Err(bad(format!("sslmode = {value}: TLS is not supported by this build; use sslmode=disable or prefer")));
+                }
+                other => {
+                    return Err(bad(format!(
+                        "sslmode = {other:?}: expected disable, allow, prefer"
+                    )))
+                }
+            },
+            "user" => self.user = value,
+            "password" => self.password = Some(value),
+            "dbname" => self.database = value,
+            "host" => self.host = value,
+            "port" => self.port = Some(value),
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?} (known: options, application_name, connect_timeout, sslmode, user, password, dbname, host, port)"
+                )))
+            }
+        }
+        Ok(())
     }
 }
 

@@ -70,69 +70,20 @@ pub(crate) fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
             .file_name()
             .map(|g| g.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut options: Vec<(String, PathBuf)> = std::fs::read_dir(&group_dir)
-            .map_err(|e| config_error(format!("cannot read {}: {e}", group_dir.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .filter_map(|p| {
-                let stem = p.file_stem()?.to_string_lossy().into_owned();
-                Some((stem, p))
-            })
-            .collect();
-        options.sort();
+        let options = group_options(&group_dir)?;
         if options.is_empty() {
             continue;
         }
         seen.push(group.clone());
-        let names: Vec<&str> = options.iter().map(|(o, _)| o.as_str()).collect();
-        let choice = defaults.choices.iter().find(|c| c.group == group);
-        let (position, path) = match choice {
-            Some(Choice { option: None, .. }) => continue,
-            Some(Choice {
-                option: Some(chosen),
-                position,
-                ..
-            }) => match options.iter().find(|(o, _)| o == chosen) {
-                Some((_, path)) => (*position, path.clone()),
-                None => {
-                    return Err(config_error(format!(
-                    "defaults in config.yaml choose `{group}: {chosen}`, but {group}/ has only {}",
-                    names.join(", ")
-                )))
-                }
-            },
-            None => {
-                let path = match options.iter().find(|(o, _)| o == "default") {
-                    Some((_, path)) => path.clone(),
-                    None if options.len() == 1 => options[0].1.clone(),
-                    None => {
-                        return Err(config_error(format!(
-                            "{group}/ has several options ({}) and none is chosen: add `- {group}: <option>` to the defaults list of config.yaml, or name one default.yaml",
-                            names.join(", ")
-                        )))
-                    }
-                };
-                // Groups not in the list come first, as if listed at its top.
-                (0, path)
-            }
+        let Some((position, path)) = choose(&group, &options, &defaults)? else {
+            continue;
         };
         let name = rel(dir, &path);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
-        let content = parse_yaml(&text, &name)?;
-        let global = text
-            .lines()
-            .next()
-            .is_some_and(|l| l.trim() == "# @package _global_");
-        let placed = if global {
-            content
-        } else {
-            Node {
-                value: NodeValue::Map(vec![(group.clone(), content)]),
-                file: name.as_str().into(),
-            }
-        };
-        composed.push((position, name, placed));
+        composed.push((
+            position,
+            name.clone(),
+            read_group_file(&path, &name, &group)?,
+        ));
     }
     if let Some(missing) = defaults
         .choices
@@ -159,6 +110,80 @@ pub(crate) fn read_dir(dir: &Path) -> Result<(Node, Vec<String>)> {
         }
     }
     Ok((merged, files))
+}
+
+/// The `.yaml`/`.yml` files of a group directory, by option name.
+fn group_options(group_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut options: Vec<(String, PathBuf)> = std::fs::read_dir(group_dir)
+        .map_err(|e| config_error(format!("cannot read {}: {e}", group_dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .filter_map(|p| {
+            let stem = p.file_stem()?.to_string_lossy().into_owned();
+            Some((stem, p))
+        })
+        .collect();
+    options.sort();
+    Ok(options)
+}
+
+/// The option of `group` to read, and its place in the composition order:
+/// the one the defaults list chooses, else `default`, else the only one;
+/// `None` for `- group: null`.
+fn choose(
+    group: &str,
+    options: &[(String, PathBuf)],
+    defaults: &Defaults,
+) -> Result<Option<(usize, PathBuf)>> {
+    let names: Vec<&str> = options.iter().map(|(o, _)| o.as_str()).collect();
+    match defaults.choices.iter().find(|c| c.group == group) {
+        Some(Choice { option: None, .. }) => Ok(None),
+        Some(Choice {
+            option: Some(chosen),
+            position,
+            ..
+        }) => match options.iter().find(|(o, _)| o == chosen) {
+            Some((_, path)) => Ok(Some((*position, path.clone()))),
+            None => Err(config_error(format!(
+                "defaults in config.yaml choose `{group}: {chosen}`, but {group}/ has only {}",
+                names.join(", ")
+            ))),
+        },
+        None => {
+            let path = match options.iter().find(|(o, _)| o == "default") {
+                Some((_, path)) => path.clone(),
+                None if options.len() == 1 => options[0].1.clone(),
+                None => {
+                    return Err(config_error(format!(
+                        "{group}/ has several options ({}) and none is chosen: add `- {group}: <option>` to the defaults list of config.yaml, or name one default.yaml",
+                        names.join(", ")
+                    )))
+                }
+            };
+            // Groups not in the list come first, as if listed at its top.
+            Ok(Some((0, path)))
+        }
+    }
+}
+
+/// A group file's content, placed under the group's name, or at the root
+/// when its first line is `# @package _global_`.
+fn read_group_file(path: &Path, name: &str, group: &str) -> Result<Node> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| config_error(format!("cannot read {}: {e}", path.display())))?;
+    let content = parse_yaml(&text, name)?;
+    let global = text
+        .lines()
+        .next()
+        .is_some_and(|l| l.trim() == "# @package _global_");
+    Ok(if global {
+        content
+    } else {
+        Node {
+            value: NodeValue::Map(vec![(group.to_owned(), content)]),
+            file: name.into(),
+        }
+    })
 }
 
 fn rel(dir: &Path, path: &Path) -> String {
