@@ -107,8 +107,14 @@ pub(crate) fn mask_url_text(url: &str) -> String {
         let authority_end = out[rest_start..]
             .find(['/', '?'])
             .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let at = rest_start + at;
+        // The `@` ending the user info: in the authority, or, when a raw
+        // `/` or `?` in the password cut the authority short, the last one
+        // anywhere (masking too much is safe, too little is not).
+        let at = out[rest_start..authority_end]
+            .rfind('@')
+            .or_else(|| out[rest_start..].rfind('@'))
+            .map(|i| rest_start + i);
+        if let Some(at) = at {
             if let Some(colon) = out[rest_start..at].find(':') {
                 out.replace_range(rest_start + colon + 1..at, "***");
             }
@@ -142,6 +148,19 @@ impl Target {
     /// # Errors
     /// A `Config` error naming the problem; the password is masked in it.
     pub fn parse(url: &str) -> Result<Target> {
+        match Target::parse_url(url) {
+            // The messages of a failed parse quote pieces of the URL; when a
+            // raw `/`, `?` or `#` in the password cut the authority short,
+            // those pieces are pieces of the password.
+            Err(_) if userinfo_cut_short(url) => Err(Error::config(format!(
+                "invalid database URL {}: it cannot be read; a `/`, `?`, `#` or `@` in the user or password must be percent-encoded (%2F, %3F, %23, %40)",
+                mask_url_text(url)
+            ))),
+            parsed => parsed,
+        }
+    }
+
+    fn parse_url(url: &str) -> Result<Target> {
         let bad = |why: String| {
             Error::config(format!(
                 "invalid database URL {}: {why}",
@@ -369,6 +388,17 @@ impl Target {
     pub fn masked_url(&self) -> String {
         self.to_string()
     }
+}
+
+/// Whether the authority of `url` (up to the first `/`, `?` or `#`) has no
+/// `@` while one follows later: the sign of a raw `/`, `?` or `#` in the
+/// user or password.
+fn userinfo_cut_short(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    !rest[..end].contains('@') && rest[end..].contains('@')
 }
 
 /// The parts of a URL as read, before the defaults of [`Target::from_parts`].
@@ -627,6 +657,9 @@ mod tests {
                 "unknown parameter \"frobnicate\"",
             ),
             ("postgres://u:Secret1@[::1/d", "unterminated ["),
+            // A raw `/` or `?` in the password cuts the authority short.
+            ("postgres://u:Sec/ret1@h/d", "must be percent-encoded"),
+            ("postgres://u:Sec?ret1@h/d", "must be percent-encoded"),
             ("postgres://u:Secret1@/d", "no host"),
             (
                 "postgres://u:Secret1@h/d?connect_timeout=-1",
@@ -638,6 +671,7 @@ mod tests {
             assert!(err.is_config());
             assert!(msg.contains(needle), "{url}: {msg}");
             assert!(!msg.contains("Secret1"), "{msg}");
+            assert!(!msg.contains("ret1"), "{msg}");
         }
     }
 

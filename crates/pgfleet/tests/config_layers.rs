@@ -177,7 +177,14 @@ fn without_files_defaults_and_environment_apply() {
         loaded.target().key(),
         "postgres://postgres@localhost:5432/x"
     );
-    assert_eq!(loaded.pool_config(), &pgfleet::PoolConfig::default());
+    // The defaults, resolved: the cap in force is explicit.
+    assert_eq!(
+        loaded.pool_config(),
+        &pgfleet::PoolConfig {
+            max_size: Some(10),
+            ..pgfleet::PoolConfig::default()
+        }
+    );
     assert!(loaded
         .explain()
         .iter()
@@ -215,6 +222,11 @@ fn every_invalid_configuration_names_key_value_and_file() {
             "database/default.yaml",
             "postgres:\n  min_size: 50\n  max_size: 20\n",
             &["min_size = 50", "max_size = 20", "database/default.yaml"][..],
+        ),
+        (
+            "config.yaml",
+            "postgres:\n  max_size: ~\n",
+            &["max_size = null", "expected a whole number in 1..=10000"][..],
         ),
         (
             "config.yaml",

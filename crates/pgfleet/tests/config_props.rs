@@ -6,40 +6,12 @@ use std::path::Path;
 use pgfleet::Loader;
 use proptest::prelude::*;
 
-/// Every name the pool sections accept.
-const KEYS: &[&str] = &[
-    "url",
-    "database_url",
-    "host",
-    "port",
-    "database",
-    "db",
-    "dbname",
-    "user",
-    "username",
-    "password",
-    "min_size",
-    "pool_size",
-    "max_size",
-    "max_overflow",
-    "timeout",
-    "pool_timeout",
-    "acquire_timeout",
-    "connect_timeout",
-    "max_lifetime",
-    "pool_recycle",
-    "idle_timeout",
-    "max_inactive_connection_lifetime",
-    "max_queries",
-    "command_timeout",
-    "health_check_after",
-    "linger",
-    "leak_threshold",
-    "application_name",
-    "server_settings",
-    "shared_connections",
-    "statement_cache_size",
-];
+/// Every name the pool sections accept, from the library's table of keys.
+fn names() -> Vec<&'static str> {
+    pgfleet::config_keys()
+        .flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()))
+        .collect()
+}
 
 /// Where a key can be written: (file, text before the key, indentation).
 const PLACES: &[(&str, &str, &str)] = &[
@@ -116,7 +88,7 @@ proptest! {
 
     #[test]
     fn any_scalar_for_any_key_loads_or_fails_cleanly(
-        key in prop::sample::select(KEYS),
+        key in prop::sample::select(names()),
         place in prop::sample::select(PLACES),
         value in scalar(),
     ) {

@@ -35,6 +35,24 @@ fn no_type_that_holds_a_password_shows_it() {
     ];
     let loader = Loader::without_files().env(env.clone());
     let loaded: Loaded = loader.load().unwrap();
+    // An application's own key whose values were interpolated from the
+    // environment holds the secret too.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "connection_pool:\n  service_secrets:\n    - password: ${POSTGRES_PASSWORD}\n      url: ${DATABASE_URL}\n",
+    )
+    .unwrap();
+    let with_app = Loader::new(dir.path())
+        .application_key("service_secrets")
+        .env(env.clone())
+        .load()
+        .unwrap();
+    let app_value = with_app.application_value("service_secrets").unwrap();
+    assert!(
+        format!("{:?}", app_value.value).contains(SECRET),
+        "the value is there to read"
+    );
     let bad_url = Target::parse(&format!("postgres://app:{SECRET}@h:x/db")).unwrap_err();
     let bad_setting = PoolSettings::new()
         .set("password", &RawValue::List(vec![]), Source::Code)
@@ -53,6 +71,8 @@ fn no_type_that_holds_a_password_shows_it() {
         ("Loaded Debug", format!("{loaded:?}")),
         ("Loaded::explain", format!("{:?}", loaded.explain())),
         ("Loaded::settings", format!("{:?}", loaded.settings())),
+        ("Loaded with an application key", format!("{with_app:?}")),
+        ("ApplicationValue Debug", format!("{app_value:?}")),
         ("config Error Display", bad_url.to_string()),
         ("config Error Debug", format!("{bad_url:?}")),
         ("setting Error Display", bad_setting.to_string()),

@@ -370,8 +370,6 @@ impl Key {
                 max,
                 field: Some(field),
             } => *(field.set)(config) = size(raw, *min, *max)?,
-            // `null` leaves it to follow `min_size` (a serialized default).
-            Kind::MaxSize { .. } if *raw == RawValue::Null => config.max_size = None,
             Kind::MaxSize { min, max } => config.max_size = Some(size(raw, *min, *max)?),
             Kind::Len { max, field } => {
                 *(field.set)(config) = value::count(raw, 0, *max as u64)? as usize;

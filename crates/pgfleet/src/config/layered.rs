@@ -85,7 +85,11 @@ pub struct WarmupEntry {
 /// A value under `connection_pool` that the application declared its own
 /// with [`Loader::application_key`] (e.g. the memory service's
 /// `precache_configs`): interpolated, otherwise as written.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Its strings may have been interpolated from the environment (a
+/// password, say), so `Debug` shows where it came from and its shape, not
+/// its content; read `value` to see that.
+#[derive(Clone, PartialEq)]
 pub struct ApplicationValue {
     /// The key inside `connection_pool`.
     pub key: String,
@@ -95,6 +99,23 @@ pub struct ApplicationValue {
     pub file: String,
     /// The value, its strings interpolated.
     pub value: RawValue,
+}
+
+impl fmt::Debug for ApplicationValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shape = match &self.value {
+            RawValue::List(items) => format!("a list of {}", items.len()),
+            RawValue::Map(pairs) => format!("a mapping of {} keys", pairs.len()),
+            RawValue::Str(_) => "a string".to_owned(),
+            other => other.to_string(),
+        };
+        f.debug_struct("ApplicationValue")
+            .field("key", &self.key)
+            .field("path", &self.path)
+            .field("file", &self.file)
+            .field("value", &format_args!("{shape}"))
+            .finish()
+    }
 }
 
 impl fmt::Debug for Loader {

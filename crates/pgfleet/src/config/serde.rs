@@ -89,14 +89,21 @@ impl<'de> Deserialize<'de> for PoolConfig {
     /// A mapping of pool keys, by any of their names (`max_size`,
     /// `pool_size`, `acquire_timeout`, ...), with the values YAML takes
     /// (durations as `"30s"` or seconds, `"off"`); absent keys keep their
-    /// defaults. Target keys (`host`, `url`, ...) and unknown keys are
-    /// errors. Serializing a `PoolConfig` gives a mapping this reads back.
+    /// defaults, and `max_size: null` is absent. Target keys (`host`, `url`,
+    /// ...) and unknown keys are errors. The result is resolved like
+    /// [`PoolSettings::pool_config`]'s (`max_size` is the cap in force), and
+    /// serializing a `PoolConfig` gives a mapping this reads back.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let RawValue::Map(pairs) = RawValue::deserialize(deserializer)? else {
             return Err(de::Error::custom("a PoolConfig must be a mapping of keys"));
         };
         let mut settings = PoolSettings::new();
         for (key, value) in &pairs {
+            // A serialized `PoolConfig::default()` has `max_size: null`: the
+            // cap follows `min_size`, as when the key is absent.
+            if key == "max_size" && *value == RawValue::Null {
+                continue;
+            }
             if super::keys::lookup(key).is_some_and(|k| k.is_target_part() || k.name == "url") {
                 return Err(de::Error::custom(format!(
                     "`{key}` is a key of the database address, not of a PoolConfig; give it to a Target"
@@ -161,10 +168,14 @@ mod tests {
         };
         let text = serde_json::to_string(&config).unwrap();
         assert_eq!(serde_json::from_str::<PoolConfig>(&text).unwrap(), config);
+        // The default's `max_size: null` reads back as the cap it means.
         let defaults = serde_json::to_string(&PoolConfig::default()).unwrap();
         assert_eq!(
             serde_json::from_str::<PoolConfig>(&defaults).unwrap(),
-            PoolConfig::default()
+            PoolConfig {
+                max_size: Some(10),
+                ..PoolConfig::default()
+            }
         );
     }
 

@@ -212,7 +212,8 @@ impl PoolSettings {
 
     /// The pool configuration: defaults for what is not set, then the
     /// checks across keys (`min_size <= max_size`, `max_size` against
-    /// `pool_size + max_overflow`).
+    /// `pool_size + max_overflow`). Resolved: `max_size` is always `Some`,
+    /// the cap in force.
     ///
     /// # Errors
     /// A `Config` error naming the keys, values and sources in conflict.
@@ -258,6 +259,8 @@ impl PoolSettings {
                 self.source("command_timeout")
             )));
         }
+        // Resolved: the cap in force, whether set or following `min_size`.
+        config.max_size = Some(config.effective_max_size());
         // The checks above and in `set` leave nothing for `problem` to find;
         // it stays as a safety net, naming the source of the field.
         if let Some(p) = config.problem() {

@@ -170,8 +170,12 @@ impl PoolInner {
             self.runtime.spawn(async move {
                 tokio::time::sleep_until(at.into()).await;
                 if let Some(pool) = weak.upgrade() {
-                    pool.lock().retry_scheduled = false;
-                    pool.replan();
+                    let plan = {
+                        let mut st = pool.lock();
+                        st.retry_scheduled = false;
+                        pool.plan(&mut st)
+                    };
+                    pool.execute(plan);
                 }
             });
         }
