@@ -181,25 +181,17 @@ impl Pool {
                     return Err(err);
                 }
             }
-            match deadline {
-                None => notified.await,
-                Some(deadline) => {
-                    if tokio::time::timeout_at(deadline.into(), notified)
-                        .await
-                        .is_err()
-                    {
-                        return Err(Error::timeout(
-                            TimeoutStage::Connect,
-                            limit,
-                            format!(
-                                "timed out after {} warming up {} {}",
-                                humantime::format_duration(limit),
-                                inner.label,
-                                inner.snapshot_line()
-                            ),
-                        ));
-                    }
-                }
+            if !until(notified, deadline).await {
+                return Err(Error::timeout(
+                    TimeoutStage::Connect,
+                    limit,
+                    format!(
+                        "timed out after {} warming up {} {}",
+                        humantime::format_duration(limit),
+                        inner.label,
+                        inner.snapshot_line()
+                    ),
+                ));
             }
         }
     }
@@ -247,16 +239,8 @@ impl Pool {
             if self.inner.lock().size == 0 {
                 return 0;
             }
-            match deadline {
-                None => notified.await,
-                Some(deadline) => {
-                    if tokio::time::timeout_at(deadline.into(), notified)
-                        .await
-                        .is_err()
-                    {
-                        return self.inner.cut_all();
-                    }
-                }
+            if !until(notified, deadline).await {
+                return self.inner.cut_all();
             }
         }
     }
@@ -314,6 +298,20 @@ impl Pool {
     #[cfg(test)]
     pub(crate) fn id(&self) -> u64 {
         self.inner.id
+    }
+}
+
+/// Waits for `event`, until `deadline` if there is one; `false` if the
+/// deadline came first.
+async fn until(event: impl Future, deadline: Option<Instant>) -> bool {
+    match deadline {
+        None => {
+            event.await;
+            true
+        }
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), event)
+            .await
+            .is_ok(),
     }
 }
 
