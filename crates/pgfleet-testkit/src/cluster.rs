@@ -168,6 +168,13 @@ impl TempCluster {
         self.url_for("postgres", SUPERUSER_PASSWORD, db)
     }
 
+    /// The superuser URL of database `db` through another port of
+    /// 127.0.0.1 (a [`FaultProxy`](crate::FaultProxy) in front of the
+    /// cluster).
+    pub fn url_via(&self, port: u16, db: &str) -> String {
+        format!("postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{port}/{db}")
+    }
+
     /// A URL for database `db` as `user` with `password`.
     pub fn url_for(&self, user: &str, password: &str, db: &str) -> String {
         format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)

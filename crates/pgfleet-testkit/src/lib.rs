@@ -7,6 +7,10 @@
 //! removed on drop (also when a test panics), and by a watchdog process if
 //! the test process dies without dropping it.
 //!
+//! [`FaultProxy`] sits between a client and a cluster and injects network
+//! faults on command: latency, a blackholed network, refused or hung new
+//! connections, every connection cut.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), pgfleet_testkit::Error> {
 //! use pgfleet_testkit::{BackendFilter, TempCluster};
@@ -22,9 +26,11 @@
 
 mod cluster;
 mod error;
+mod proxy;
 mod system;
 
 pub use cluster::{
     unique_name, Backend, BackendFilter, ClusterBuilder, TempCluster, ADMIN_APPLICATION_NAME,
 };
 pub use error::{Error, Result};
+pub use proxy::{Fault, FaultProxy};
