@@ -73,7 +73,10 @@ pub(crate) async fn lease(
                 return Ok(lease);
             }
             Some(Decision::Grow(growing)) => {
-                let conn = pool.get(location).await?.into_conn();
+                // Within the caller's own deadline: it may have waited for
+                // another caller's attempt already.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let conn = pool.get_within(left, location).await?.into_conn();
                 let lane = Lane::new(conn, pool, lanes, location);
                 let lease = SharedConnection::new(lane.clone(), location);
                 let added = lanes.add(lane, cap);
@@ -89,7 +92,9 @@ pub(crate) async fn lease(
                     .await
                     .is_err()
                 {
-                    return Err(pool.timeout_error());
+                    let error = pool.timeout_error(pool.config.acquire_timeout);
+                    pool.count_timeout(&error);
+                    return Err(error);
                 }
             }
         }

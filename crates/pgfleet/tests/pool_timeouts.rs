@@ -270,3 +270,41 @@ fn a_waiter_fails_at_once_when_the_pools_runtime_is_gone() {
     assert_eq!(pool.stats().gauges.waiting, 0);
     drop(held);
 }
+
+#[tokio::test]
+async fn a_caller_may_wait_less_than_the_pools_timeout() {
+    let app = app("get_timeout");
+    let pool = Pool::new(target(cluster()), config(&app, 1, 1)).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let held = pool.get().await.unwrap();
+    let started = Instant::now();
+    let err = pool
+        .get_timeout(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the pool's 10s timeout applied"
+    );
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::Timeout {
+            stage: TimeoutStage::Acquire,
+            after: Duration::from_millis(200)
+        }
+    );
+    assert!(
+        err.to_string()
+            .starts_with("timed out after 200ms waiting for a connection"),
+        "{err}"
+    );
+    assert_eq!(pool.stats().counters.acquires_timed_out, 1);
+    // Served normally when a connection comes back in time.
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get_timeout(Duration::from_secs(5)).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(held);
+    waiter.await.unwrap().unwrap();
+}

@@ -232,3 +232,32 @@ async fn cancelled_shared_calls_lose_nothing() {
 fn fastrand_like(i: u64) -> u64 {
     i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
 }
+
+#[tokio::test]
+async fn shared_callers_time_out_within_their_own_deadline_and_are_counted() {
+    let app = app("shared_timeout");
+    let mut cfg = config(&app, 1, 1);
+    cfg.acquire_timeout = Duration::from_secs(1);
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    // The only connection is out: the first shared caller waits in `get`
+    // for the first lane; the second waits for that attempt, and when it
+    // fails, tries again itself with what is left of its own time.
+    let held = pool.get().await.unwrap();
+    let first = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.shared().await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let second = pool.shared().await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(second.is_timeout(), "{second:?}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "waited {waited:?} for a 1s acquire_timeout"
+    );
+    assert!(first.await.unwrap().unwrap_err().is_timeout());
+    assert_eq!(pool.stats().counters.acquires_timed_out, 2);
+    drop(held);
+}

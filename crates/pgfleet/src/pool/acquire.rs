@@ -2,10 +2,11 @@
 //! path, synchronous under the lock), a stale one checked with one, or a
 //! place in the FIFO queue of waiters, served by whatever frees up first.
 
+use std::future::Future;
 use std::panic::Location;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio::time::timeout;
@@ -28,21 +29,35 @@ enum Taken {
     Queued(WaitGuard),
 }
 
+/// The longest an acquire waits, whatever it asked for (as the longest
+/// `acquire_timeout`): a deadline always exists and never overflows.
+const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl PoolInner {
     /// `get()` on behalf of the caller at `location`.
-    pub(crate) async fn get(
+    pub(crate) fn get(
         self: &Arc<Self>,
+        location: &'static Location<'static>,
+    ) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
+        self.get_within(self.config.acquire_timeout, location)
+    }
+
+    /// `get()` waiting at most `limit` (at most 7 days).
+    pub(crate) async fn get_within(
+        self: &Arc<Self>,
+        limit: Duration,
         location: &'static Location<'static>,
     ) -> Result<PooledConnection> {
         // One clock read serves the whole fast path: the verdict on an idle
         // connection, its idle age, and the start of the hold time.
         let started = Instant::now();
-        match self.take(started, started, location)? {
+        let limit = limit.min(MAX_WAIT);
+        match self.take(started, started, limit, location)? {
             Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
             // Waiting and health checks live in their own (boxed) future, so
             // the future of a `get()` that finds an idle connection stays
             // small.
-            slow => Box::pin(self.acquire_slow(slow, started, location)).await,
+            slow => Box::pin(self.acquire_slow(slow, started, limit, location)).await,
         }
     }
 
@@ -53,6 +68,7 @@ impl PoolInner {
         self: &Arc<Self>,
         now: Instant,
         started: Instant,
+        limit: Duration,
         location: &'static Location<'static>,
     ) -> Result<Taken> {
         let mut discarded = Vec::new();
@@ -67,8 +83,12 @@ impl PoolInner {
             loop {
                 let Some(conn) = st.idle.pop_back() else {
                     let (tx, rx) = oneshot::channel();
-                    let deadline = started + self.config.acquire_timeout;
-                    st.waiters.push_back(Waiter { tx, deadline });
+                    let deadline = started + limit;
+                    st.waiters.push_back(Waiter {
+                        tx,
+                        deadline,
+                        limit,
+                    });
                     st.waiting += 1;
                     if st.reap_at.is_none_or(|at| deadline < at) {
                         st.reaper += 1;
@@ -115,9 +135,10 @@ impl PoolInner {
         self: &Arc<Self>,
         mut taken: Taken,
         started: Instant,
+        limit: Duration,
         location: &'static Location<'static>,
     ) -> Result<PooledConnection> {
-        let deadline = started + self.config.acquire_timeout;
+        let deadline = started + limit;
         loop {
             match taken {
                 Taken::Ready(conn) => {
@@ -148,7 +169,7 @@ impl PoolInner {
                 }
             }
             // The stale connection failed its check: start over.
-            taken = self.take(Instant::now(), started, location)?;
+            taken = self.take(Instant::now(), started, limit, location)?;
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::time::timeout;
@@ -231,10 +231,9 @@ impl PoolInner {
         self.lock().last_failure.as_ref().map(|f| f.message.clone())
     }
 
-    /// The error of an acquire that ran out of time, with the pool's
-    /// snapshot, its budget and the last connect error.
-    pub(crate) fn timeout_error(&self) -> Error {
-        let after = self.config.acquire_timeout;
+    /// The error of an acquire that ran out of time after waiting `after`,
+    /// with the pool's snapshot, its budget and the last connect error.
+    pub(crate) fn timeout_error(&self, after: Duration) -> Error {
         let mut message = format!(
             "timed out after {} waiting for a connection to {} {}",
             humantime::format_duration(after),

@@ -118,6 +118,24 @@ impl Pool {
         self.inner.get(Location::caller())
     }
 
+    /// [`get`](Self::get), waiting at most `limit` instead of the pool's
+    /// `acquire_timeout` (at most 7 days): for a caller with a deadline of
+    /// its own. The timeout error, counted in `acquires_timed_out`, names
+    /// `limit`.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    ///
+    /// # Cancel safety
+    /// As [`get`](Self::get).
+    #[track_caller]
+    pub fn get_timeout(
+        &self,
+        limit: Duration,
+    ) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
+        self.inner.get_within(limit, Location::caller())
+    }
+
     /// Opt-in shared mode: a lease on a connection that other tasks use at
     /// the same time, their statements pipelined on one socket. For short
     /// autocommit statements this does more per connection than [`get`]

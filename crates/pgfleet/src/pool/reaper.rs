@@ -2,15 +2,15 @@
 //! waiters arm no timer of their own.
 //!
 //! One task per pool, running only while somebody waits: it sleeps until the
-//! earliest deadline in the queue (with one timeout per pool and a FIFO
-//! queue, the front's), fails every waiter then due, and stops when the
-//! queue is empty. A waiter queued with an earlier deadline than the task's
+//! earliest deadline in the queue (usually the front's: most callers wait
+//! for the pool's one `acquire_timeout`), fails every waiter then due, and
+//! stops when the queue is empty. A waiter queued with an earlier deadline than the task's
 //! next wake (one back in line after a failed health check) starts a new
 //! reaper, which supersedes the old one (`State::reaper` names the current
 //! one).
 
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::inner::PoolInner;
 use crate::error::Error;
@@ -34,13 +34,27 @@ async fn reap_waiters(mut reaper: Reaper) {
             return;
         };
         let now = Instant::now();
-        let due = {
+        // The limits of the waiters due now (usually one: the pool's).
+        let mut limits: Vec<Duration> = {
             let st = pool.lock();
-            st.reaper == reaper.id && st.waiters.iter().any(|w| w.deadline <= now)
+            if st.reaper != reaper.id {
+                reaper.done = true;
+                return;
+            }
+            st.waiters
+                .iter()
+                .filter(|w| w.deadline <= now)
+                .map(|w| w.limit)
+                .collect()
         };
-        // Built before the lock is taken again (it reads the gauges), while
-        // the callers it is for still count as waiting.
-        let error = due.then(|| pool.timeout_error());
+        limits.sort_unstable();
+        limits.dedup();
+        // Built before the lock is taken again (they read the gauges),
+        // while the callers they are for still count as waiting.
+        let errors: Vec<(Duration, Error)> = limits
+            .into_iter()
+            .map(|limit| (limit, pool.timeout_error(limit)))
+            .collect();
         let next = {
             let mut st = pool.lock();
             if st.reaper != reaper.id {
@@ -54,15 +68,18 @@ async fn reap_waiters(mut reaper: Reaper) {
                 if waiter.tx.is_closed() {
                     continue;
                 }
-                match &error {
-                    Some(error) if waiter.deadline <= now => {
+                let error = (waiter.deadline <= now)
+                    .then(|| errors.iter().find(|(limit, _)| *limit == waiter.limit))
+                    .flatten();
+                match error {
+                    Some((_, error)) => {
                         // The caller counts its own timeout (`acquire_slow`),
                         // so the counter is up before it sees the error.
                         if waiter.tx.send(Err(error.duplicate())).is_ok() {
                             st.waiting -= 1;
                         }
                     }
-                    _ => {
+                    None => {
                         next = Some(next.map_or(waiter.deadline, |t| t.min(waiter.deadline)));
                         st.waiters.push_back(waiter);
                     }

@@ -16,8 +16,11 @@ use crate::stats::Gauges;
 /// first: a returned connection or a newly opened one.
 pub(crate) struct Waiter<C> {
     pub(crate) tx: oneshot::Sender<Result<C, Error>>,
-    /// When the caller's `acquire_timeout` runs out (see `reap_waiters`).
+    /// When the caller's time runs out (see the reaper).
     pub(crate) deadline: Instant,
+    /// How long the caller was willing to wait (`acquire_timeout`, or its
+    /// own limit): what its timeout error says.
+    pub(crate) limit: Duration,
 }
 
 /// The last failed connect attempt.
