@@ -86,15 +86,27 @@ fn encode(s: &str) -> String {
 }
 
 fn decode(s: &str, what: &str, url: &str) -> Result<String> {
+    let bad = |why: &str| {
+        Error::config(format!(
+            "invalid database URL {}: {what} {why}",
+            mask_url_text(url)
+        ))
+    };
+    // `%` must start an escape of two hex digits (`%zz` or a lone `%` is
+    // a mistake, not a user named so); the bytes it gives must be UTF-8.
+    let bytes = s.as_bytes();
+    for (i, _) in s.match_indices('%') {
+        let escape = bytes.get(i + 1..i + 3);
+        if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
+            return Err(bad(
+                "has a `%` that is not followed by two hex digits (write `%25` for a `%`)",
+            ));
+        }
+    }
     percent_decode_str(s)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| {
-            Error::config(format!(
-                "invalid database URL {}: {what} is not valid UTF-8 once decoded",
-                mask_url_text(url)
-            ))
-        })
+        .map_err(|_| bad("is not valid UTF-8 once decoded"))
 }
 
 /// Best-effort masking of a URL that may not parse: hides whatever stands
@@ -657,6 +669,15 @@ mod tests {
                 "unknown parameter \"frobnicate\"",
             ),
             ("postgres://u:Secret1@[::1/d", "unterminated ["),
+            (
+                "postgres://%zz:Secret1@h/d",
+                "the user has a `%` that is not",
+            ),
+            (
+                "postgres://u:Secret1%@h/d",
+                "the password has a `%` that is not",
+            ),
+            ("postgres://u:Secret1@h/d%4", "the database has a `%`"),
             // A raw `/` or `?` in the password cuts the authority short.
             ("postgres://u:Sec/ret1@h/d", "must be percent-encoded"),
             ("postgres://u:Sec?ret1@h/d", "must be percent-encoded"),

@@ -239,6 +239,9 @@ impl Pool {
         if drained {
             inner.drained.notify_waiters();
         }
+        // A warm-up in progress (`wait_ready`, `Fleet::warmup`) fails with
+        // `Closed` now, not when its connects time out.
+        inner.connect_events.notify_waiters();
     }
 
     /// After [`close`](Self::close): waits until every connection is gone,
