@@ -156,3 +156,33 @@ async fn connection_held_past_leak_threshold_is_reported_with_its_location() {
     drop(pool.get().await.unwrap());
     assert_eq!(pool.stats().counters.leaks_reported, 1);
 }
+
+#[tokio::test]
+async fn connections_opened_together_expire_apart() {
+    let app = app("jitter");
+    let mut cfg = config(&app, 10, 10);
+    cfg.max_lifetime = Some(Duration::from_secs(3));
+    cfg.idle_timeout = None;
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    // Watch the first ten lifetime closes: when each was seen.
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut last = 0;
+    while seen.len() < 10 && started.elapsed() < Duration::from_secs(10) {
+        let closed = pool.stats().counters.connections_closed_lifetime;
+        for _ in last..closed.min(10) {
+            seen.push(started.elapsed());
+        }
+        last = closed.min(10);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.len(), 10, "ten connections should have expired");
+    let moments: HashSet<u128> = seen.iter().map(|d| d.as_millis() / 10).collect();
+    assert!(
+        moments.len() >= 3,
+        "the ten lifetime closes came in {} moments ({seen:?}): the jitter was lost",
+        moments.len()
+    );
+    pool.close();
+}

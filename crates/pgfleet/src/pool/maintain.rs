@@ -67,13 +67,39 @@ async fn maintain(weak: Weak<PoolInner>, tick: Duration) {
 }
 
 /// The maintenance tick: a quarter of the shortest timed behaviour, between
-/// 10ms and 1s.
+/// 10ms and 1s. For lifetimes that is a quarter of the jitter window (10% of
+/// `max_lifetime`): connections opened together expire across that window,
+/// and a coarser tick would close them in one pass again.
 pub(crate) fn tick_for(config: &PoolConfig) -> Duration {
-    [config.idle_timeout, config.max_lifetime]
-        .into_iter()
-        .flatten()
-        .map(|d| d / 4)
-        .min()
-        .unwrap_or(Duration::from_secs(1))
-        .clamp(Duration::from_millis(10), Duration::from_secs(1))
+    [
+        config.idle_timeout.map(|d| d / 4),
+        config.max_lifetime.map(|d| d / 40),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(Duration::from_secs(1))
+    .clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tick_is_finer_than_the_lifetime_jitter() {
+        let config = PoolConfig {
+            max_lifetime: Some(Duration::from_secs(3)),
+            idle_timeout: None,
+            ..PoolConfig::default()
+        };
+        assert_eq!(tick_for(&config), Duration::from_millis(75));
+        assert_eq!(tick_for(&PoolConfig::default()), Duration::from_secs(1));
+        let config = PoolConfig {
+            max_lifetime: None,
+            idle_timeout: None,
+            ..PoolConfig::default()
+        };
+        assert_eq!(tick_for(&config), Duration::from_secs(1));
+    }
 }
