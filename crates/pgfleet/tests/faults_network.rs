@@ -59,3 +59,52 @@ async fn closing_wakes_a_warm_up_stuck_on_hung_connects() {
     assert!(err.is_closed(), "{err:?}");
     proxy.set(Fault::Pass);
 }
+
+#[tokio::test]
+async fn an_outage_is_probed_gently_while_nobody_waits_and_often_while_callers_do() {
+    let app = app("reconnect");
+    let (proxy, target) = proxied().await;
+    let mut cfg = config(&app, 1, 4);
+    cfg.acquire_timeout = Duration::from_secs(10);
+    let pool = Pool::new(target, cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+
+    // The server goes away: connections are cut, new ones refused.
+    proxy.set(Fault::RefuseNew);
+    let before = proxy.accepted();
+    proxy.cut_all();
+    // Nobody waits: the floor is refilled, gently.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.accepted() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the pool never tried to reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = proxy.accepted();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attempts = proxy.accepted() - first + 1;
+    println!("connect attempts in the first 2 s of the outage, nobody waiting: {attempts}");
+    assert!(
+        attempts < 5,
+        "{attempts} connect attempts in 2 s with nobody waiting"
+    );
+
+    // A caller waits: when the server is back, it is served soon.
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(|_| Instant::now()) }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let back = Instant::now();
+    proxy.set(Fault::Pass);
+    let served = waiter.await.unwrap().unwrap();
+    let after = served - back;
+    println!("first acquire after the server's return, a caller waiting: {after:?}");
+    assert!(
+        after < Duration::from_secs(1),
+        "the waiting caller was served {after:?} after the server came back"
+    );
+    pool.close();
+}

@@ -172,7 +172,7 @@ impl PoolInner {
                 if let Some(pool) = weak.upgrade() {
                     let plan = {
                         let mut st = pool.lock();
-                        st.retry_scheduled = false;
+                        st.retry_due(at);
                         pool.plan(&mut st)
                     };
                     pool.execute(plan);

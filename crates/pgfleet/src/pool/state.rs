@@ -31,6 +31,14 @@ pub(crate) struct ConnectFailure {
     pub(crate) at: Instant,
 }
 
+/// The first reconnect delay of a pool that only refills its floor; it
+/// doubles with each failure up to [`MAX_BACKOFF`].
+const FLOOR_BACKOFF: Duration = Duration::from_millis(300);
+/// The longest reconnect delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a failed server is tried again while callers wait.
+const WAITING_RETRY: Duration = Duration::from_millis(100);
+
 /// What to start after the lock is released.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
@@ -58,10 +66,14 @@ pub(crate) struct State<C> {
     pub(crate) last_failure: Option<ConnectFailure>,
     /// Consecutive failed connects; drives the backoff.
     pub(crate) failures: u32,
-    /// No new connect attempts before this.
+    /// No new connect attempts before this while nobody waits (the floor's
+    /// backoff).
     pub(crate) backoff_until: Option<Instant>,
-    /// A timer task will replan at `backoff_until`.
-    pub(crate) retry_scheduled: bool,
+    /// No new connect attempts before this while callers wait: soon, so the
+    /// first of them is served soon after the server is back.
+    pub(crate) retry_soon: Option<Instant>,
+    /// When the replan already scheduled (a timer task) runs.
+    pub(crate) retry_at: Option<Instant>,
     /// When the task that fails waiters at their deadline (`reap_waiters`)
     /// wakes next; `None` while no such task runs.
     pub(crate) reap_at: Option<Instant>,
@@ -83,7 +95,8 @@ impl<C> State<C> {
             last_failure: None,
             failures: 0,
             backoff_until: None,
-            retry_scheduled: false,
+            retry_soon: None,
+            retry_at: None,
             reap_at: None,
             reaper: 0,
             live: HashMap::new(),
@@ -104,23 +117,29 @@ impl<C> State<C> {
 
     /// Decides how many connections to open now: enough for the callers
     /// waiting that no connect in progress will serve, and enough to refill
-    /// the warm floor, never beyond the cap, and none during backoff.
+    /// the warm floor, never beyond the cap, and none during backoff (a
+    /// short one while callers wait).
     pub(crate) fn plan(&mut self, min_size: u32, max_size: u32, now: Instant) -> Plan {
         if self.closed {
             return Plan::default();
         }
-        if let Some(until) = self.backoff_until {
+        if let Some(floor_until) = self.backoff_until {
+            let until = match self.retry_soon {
+                Some(soon) if self.waiting > 0 => soon.min(floor_until),
+                _ => floor_until,
+            };
             if now < until {
-                if self.retry_scheduled {
+                if self.retry_at.is_some_and(|at| at <= until) {
                     return Plan::default();
                 }
-                self.retry_scheduled = true;
+                self.retry_at = Some(until);
                 return Plan {
                     connects: 0,
                     retry_at: Some(until),
                 };
             }
             self.backoff_until = None;
+            self.retry_soon = None;
         }
         let for_waiters = self.waiting.saturating_sub(self.connecting);
         let for_floor = min_size.saturating_sub(self.size);
@@ -135,23 +154,36 @@ impl<C> State<C> {
         }
     }
 
-    /// Records a failed connect and starts the backoff: exponential from
-    /// 50ms to 5s, with full jitter so that many pools (or replicas) that
-    /// lost the same server do not come back in lockstep.
+    /// Records a failed connect and starts the backoff. Nobody waiting (the
+    /// floor alone): exponential from 300ms to 5s, so a server that is down
+    /// is not hammered (at most 4 attempts in its first 2 s). Callers
+    /// waiting: every 100ms, so the first of them is served soon after the
+    /// server is back. Both with jitter (half to all of the delay), so that
+    /// pools and replicas that lost the same server do not come back in
+    /// lockstep.
     pub(crate) fn connect_failed(&mut self, failure: ConnectFailure) {
         self.failures = self.failures.saturating_add(1);
-        let ceiling = Duration::from_millis(50)
-            .saturating_mul(1 << self.failures.min(7))
-            .min(Duration::from_secs(5));
-        let delay = ceiling.mul_f64(0.5 + fastrand::f64() * 0.5);
-        self.backoff_until = Some(failure.at + delay);
+        let jitter = || 0.5 + fastrand::f64() * 0.5;
+        let ceiling = FLOOR_BACKOFF
+            .saturating_mul(1 << (self.failures - 1).min(5))
+            .min(MAX_BACKOFF);
+        self.backoff_until = Some(failure.at + ceiling.mul_f64(jitter()));
+        self.retry_soon = Some(failure.at + WAITING_RETRY.mul_f64(jitter()));
         self.last_failure = Some(failure);
     }
 
     pub(crate) fn connect_succeeded(&mut self) {
         self.failures = 0;
         self.backoff_until = None;
+        self.retry_soon = None;
         self.last_failure = None;
+    }
+
+    /// The replan scheduled for `at` runs: a later one may be scheduled.
+    pub(crate) fn retry_due(&mut self, at: Instant) {
+        if self.retry_at == Some(at) {
+            self.retry_at = None;
+        }
     }
 
     /// Fails every waiter with an error. Each one served is uncounted here;
@@ -202,10 +234,77 @@ mod tests {
         let plan = st.plan(1, 4, now);
         assert_eq!(plan.connects, 0);
         let at = plan.retry_at.expect("a retry is scheduled");
-        assert!(at > now && at <= now + Duration::from_millis(100));
+        assert!(at > now && at <= now + FLOOR_BACKOFF);
         assert_eq!(st.plan(1, 4, now), Plan::default(), "only one timer");
-        st.retry_scheduled = false;
+        st.retry_due(at);
         assert_eq!(st.plan(1, 4, at).connects, 1);
+    }
+
+    /// Attempts in the first `window` of an outage, from the first failed
+    /// connect on, for a pool that only keeps its floor of one.
+    fn attempts_in(window: Duration, waiting: u32) -> u32 {
+        let start = Instant::now();
+        let mut st = State::<()>::new();
+        st.waiting = waiting;
+        let mut now = start;
+        let mut attempts = 0;
+        while now < start + window {
+            let plan = st.plan(1, 4, now);
+            if plan.connects > 0 {
+                attempts += plan.connects;
+                st.size = 0;
+                st.connecting = 0;
+                st.connect_failed(ConnectFailure {
+                    message: "refused".into(),
+                    code: None,
+                    at: now,
+                });
+            } else if let Some(at) = plan.retry_at {
+                st.retry_due(at);
+                now = at;
+            }
+        }
+        attempts
+    }
+
+    #[test]
+    fn a_server_that_is_down_is_not_hammered_while_nobody_waits() {
+        for _ in 0..200 {
+            let attempts = attempts_in(Duration::from_secs(2), 0);
+            assert!(
+                attempts < 5,
+                "{attempts} attempts in 2s with nobody waiting"
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_that_is_down_is_tried_often_while_callers_wait() {
+        for _ in 0..200 {
+            let attempts = attempts_in(Duration::from_secs(1), 1);
+            assert!(
+                attempts >= 10,
+                "{attempts} attempts in 1s while a caller waits"
+            );
+        }
+    }
+
+    #[test]
+    fn a_caller_arriving_during_a_long_backoff_brings_the_retry_forward() {
+        let now = Instant::now();
+        let mut st = State::<()>::new();
+        for i in 0..5 {
+            st.connect_failed(ConnectFailure {
+                message: "refused".into(),
+                code: None,
+                at: now + Duration::from_millis(i),
+            });
+        }
+        let floor = st.plan(1, 4, now).retry_at.expect("a retry");
+        assert!(floor >= now + Duration::from_secs(2), "{:?}", floor - now);
+        st.waiting = 1;
+        let soon = st.plan(1, 4, now).retry_at.expect("an earlier retry");
+        assert!(soon <= now + Duration::from_millis(110), "{:?}", soon - now);
     }
 
     #[test]
