@@ -100,6 +100,7 @@ pub use config::{
 };
 #[cfg(feature = "yaml")]
 pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};
+pub use conn::CancelToken;
 pub use error::{report, Error, ErrorKind, Result, TimeoutStage};
 pub use fleet::{CloseReport, Fleet, FleetStats, PoolHandle, WarmupOutcome, WarmupReport};
 #[cfg(feature = "prometheus")]

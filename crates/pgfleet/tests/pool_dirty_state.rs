@@ -124,3 +124,23 @@ async fn guard_dropped_mid_query_does_not_poison_the_next_borrower() {
         "{rows:?}"
     );
 }
+
+#[tokio::test]
+async fn a_running_statement_can_be_cancelled_with_the_guards_token() {
+    let app = app("cancel_token");
+    let pool = Pool::new(target(cluster()), config(&app, 1, 1)).unwrap();
+    let conn = pool.get().await.unwrap();
+    let token = conn.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query().await
+    });
+    let started = std::time::Instant::now();
+    let err = conn.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    canceller.await.unwrap().unwrap();
+    // The connection is fine afterwards.
+    let row = conn.query_one("SELECT 1::int", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}

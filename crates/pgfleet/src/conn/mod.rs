@@ -133,6 +133,56 @@ pub(crate) async fn connect(
     })
 }
 
+/// A handle that cancels the statement running on one connection: a
+/// CancelRequest on a fresh socket to the same server. From
+/// [`PooledConnection::cancel_token`](crate::PooledConnection::cancel_token);
+/// it stays valid after the guard is dropped (cancelling then reaches
+/// whatever that connection runs next, as with libpq).
+#[derive(Clone)]
+pub struct CancelToken {
+    token: tokio_postgres::CancelToken,
+    target: Target,
+}
+
+impl CancelToken {
+    pub(crate) fn new(client: &Client, target: &Target) -> CancelToken {
+        CancelToken {
+            token: client.cancel_token(),
+            target: target.clone(),
+        }
+    }
+
+    /// Asks the server to cancel the statement running on the connection,
+    /// if any; the statement then fails with SQLSTATE 57014. Whether it was
+    /// running or not, the server does not say.
+    ///
+    /// # Errors
+    /// `Connect` if the server cannot be reached.
+    pub async fn cancel_query(&self) -> Result<(), Error> {
+        let fail = |e: &dyn std::fmt::Display| {
+            Error::connect(format!(
+                "could not send a cancel request to {}: {e}",
+                self.target
+            ))
+        };
+        let socket = open_socket(&self.target)
+            .await
+            .map_err(|e| fail(&e).with_source(e))?;
+        self.token
+            .cancel_query_raw(socket, NoTls)
+            .await
+            .map_err(|e| fail(&e).with_source(e))
+    }
+}
+
+impl std::fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
 /// The server's message for a database error (e.g. `password authentication
 /// failed for user "app"`), else the error's own text.
 pub(crate) fn connect_message(e: &tokio_postgres::Error) -> String {

@@ -12,6 +12,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Error as PgError, Statement};
 
 use super::inner::{Conn, PoolInner};
+use crate::conn::CancelToken;
 
 /// A connection taken from a pool. Derefs to [`tokio_postgres::Client`];
 /// dropping it returns the connection to the pool, which rolls back an open
@@ -86,6 +87,28 @@ impl PooledConnection {
         raw.statements
             .prepare(&raw.client, &self.pool.counters, sql, types)
             .await
+    }
+
+    /// A token that cancels the statement running on this connection, from
+    /// another task (this one is busy awaiting it). It replaces
+    /// `Client::cancel_token`, which cannot reach the server for a pooled
+    /// connection: the pool opened the socket itself.
+    ///
+    /// ```no_run
+    /// # async fn example(pool: &pgfleet::Pool) -> pgfleet::Result<()> {
+    /// let conn = pool.get().await?;
+    /// let token = conn.cancel_token();
+    /// tokio::spawn(async move {
+    ///     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    ///     let _ = token.cancel_query().await;
+    /// });
+    /// let err = conn.query("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    /// assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cancel_token(&self) -> CancelToken {
+        CancelToken::new(&self.conn().raw.client, &self.pool.target)
     }
 
     /// Statements cached on this connection.

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
-use tokio_postgres::NoTls;
 
 use super::inner::{Conn, PoolInner};
-use crate::conn::{self, TxStatus};
+use crate::conn::{CancelToken, TxStatus};
 use crate::stats::CloseReason;
 
 /// How long a returned connection may take to receive the answers to
@@ -90,13 +89,9 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
     if !settled && !conn.raw.is_broken() {
         // A statement is still running on the server: cancel it so the
         // connection can come back, rather than leave a busy backend behind.
-        let token = conn.raw.client.cancel_token();
-        if let Ok(socket) = conn::open_socket(&pool.target).await {
-            let _ = timeout(
-                pool.config.connect_timeout,
-                token.cancel_query_raw(socket, NoTls),
-            )
-            .await;
+        let token = CancelToken::new(&conn.raw.client, &pool.target);
+        let sent = timeout(pool.config.connect_timeout, token.cancel_query()).await;
+        if sent.is_ok_and(|r| r.is_ok()) {
             settled = timeout(pool.config.connect_timeout, tap.settled())
                 .await
                 .unwrap_or(false);
