@@ -272,3 +272,39 @@ async fn stats_carry_the_seed_fields_keyed_by_masked_url_as_json() {
     assert_eq!(pool["counters"]["acquires"], 1);
     assert!(pool["gauges"]["size"].as_u64().unwrap() >= 1);
 }
+
+/// The process-wide fleet from one runtime after another, as
+/// `#[tokio::test]`s use it: a pool whose runtime shut down is replaced.
+#[test]
+fn the_global_fleet_serves_one_runtime_after_another() {
+    let app = app("global_rt");
+    // A key of its own: another search_path makes another pool.
+    let target = Target::parse(&format!(
+        "{}?options=-c%20search_path%3D{}",
+        cluster().url("postgres"),
+        app.replace('-', "_")
+    ))
+    .unwrap();
+    let cfg = config(&app, 1, 2);
+    let mut pools = Vec::new();
+    for round in 0..3 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let handle = Fleet::global().pool(&target, &cfg).unwrap();
+            let conn = handle
+                .get()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let row = conn.query_one("SELECT 1::int", &[]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), 1);
+            pools.push(handle.pool().clone());
+        });
+        drop(runtime);
+    }
+    // A new pool each round; the old ones closed.
+    assert!(pools[0].is_closed() && pools[1].is_closed());
+    assert!(!pools[2].is_closed());
+}

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 pub use self::handles::PoolHandle;
 use self::handles::{stripe_count, Cell, Refs};
-use self::registry::{find, Entry, FleetInner, Registry, Snapshot, LOCAL};
+use self::registry::{find, find_entry, Entry, FleetInner, Registry, Snapshot, LOCAL};
 pub use self::reports::{CloseReport, FleetStats, WarmupOutcome, WarmupReport};
 use crate::budget::ServerBudget;
 use crate::config::{BudgetMode, FleetConfig, PoolConfig};
@@ -74,8 +74,14 @@ impl Fleet {
 
     /// The process-wide fleet.
     ///
-    /// Its pools run their background work on the tokio runtime that created
-    /// them: use it from one runtime (the usual `#[tokio::main]` service).
+    /// A pool runs its background work and its connections on the tokio
+    /// runtime of the caller that created it. When that runtime shuts down
+    /// (each `#[tokio::test]` has its own, a CLI may start and stop one),
+    /// the next lookup from a running runtime replaces the pool with a new
+    /// one there; handles taken before stay on the old pool, whose `get`
+    /// fails with `Closed`, so take a handle on the runtime that uses it.
+    /// Handles used from other runtimes while the creating one runs work:
+    /// their queries travel to the connections' runtime and back.
     pub fn global() -> &'static Fleet {
         static GLOBAL: OnceLock<Fleet> = OnceLock::new();
         GLOBAL.get_or_init(Fleet::new)
@@ -114,6 +120,14 @@ impl Fleet {
             .unwrap_or(0);
         if let Some(handle) = find(&inner.pools.load(), target, stripe) {
             return Ok(handle);
+        }
+        if let Some(dead) = find_entry(&inner.pools.load(), target).cloned() {
+            // Its runtime shut down (each `#[tokio::test]` has its own, say):
+            // its tasks and connections went with it. A new pool on the
+            // caller's runtime replaces it.
+            tracing::info!(pool = %target, "the tokio runtime of this pool shut down; a new pool on the current runtime replaces it");
+            dead.remove_from(inner);
+            dead.pool.close();
         }
         let key = target.key.clone();
         let server = target.server_key();

@@ -118,13 +118,19 @@ pub(crate) struct Entry {
     pub(crate) fleet: Weak<FleetInner>,
 }
 
-/// The handle of the pool for `target` in `registry`, counted in `stripe`.
+/// The handle of the pool for `target` in `registry`, counted in `stripe`;
+/// `None` for a pool whose tokio runtime shut down (the caller replaces it
+/// under the writer lock).
 pub(crate) fn find(registry: &Registry, target: &Target, stripe: usize) -> Option<PoolHandle> {
-    registry
-        .find(target.key_hash, |entry| {
-            Arc::ptr_eq(&entry.key, &target.key) || entry.key == target.key
-        })?
-        .take_handle(stripe)
+    let handle = find_entry(registry, target)?.take_handle(stripe)?;
+    (!handle.pool().is_runtime_gone()).then_some(handle)
+}
+
+/// The entry for `target` in `registry`.
+pub(crate) fn find_entry<'r>(registry: &'r Registry, target: &Target) -> Option<&'r Arc<Entry>> {
+    registry.find(target.key_hash, |entry| {
+        Arc::ptr_eq(&entry.key, &target.key) || entry.key == target.key
+    })
 }
 
 impl FleetInner {
@@ -190,13 +196,18 @@ impl Entry {
     /// The second half, still under the writer lock: removes the entry from
     /// the registry and closes its pool.
     pub(crate) fn unpublish(&self, fleet: &FleetInner) {
+        self.remove_from(fleet);
+        tracing::debug!(pool = %self.pool.target(), "pool closed after linger with no handles");
+        self.pool.close();
+    }
+
+    /// Removes the entry from the registry (under the writer lock).
+    pub(crate) fn remove_from(&self, fleet: &FleetInner) {
         let mut pools = Registry::clone(&fleet.pools.load());
         if let Ok(found) = pools.find_entry(self.hash, |e| std::ptr::eq(Arc::as_ptr(e), self)) {
             found.remove();
             fleet.publish(pools);
         }
-        tracing::debug!(pool = %self.pool.target(), "pool closed after linger with no handles");
-        self.pool.close();
     }
 }
 

@@ -6,11 +6,11 @@
 //! connect hands a connection off: a loop that only one file can hold
 //! without a cycle of imports.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
 
 use super::state::{ConnectFailure, Plan, State};
@@ -38,6 +38,11 @@ pub(crate) struct PoolInner {
     /// Notified when the last connection of a closed pool is gone.
     pub(crate) drained: Notify,
     pub(crate) runtime: tokio::runtime::Handle,
+    /// Set when the runtime above shut down (see [`watch_runtime`]): the
+    /// pool's tasks and connections went with it.
+    runtime_gone: Arc<AtomicBool>,
+    /// Dropped with the pool, which ends the runtime watch.
+    _watch: oneshot::Sender<()>,
     next_slot: AtomicU64,
     /// Masked URL, for messages.
     pub(crate) label: String,
@@ -120,7 +125,18 @@ impl PoolInner {
         budget: Option<Arc<ServerBudget>>,
         runtime: tokio::runtime::Handle,
     ) -> PoolInner {
+        let runtime_gone = Arc::new(AtomicBool::new(false));
+        let (watch, ended) = oneshot::channel();
+        runtime.spawn(watch_runtime(
+            RuntimeWatch {
+                gone: runtime_gone.clone(),
+                done: false,
+            },
+            ended,
+        ));
         PoolInner {
+            runtime_gone,
+            _watch: watch,
             id,
             budget,
             pg: conn::pg_config(&target, &config),
@@ -280,6 +296,36 @@ impl PoolInner {
         }
         st.size as usize
     }
+}
+
+impl PoolInner {
+    /// Whether the tokio runtime the pool was built on has shut down.
+    pub(crate) fn is_runtime_gone(&self) -> bool {
+        self.runtime_gone.load(Ordering::Relaxed)
+    }
+}
+
+/// Marks the pool's runtime gone when it drops this watch unfinished.
+struct RuntimeWatch {
+    gone: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl Drop for RuntimeWatch {
+    fn drop(&mut self) {
+        if !self.done {
+            self.gone.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The runtime watch: a task that waits for the pool to be dropped. If the
+/// runtime shuts down first, it drops the task unfinished and the watch
+/// marks the pool: its background tasks and connection drivers are gone,
+/// and a fleet replaces it on the next lookup.
+async fn watch_runtime(mut watch: RuntimeWatch, ended: oneshot::Receiver<()>) {
+    let _ = ended.await;
+    watch.done = true;
 }
 
 impl Reclaim for PoolInner {

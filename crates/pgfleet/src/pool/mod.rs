@@ -266,6 +266,12 @@ impl Pool {
         }
     }
 
+    /// Whether the tokio runtime this pool was built on (and its background
+    /// tasks and connections ran on) has shut down.
+    pub(crate) fn is_runtime_gone(&self) -> bool {
+        self.inner.is_runtime_gone()
+    }
+
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.lock().closed
