@@ -186,3 +186,36 @@ async fn connections_opened_together_expire_apart() {
     );
     pool.close();
 }
+
+#[tokio::test]
+async fn a_connection_never_returned_is_reported_while_it_is_held() {
+    let app = app("leak");
+    let mut cfg = config(&app, 1, 3);
+    cfg.leak_threshold = Some(Duration::from_millis(300));
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let held = pool.get().await.unwrap();
+    // Shared mode keeps its connections on purpose: not leaks.
+    let lease = pool.shared().await.unwrap();
+    let reported = || pool.stats().counters.leaks_reported;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reported() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        reported(),
+        1,
+        "the held connection was not reported while held"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        reported(),
+        1,
+        "reported once, and the shared lane not at all"
+    );
+    drop(held);
+    drop(lease);
+    // A short hold is no leak; returning the leaked one counts nothing more.
+    drop(pool.get().await.unwrap());
+    assert_eq!(reported(), 1);
+    pool.close();
+}

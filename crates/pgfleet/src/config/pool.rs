@@ -68,8 +68,9 @@ pub struct PoolConfig {
     /// closes (`linger`). Default 30s, at most 7 days.
     #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text"))]
     pub linger: Duration,
-    /// A connection held longer than this is reported with the place it was
-    /// taken (`leak_threshold`). Default off; at most 7 days.
+    /// A connection held longer than this is reported while still held,
+    /// with the place it was taken, and counted in `leaks_reported`
+    /// (`leak_threshold`). Default off; at most 7 days.
     #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
     pub leak_threshold: Option<Duration>,
     /// `application_name` of every connection, so that they can be found in

@@ -185,6 +185,9 @@ impl PoolInner {
         self.counters
             .wait
             .record(now.saturating_duration_since(started));
+        if self.config.leak_threshold.is_some() {
+            self.checkouts.taken(conn.id(), now, location);
+        }
         PooledConnection::new(conn, self.clone(), now, location)
     }
 

@@ -4,7 +4,6 @@
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,9 +127,20 @@ impl PooledConnection {
     }
 
     /// The connection, out of its guard (for shared mode, which returns it
-    /// itself).
+    /// itself): no longer held by a caller, so no longer a leak suspect.
     pub(crate) fn into_conn(mut self) -> Conn {
-        self.conn.take().expect("present until drop")
+        let conn = self.conn.take().expect("present until drop");
+        self.leave_caller(&conn, Instant::now());
+        conn
+    }
+
+    /// The connection leaves its caller at `now`: leak detection forgets it.
+    fn leave_caller(&self, conn: &Conn, now: Instant) {
+        let pool = &self.pool;
+        if let Some(threshold) = pool.config.leak_threshold {
+            pool.checkouts
+                .returned(conn.id(), now, threshold, &pool.label, &pool.counters);
+        }
     }
 }
 
@@ -154,18 +164,9 @@ impl Drop for PooledConnection {
         };
         let now = Instant::now();
         let held = now.saturating_duration_since(self.acquired_at);
-        let pool = &self.pool;
-        pool.counters.hold.record(held);
-        if pool.config.leak_threshold.is_some_and(|t| held >= t) {
-            pool.counters.leaks_reported.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                pool = %pool.label,
-                held = %humantime::format_duration(held),
-                taken_at = %self.location,
-                "connection held longer than leak_threshold"
-            );
-        }
-        pool.release(conn, self.location, now);
+        self.pool.counters.hold.record(held);
+        self.leave_caller(&conn, now);
+        self.pool.release(conn, self.location, now);
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
 
+use super::leaks::Checkouts;
 use super::state::{ConnectFailure, Plan, State};
 use crate::budget::{self, Reclaim, ServerBudget, Unit};
 use crate::config::PoolConfig;
@@ -46,6 +47,8 @@ pub(crate) struct PoolInner {
     next_slot: AtomicU64,
     /// Masked URL, for messages.
     pub(crate) label: String,
+    /// Connections held now, when `leak_threshold` is set.
+    pub(crate) checkouts: Checkouts,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -82,6 +85,11 @@ impl PoolConn {
 
     pub(crate) fn is_expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|t| now >= t)
+    }
+
+    /// Names the connection in its pool.
+    pub(crate) fn id(&self) -> u64 {
+        self.slot.id
     }
 }
 
@@ -150,6 +158,7 @@ impl PoolInner {
             drained: Notify::new(),
             runtime,
             next_slot: AtomicU64::new(0),
+            checkouts: Checkouts::default(),
         }
     }
 

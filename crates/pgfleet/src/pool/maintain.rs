@@ -1,6 +1,6 @@
 //! The maintenance task: closes idle connections past their lifetime, above
-//! the floor past their idle timeout, or dead, and refills the floor, on a
-//! tick derived from the configured durations. It holds only a weak
+//! the floor past their idle timeout, or dead, refills the floor, and reports
+//! connections held past `leak_threshold`, on a tick derived from the configured durations. It holds only a weak
 //! reference to the pool and ends when the pool closes.
 
 use std::collections::VecDeque;
@@ -63,6 +63,10 @@ async fn maintain(weak: Weak<PoolInner>, tick: Duration) {
             conn.close(reason);
         }
         pool.execute(plan);
+        if let Some(threshold) = pool.config.leak_threshold {
+            pool.checkouts
+                .scan(now, threshold, &pool.label, &pool.counters);
+        }
     }
 }
 
@@ -74,6 +78,7 @@ pub(crate) fn tick_for(config: &PoolConfig) -> Duration {
     [
         config.idle_timeout.map(|d| d / 4),
         config.max_lifetime.map(|d| d / 40),
+        config.leak_threshold.map(|d| d / 4),
     ]
     .into_iter()
     .flatten()

@@ -22,6 +22,7 @@
 mod acquire;
 mod guard;
 pub(crate) mod inner;
+mod leaks;
 pub(crate) mod maintain;
 mod reaper;
 mod release;
