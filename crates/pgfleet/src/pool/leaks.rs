@@ -84,12 +84,6 @@ impl Checkouts {
             report(label, held, location, counters);
         }
     }
-
-    /// Connections held now.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 fn report(label: &str, held: Duration, location: &'static Location<'static>, counters: &Counters) {
