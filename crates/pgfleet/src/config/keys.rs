@@ -582,6 +582,18 @@ pub(crate) struct Problem {
 
 /// The checks of a configuration built in code read the same table.
 impl PoolConfig {
+    /// The keys whose values differ between `self` and `other`, as
+    /// (key, this value, the other value), values as `explain` shows them:
+    /// two configurations that mean the same have none.
+    pub fn differences(&self, other: &PoolConfig) -> Vec<(&'static str, String, String)> {
+        KEYS.iter()
+            .filter_map(|key| {
+                let (mine, theirs) = (key.show(self)?, key.show(other)?);
+                (mine != theirs).then_some((key.name, mine, theirs))
+            })
+            .collect()
+    }
+
     /// Checks a configuration built in code: sizes, durations, names.
     ///
     /// # Errors

@@ -88,19 +88,29 @@ impl Fleet {
     }
 
     /// The pool for `target`, created with `config` if the fleet has none
-    /// yet. If a pool exists already, it is shared as it is: its
-    /// configuration wins, and `config` is not even compared (this is the
-    /// hot path of every store; `stats()` shows the configuration in force).
+    /// yet. One database has one pool and so one configuration: asked again
+    /// with settings that differ (not only in how they are written: a
+    /// `max_size` of `None` that means 10 equals `Some(10)`), it is an error
+    /// naming the keys that differ. To share whatever pool exists, use
+    /// [`existing`](Self::existing).
     ///
     /// # Errors
     /// `Closed` after [`close_all`](Self::close_all); `Config` if the pool
-    /// has to be created and `config` is invalid or no tokio runtime runs.
+    /// exists with other settings, or has to be created and `config` is
+    /// invalid or no tokio runtime runs.
     #[inline]
     pub fn pool(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
         match self.lookup(target) {
-            Some(handle) => Ok(handle),
+            // The common case, one comparison of plain fields.
+            Some(handle) if handle.config() == config => Ok(handle),
+            Some(handle) => same_settings(handle, config),
             None => self.create(target, config),
         }
+    }
+
+    /// The pool for `target` if the fleet has one, whatever its settings.
+    pub fn existing(&self, target: &Target) -> Option<PoolHandle> {
+        self.lookup(target)
     }
 
     /// [`pool`](Self::pool) when this thread found no pool: under the writer
@@ -119,7 +129,11 @@ impl Fleet {
             .try_with(|local| local.try_borrow().map_or(0, |local| local.stripe))
             .unwrap_or(0);
         if let Some(handle) = find(&inner.pools.load(), target, stripe) {
-            return Ok(handle);
+            return if handle.config() == config {
+                Ok(handle)
+            } else {
+                same_settings(handle, config)
+            };
         }
         if let Some(dead) = find_entry(&inner.pools.load(), target).cloned() {
             // Its runtime shut down (each `#[tokio::test]` has its own, say):
@@ -346,6 +360,25 @@ impl Fleet {
     }
 }
 
+/// `handle` when `config` means what its pool's configuration means; else
+/// an error naming the keys that differ, with both values.
+#[cold]
+fn same_settings(handle: PoolHandle, config: &PoolConfig) -> Result<PoolHandle> {
+    let differ = handle.config().differences(config);
+    if differ.is_empty() {
+        return Ok(handle);
+    }
+    let listed: Vec<String> = differ
+        .iter()
+        .map(|(key, existing, asked)| format!("{key} = {existing} (in force) vs {asked} (asked)"))
+        .collect();
+    Err(Error::config(format!(
+        "the pool for {} exists with other settings: {}; one database has one pool and one configuration: pass the same settings, or Fleet::existing to share it as it is",
+        handle.target(),
+        listed.join(", ")
+    )))
+}
+
 impl fmt::Debug for Fleet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pools = self.inner.pools.load();
@@ -495,6 +528,43 @@ mod tests {
             assert_ne!(handle.pool().id(), first_id, "the retired pool came back");
         });
         assert!(entry.pool.is_closed());
+    }
+
+    #[test]
+    fn asking_for_a_pool_with_other_settings_names_the_keys_that_differ() {
+        let runtime = current_thread();
+        let _context = runtime.enter();
+        let fleet = Fleet::new();
+        let config = PoolConfig {
+            max_size: Some(10),
+            ..idle_config(Duration::from_secs(600))
+        };
+        let first = fleet.pool(&target(), &config).expect("pool");
+        // The same meaning written otherwise: `None` is 10 here.
+        let same = PoolConfig {
+            max_size: None,
+            ..config.clone()
+        };
+        let again = fleet.pool(&target(), &same).expect("same settings");
+        assert_eq!(again.pool().id(), first.pool().id());
+        let other = PoolConfig {
+            max_size: Some(25),
+            acquire_timeout: Duration::from_secs(3),
+            ..config.clone()
+        };
+        let err = fleet.pool(&target(), &other).unwrap_err();
+        assert!(err.is_config(), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("max_size = 10 (in force) vs 25 (asked)")
+                && message.contains("timeout = 30s (in force) vs 3s (asked)"),
+            "{message}"
+        );
+        let shared = fleet.existing(&target()).expect("the pool exists");
+        assert_eq!(shared.pool().id(), first.pool().id());
+        assert!(fleet
+            .existing(&Target::parse("postgres://unit@127.0.0.1:1/none").unwrap())
+            .is_none());
     }
 
     #[test]
