@@ -144,3 +144,79 @@ async fn a_running_statement_can_be_cancelled_with_the_guards_token() {
     let row = conn.query_one("SELECT 1::int", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 1);
 }
+
+/// `COPY ... FROM STDIN`, finished or abandoned half-way: the connection
+/// comes back clean at once (with one connection, the next `get` would
+/// otherwise time out).
+#[tokio::test]
+async fn copy_from_stdin_finished_or_abandoned_returns_the_connection_clean() {
+    use futures_util::SinkExt;
+    let app = app("copy_in");
+    let mut cfg = config(&app, 1, 1);
+    cfg.acquire_timeout = Duration::from_secs(2);
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    let table = format!("copy_{}", app.replace('-', "_"));
+    let conn = pool.get().await.unwrap();
+    conn.batch_execute(&format!("CREATE TABLE {table} (n int)"))
+        .await
+        .unwrap();
+    let pid: i32 = conn
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let sink = conn
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN"))
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    for n in 0..100 {
+        sink.send(bytes::Bytes::from(format!("{n}\n")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 100);
+    drop(conn);
+
+    let started = std::time::Instant::now();
+    let conn = pool
+        .get()
+        .await
+        .expect("the connection came back after COPY");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    let again: i32 = conn
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(again, pid, "the same connection, reused");
+
+    // Abandoned half-way: dropping the sink sends CopyFail.
+    {
+        let sink = conn
+            .copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN"))
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"7\n")).await.unwrap();
+    }
+    drop(conn);
+    let conn = pool
+        .get()
+        .await
+        .expect("the connection came back after an aborted COPY");
+    let rows: i64 = conn
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 100, "the abandoned COPY wrote nothing");
+    conn.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+    assert_eq!(pool.stats().counters.connections_closed_dirty, 0);
+}

@@ -273,6 +273,20 @@ pub(crate) struct TapStream<S = Socket> {
     state: Arc<TapState>,
     reads: Framer,
     writes: Framer,
+    /// The copy-in bookkeeping, shared by both directions.
+    copy: CopyIn,
+}
+
+/// COPY FROM STDIN through the extended protocol: the client sends Bind,
+/// Execute and Sync at once, the server enters copy-in mode at the Execute
+/// and *ignores* Syncs until CopyDone or CopyFail. Those Syncs get no
+/// ReadyForQuery, so they must not count as requests in flight.
+#[derive(Debug, Default)]
+struct CopyIn {
+    /// Syncs written since the last Execute.
+    syncs_since_execute: u64,
+    /// The server answered with CopyInResponse: copy-in mode.
+    active: bool,
 }
 
 impl<S> TapStream<S> {
@@ -282,11 +296,13 @@ impl<S> TapStream<S> {
             state,
             reads: Framer::new(false),
             writes: Framer::new(true),
+            copy: CopyIn::default(),
         }
     }
 
     fn observe_read(&mut self, data: &[u8]) {
         let state = &self.state;
+        let copy = &mut self.copy;
         self.reads.feed(
             data,
             |tag| match tag {
@@ -302,6 +318,7 @@ impl<S> TapStream<S> {
                     state.ready_received.fetch_add(1, Ordering::AcqRel);
                     state.ready.notify_waiters();
                 }
+                b'G' => copy.active = true,
                 b'E' => {
                     if let (Some(severity), code) = error_fields(body) {
                         if severity == b"FATAL" || severity == b"PANIC" {
@@ -319,6 +336,7 @@ impl<S> TapStream<S> {
 
     fn observe_write(&mut self, data: &[u8]) {
         let state = &self.state;
+        let copy = &mut self.copy;
         self.writes.feed(
             data,
             |_| 0,
@@ -334,9 +352,18 @@ impl<S> TapStream<S> {
                 }
                 b'S' => {
                     state.requests_sent.fetch_add(1, Ordering::AcqRel);
+                    copy.syncs_since_execute += 1;
                 }
                 b'E' => {
                     state.queries.fetch_add(1, Ordering::Relaxed);
+                    copy.syncs_since_execute = 0;
+                }
+                // CopyDone, CopyFail: the Syncs the server ignored in
+                // copy-in mode are settled as if answered.
+                b'c' | b'f' if copy.active => {
+                    copy.active = false;
+                    let ignored = std::mem::take(&mut copy.syncs_since_execute);
+                    state.ready_received.fetch_add(ignored, Ordering::AcqRel);
                 }
                 _ => {}
             },
@@ -521,6 +548,30 @@ mod tests {
         assert_eq!(state.queries(), 2);
         assert_eq!(state.status(), TxStatus::Failed);
         assert!(!state.is_dead());
+    }
+
+    #[test]
+    fn copy_in_syncs_the_server_ignores_are_not_in_flight() {
+        let state = Arc::new(TapState::new());
+        let mut tap = TapStream::new((), state.clone());
+        tap.observe_write(&startup());
+        tap.observe_read(&msg(b'Z', b"I"));
+        // COPY t FROM STDIN, extended: Bind, Execute, Sync at once.
+        let mut copy = msg(b'B', b"\0\0\0\0\0\0\0\0");
+        copy.extend(msg(b'E', b"\0\0\0\0\0"));
+        copy.extend(msg(b'S', b""));
+        tap.observe_write(&copy);
+        tap.observe_read(&msg(b'2', b""));
+        tap.observe_read(&msg(b'G', b"\0\0\0"));
+        tap.observe_write(&msg(b'd', b"1\n"));
+        let mut done = msg(b'c', b"");
+        done.extend(msg(b'S', b""));
+        tap.observe_write(&done);
+        assert_eq!(state.in_flight(), 1, "the CopyDone's Sync is answered");
+        tap.observe_read(&msg(b'C', b"COPY 1\0"));
+        tap.observe_read(&msg(b'Z', b"I"));
+        assert_eq!(state.in_flight(), 0);
+        assert!(state.is_clean());
     }
 
     #[test]
