@@ -39,7 +39,7 @@ impl std::error::Error for MemoryError {}
 
 impl From<pgfleet::Error> for MemoryError {
     fn from(e: pgfleet::Error) -> Self {
-        if e.is_timeout() || e.is_connect() || e.is_closed() {
+        if e.is_timeout() || e.is_connect() || e.is_closed() || e.is_overloaded() {
             MemoryError::Unavailable(e.to_string())
         } else {
             MemoryError::Database(e.to_string())

@@ -53,6 +53,9 @@ pub enum ErrorKind {
     /// The configuration is invalid; the message names the key, the value and
     /// where it came from.
     Config,
+    /// The pool's queue of waiting callers is full (`max_waiting`): the
+    /// caller was turned away at once instead of waiting.
+    Overloaded,
     /// A statement failed: the server refused it (see [`Error::code`]), or
     /// the connection broke while it ran. Made from a
     /// [`tokio_postgres::Error`], so that one `?` serves pool and query
@@ -109,6 +112,10 @@ impl Error {
         Error::new(ErrorKind::Timeout { stage, after }, message)
     }
 
+    pub(crate) fn overloaded(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Overloaded, message)
+    }
+
     pub(crate) fn closed(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Closed, message)
     }
@@ -134,6 +141,12 @@ impl Error {
     /// True when the pool or fleet was closed.
     pub fn is_closed(&self) -> bool {
         self.0.kind == ErrorKind::Closed
+    }
+
+    /// True when the pool turned the caller away because its queue was
+    /// full (`max_waiting`).
+    pub fn is_overloaded(&self) -> bool {
+        self.0.kind == ErrorKind::Overloaded
     }
 
     /// True when a connection could not be opened.

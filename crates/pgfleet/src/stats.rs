@@ -198,6 +198,9 @@ counters! {
         acquires_waited,
         /// `get()` and `shared()` calls that timed out.
         acquires_timed_out,
+        /// `get()` and `shared()` calls turned away at once because
+        /// `max_waiting` callers were waiting already.
+        acquires_rejected,
         /// Connections opened.
         connections_created,
         /// Failed attempts to open a connection.

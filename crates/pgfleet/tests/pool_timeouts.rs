@@ -308,3 +308,39 @@ async fn a_caller_may_wait_less_than_the_pools_timeout() {
     drop(held);
     waiter.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_full_queue_turns_callers_away_at_once_naming_the_limit() {
+    let app = app("max_waiting");
+    let mut cfg = config(&app, 1, 1);
+    cfg.max_waiting = Some(2);
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let held = pool.get().await.unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..2 {
+        let pool = pool.clone();
+        waiters.push(tokio::spawn(async move { pool.get().await.map(drop) }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.stats().gauges.waiting < 2 {
+        assert!(Instant::now() < deadline, "the waiters never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    let err = pool.get().await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "turned away late"
+    );
+    assert!(err.is_overloaded(), "{err:?}");
+    assert!(err.to_string().contains("max_waiting = 2"), "{err}");
+    assert_eq!(pool.stats().counters.acquires_rejected, 1);
+    // The queue drains: both waiters are served, and a caller may wait again.
+    drop(held);
+    for waiter in waiters {
+        waiter.await.unwrap().unwrap();
+    }
+    drop(pool.get().await.unwrap());
+    assert_eq!(pool.stats().counters.acquires_rejected, 1);
+}

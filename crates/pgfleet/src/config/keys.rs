@@ -22,6 +22,8 @@ pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Upper bound of pool sizes.
 pub(crate) const MAX_POOL_SIZE: u32 = 10_000;
+/// Upper bound of `max_waiting`.
+const MAX_WAITING: u32 = 1_000_000;
 /// Upper bound of per-connection statement caches.
 const MAX_STATEMENT_CACHE: usize = 10_000;
 
@@ -84,6 +86,8 @@ pub(crate) enum Kind {
     Len { max: usize, field: Field<usize> },
     /// A count of at least `min`, or `off`.
     Limit { min: u64, field: Field<Option<u64>> },
+    /// A number of callers in `0..=max`, or `off`.
+    Callers { max: u32, field: Field<Option<u32>> },
     /// A duration up to `max`, always on.
     Duration {
         max: Duration,
@@ -292,6 +296,16 @@ pub(crate) const KEYS: &[Key] = &[
         doc: "connections that shared mode pipelines statements over",
     },
     Key {
+        name: "max_waiting",
+        aliases: &[],
+        kind: Kind::Callers {
+            max: MAX_WAITING,
+            field: field!(max_waiting),
+        },
+        default: "off",
+        doc: "callers that may wait at once; one more is turned away at once",
+    },
+    Key {
         name: "statement_cache_size",
         aliases: &[],
         kind: Kind::Len {
@@ -381,6 +395,13 @@ impl Key {
                     Some(value::count(raw, *min, u64::MAX)?)
                 };
             }
+            Kind::Callers { max, field } => {
+                *(field.set)(config) = if value::is_off(raw) {
+                    None
+                } else {
+                    Some(size(raw, 0, *max)?)
+                };
+            }
             Kind::Duration { max, field } => {
                 *(field.set)(config) = value::duration(raw, *max, false)?;
             }
@@ -431,6 +452,11 @@ impl Key {
             Kind::Len { max, field } => {
                 if *(field.get)(config) > *max {
                     return fail(format!("expected 0..={max}"));
+                }
+            }
+            Kind::Callers { max, field } => {
+                if (field.get)(config).is_some_and(|n| n > *max) {
+                    return fail(format!("expected 0..={max}, or None / `off`"));
                 }
             }
             Kind::Limit { min, field } => {
@@ -493,6 +519,9 @@ impl Key {
             Kind::Limit { field, .. } => {
                 (field.get)(config).map_or("off".to_owned(), |n| n.to_string())
             }
+            Kind::Callers { field, .. } => {
+                (field.get)(config).map_or("off".to_owned(), |n| n.to_string())
+            }
             Kind::Duration { field, .. } => value::show_duration(Some(*(field.get)(config))),
             Kind::OptDuration { field, .. } => value::show_duration(*(field.get)(config)),
             Kind::AppName(field) => (field.get)(config).clone(),
@@ -523,6 +552,7 @@ impl Key {
             Kind::Size { min, max, .. } | Kind::MaxSize { min, max } => format!("{min}..={max}"),
             Kind::Len { max, .. } => format!("0..={max}"),
             Kind::Limit { min, .. } => format!("≥ {min}"),
+            Kind::Callers { max, .. } => format!("0..={max}"),
             Kind::Duration { max, .. } | Kind::OptDuration { max, .. } => {
                 format!("> 0, ≤ {}", days(max))
             }

@@ -86,6 +86,11 @@ pub struct PoolConfig {
     /// (`shared_connections`). Default 2, range 1..=10000; at most the
     /// `max_size` are used.
     pub shared_connections: u32,
+    /// Callers that may wait for a connection at once (`max_waiting`); one
+    /// more is turned away at once with an `Overloaded` error naming the
+    /// limit, counted in `acquires_rejected`. Default off (no limit); range
+    /// 0..=1000000 (0: never wait, take an idle connection or fail).
+    pub max_waiting: Option<u32>,
     /// Prepared statements each connection keeps for `prepare_cached`
     /// (`statement_cache_size`); past it the least recently used is closed.
     /// Default 256, range 0..=10000; 0 caches nothing.
@@ -109,6 +114,7 @@ impl Default for PoolConfig {
             application_name: "pgfleet".to_owned(),
             server_settings: BTreeMap::new(),
             shared_connections: 2,
+            max_waiting: None,
             statement_cache_size: 256,
         }
     }

@@ -82,6 +82,9 @@ impl PoolInner {
             }
             loop {
                 let Some(conn) = st.idle.pop_back() else {
+                    if let Some(max) = self.config.max_waiting.filter(|max| st.waiting >= *max) {
+                        break Err(max);
+                    }
                     let (tx, rx) = oneshot::channel();
                     let deadline = started + limit;
                     st.waiters.push_back(Waiter {
@@ -97,19 +100,19 @@ impl PoolInner {
                     }
                     plan = self.plan(&mut st);
                     // From here on, dropping the guard settles the wait.
-                    break Taken::Queued(WaitGuard {
+                    break Ok(Taken::Queued(WaitGuard {
                         rx: Some(rx),
                         pool: self.clone(),
-                    });
+                    }));
                 };
                 match self.verdict(&conn, now) {
                     Verdict::Reuse => {
                         let idle_for = now.saturating_duration_since(conn.idle_since);
-                        break if idle_for < self.config.health_check_after {
+                        break Ok(if idle_for < self.config.health_check_after {
                             Taken::Ready(conn)
                         } else {
                             Taken::Stale(conn)
-                        };
+                        });
                     }
                     Verdict::Close(reason) => discarded.push((conn, reason)),
                     Verdict::NeedsCleaning => dirty.push(conn),
@@ -126,7 +129,8 @@ impl PoolInner {
             reaper::start(self, id);
         }
         self.execute(plan);
-        Ok(taken)
+        // Turned away: `max_waiting` callers wait already.
+        taken.map_err(|max| self.overloaded_error(max))
     }
 
     /// The rest of an acquire that could not take a fresh idle connection:

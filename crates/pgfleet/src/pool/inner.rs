@@ -292,6 +292,19 @@ impl PoolInner {
         }
     }
 
+    /// The error of a caller turned away because `max` callers wait
+    /// already; counted.
+    pub(crate) fn overloaded_error(&self, max: u32) -> Error {
+        self.counters
+            .acquires_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        Error::overloaded(format!(
+            "no connection to {} free and {max} callers waiting already (max_waiting = {max}) {}",
+            self.label,
+            self.snapshot_line()
+        ))
+    }
+
     pub(crate) fn closed_error(&self) -> Error {
         Error::closed(format!("pool for {} is closed", self.label))
     }
