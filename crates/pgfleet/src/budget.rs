@@ -227,6 +227,34 @@ impl ServerBudget {
         Ok(())
     }
 
+    /// Changes the floor of a pool (resized).
+    ///
+    /// # Errors
+    /// `Config` if the floors would exceed a known budget; nothing changes
+    /// then.
+    pub(crate) fn set_floor(self: &Arc<Self>, pool_id: u64, min_size: u32) -> Result<()> {
+        let mut st = self.lock();
+        let Some(index) = st.members.iter().position(|m| m.pool_id == pool_id) else {
+            return Ok(());
+        };
+        let before = st.members[index].min_size;
+        st.members[index].min_size = min_size;
+        if let Some(target) = st.target {
+            let floors: u32 = st.members.iter().map(|m| m.min_size).sum();
+            if floors > target {
+                let listed = floor_list(&st.members);
+                st.members[index].min_size = before;
+                return Err(Error::config(format!(
+                    "invalid configuration: with min_size {min_size}, the warm floors of the pools on server {} would add up to {floors}, more than its budget of {target}: {listed}",
+                    self.server
+                )));
+            }
+        }
+        // A lower floor may free room for pools waiting above theirs.
+        self.grant_waiters(&mut st);
+        Ok(())
+    }
+
     /// Removes a pool (closed) from the budget.
     pub(crate) fn leave(self: &Arc<Self>, pool_id: u64) {
         let mut st = self.lock();

@@ -58,7 +58,7 @@ pub(crate) async fn lease(
     lanes: &Arc<Lanes>,
     location: &'static Location<'static>,
 ) -> Result<SharedConnection> {
-    let cap = pool.config.shared_connections.min(pool.max_size) as usize;
+    let cap = pool.config.shared_connections.min(pool.max_size()) as usize;
     let deadline = Instant::now() + pool.config.acquire_timeout;
     loop {
         let changed = lanes.changed.notified();
@@ -104,7 +104,7 @@ pub(crate) async fn lease(
 /// Opens one more lane in the background (the caller that asked for it
 /// already has a lease on another).
 async fn grow(pool: Arc<PoolInner>, growing: Growing, location: &'static Location<'static>) {
-    let cap = pool.config.shared_connections.min(pool.max_size) as usize;
+    let cap = pool.config.shared_connections.min(pool.max_size()) as usize;
     match pool.get(location).await {
         Ok(conn) => {
             let lane = Lane::new(conn.into_conn(), &pool, &growing.lanes, location);

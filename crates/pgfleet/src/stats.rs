@@ -239,6 +239,8 @@ counters! {
         /// Idle connections closed to free server-budget units for another
         /// pool.
         Reclaimed => connections_closed_reclaimed, "reclaimed";
+        /// Connections closed because the pool was resized below them.
+        Resized => connections_closed_resized, "resized";
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{app, config, PeakSampler};
+use common::{app, cluster, config, target, PeakSampler};
 use pgfleet::{BudgetConfig, BudgetMode, Fleet, FleetConfig, Target};
 use pgfleet_testkit::{BackendFilter, TempCluster};
 
@@ -269,4 +269,30 @@ async fn two_replicas_share_the_server_and_stay_under_its_limit() {
         );
     }
     assert!(peak <= 14, "peak {peak}");
+}
+
+#[tokio::test]
+async fn resizing_past_the_server_budget_is_refused() {
+    let app = app("budget_resize");
+    let fleet = Fleet::with_config(FleetConfig {
+        budget: BudgetConfig {
+            mode: BudgetMode::Fixed(5),
+            ..BudgetConfig::default()
+        },
+    })
+    .unwrap();
+    let handle = fleet.pool(&target(cluster()), &config(&app, 2, 4)).unwrap();
+    let err = handle.resize(6, 6).unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+    assert!(
+        err.to_string().contains("more than its budget of 5"),
+        "{err}"
+    );
+    assert_eq!(handle.stats().min_size, 2);
+    handle.resize(3, 5).unwrap();
+    assert_eq!(
+        fleet.stats().servers.values().next().map(|b| b.budget),
+        Some(Some(5))
+    );
+    fleet.close_all(Duration::from_secs(5)).await;
 }

@@ -219,3 +219,41 @@ async fn a_connection_never_returned_is_reported_while_it_is_held() {
     assert_eq!(reported(), 1);
     pool.close();
 }
+
+#[tokio::test]
+async fn a_pool_resizes_up_and_down_without_touching_connections_in_use() {
+    let app = app("resize");
+    let pool = Pool::new(target(cluster()), config(&app, 2, 4)).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(pool.get().await.unwrap());
+    }
+    pool.resize(1, 2).unwrap();
+    assert_eq!((pool.stats().min_size, pool.stats().max_size), (1, 2));
+    // Nothing in use is touched: all four still answer.
+    for conn in &held {
+        conn.simple_query("SELECT 1").await.unwrap();
+    }
+    assert_eq!(backends(&app).await, 4);
+    // As they come back, the ones above the new cap close.
+    held.clear();
+    assert_eq!(settle_backends(&app, 2).await, 2);
+    let stats = pool.stats();
+    assert_eq!(stats.counters.connections_closed_resized, 2);
+    assert_eq!(stats.gauges.size, 2);
+    // Growing: the new floor opens, and callers can take the new cap.
+    pool.resize(3, 6).unwrap();
+    assert_eq!(settle_backends(&app, 3).await, 3);
+    for _ in 0..6 {
+        held.push(pool.get().await.unwrap());
+    }
+    assert_eq!(pool.stats().gauges.in_use, 6);
+    held.clear();
+    // Bad sizes change nothing.
+    let err = pool.resize(5, 4).unwrap_err();
+    assert!(err.to_string().contains("min_size = 5"), "{err}");
+    assert!(pool.resize(0, 0).is_err());
+    assert_eq!((pool.stats().min_size, pool.stats().max_size), (3, 6));
+    pool.close();
+}

@@ -6,7 +6,7 @@
 //! connect hands a connection off: a loop that only one file can hold
 //! without a cycle of imports.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -29,8 +29,10 @@ pub(crate) struct PoolInner {
     pub(crate) budget: Option<Arc<ServerBudget>>,
     pub(crate) target: Target,
     pub(crate) config: PoolConfig,
-    /// `config.effective_max_size()`, read on every plan.
-    pub(crate) max_size: u32,
+    /// The warm floor in force: `config.min_size` until a resize.
+    min_size: AtomicU32,
+    /// The cap in force: `config.effective_max_size()` until a resize.
+    max_size: AtomicU32,
     pub(crate) pg: tokio_postgres::Config,
     state: Mutex<State<Conn>>,
     pub(crate) counters: Counters,
@@ -150,7 +152,8 @@ impl PoolInner {
             pg: conn::pg_config(&target, &config),
             label: target.to_string(),
             target,
-            max_size: config.effective_max_size(),
+            min_size: AtomicU32::new(config.min_size),
+            max_size: AtomicU32::new(config.effective_max_size()),
             config,
             state: Mutex::new(State::new()),
             counters: Counters::new(),
@@ -162,6 +165,22 @@ impl PoolInner {
         }
     }
 
+    /// The warm floor in force.
+    pub(crate) fn min_size(&self) -> u32 {
+        self.min_size.load(Ordering::Relaxed)
+    }
+
+    /// The cap in force.
+    pub(crate) fn max_size(&self) -> u32 {
+        self.max_size.load(Ordering::Relaxed)
+    }
+
+    /// Sets the floor and the cap in force (checked by the caller).
+    pub(crate) fn set_sizes(&self, min_size: u32, max_size: u32) {
+        self.min_size.store(min_size, Ordering::Relaxed);
+        self.max_size.store(max_size, Ordering::Relaxed);
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<Conn>> {
         // The state is consistent between statements; a panic elsewhere
         // while holding the lock cannot leave it half-updated.
@@ -169,7 +188,7 @@ impl PoolInner {
     }
 
     pub(crate) fn plan(&self, st: &mut State<Conn>) -> Plan {
-        st.plan(self.config.min_size, self.max_size, Instant::now())
+        st.plan(self.min_size(), self.max_size(), Instant::now())
     }
 
     /// Plans under the lock and starts what the plan asks for.
@@ -219,6 +238,12 @@ impl PoolInner {
             conn.close(CloseReason::Shutdown);
             return;
         }
+        if st.size > self.max_size() {
+            // Resized below what is open: this one goes, not to a waiter.
+            drop(st);
+            conn.close(CloseReason::Resized);
+            return;
+        }
         while let Some(waiter) = st.waiters.pop_front() {
             if waiter.tx.is_closed() {
                 continue;
@@ -247,7 +272,12 @@ impl PoolInner {
         let g = self.gauges();
         format!(
             "(size={}, idle={}, in_use={}, waiting={}, connecting={}, max_size={})",
-            g.size, g.idle, g.in_use, g.waiting, g.connecting, self.max_size
+            g.size,
+            g.idle,
+            g.in_use,
+            g.waiting,
+            g.connecting,
+            self.max_size()
         )
     }
 
@@ -354,7 +384,7 @@ impl Reclaim for PoolInner {
     fn reclaim_idle(&self) -> bool {
         let victim = {
             let mut st = self.lock();
-            if st.size - st.connecting <= self.config.min_size {
+            if st.size - st.connecting <= self.min_size() {
                 return false;
             }
             st.idle.pop_front()
@@ -380,7 +410,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
                 let st = pool.lock();
                 // This connect counts in `size`: it is needed while callers
                 // wait, or while it is part of the floor.
-                !st.closed && (st.waiting > 0 || st.size <= pool.config.min_size)
+                !st.closed && (st.waiting > 0 || st.size <= pool.min_size())
             };
             match budget.acquire(pool.id, still_needed).await {
                 Some(unit) => Some(unit),

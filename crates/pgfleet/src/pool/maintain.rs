@@ -32,12 +32,18 @@ async fn maintain(weak: Weak<PoolInner>, tick: Duration) {
             if st.closed {
                 return;
             }
-            let mut above_floor = st.size.saturating_sub(pool.config.min_size);
+            let mut above_floor = st.size.saturating_sub(pool.min_size());
+            // Resized below what is open: idle connections above the cap go
+            // now, oldest-idle first.
+            let mut above_cap = st.size.saturating_sub(pool.max_size());
             let idle_timeout = pool.config.idle_timeout;
             // Oldest-idle first: the front of the queue.
             let mut kept = VecDeque::with_capacity(st.idle.len());
             while let Some(conn) = st.idle.pop_front() {
-                let reason = if conn.raw.is_broken() {
+                let reason = if above_cap > 0 {
+                    above_cap -= 1;
+                    Some(CloseReason::Resized)
+                } else if conn.raw.is_broken() {
                     Some(CloseReason::Broken)
                 } else if conn.is_expired(now) {
                     Some(CloseReason::Lifetime)

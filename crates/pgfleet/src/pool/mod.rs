@@ -171,6 +171,33 @@ impl Pool {
         shared::lease(&self.inner, &self.lanes, Location::caller())
     }
 
+    /// Changes the warm floor and the cap while the pool runs. Growing
+    /// opens connections for the new floor and the callers waiting;
+    /// shrinking closes idle connections above the new cap at the next
+    /// maintenance tick and, one by one, connections in use as they come
+    /// back, never one in use. `stats()` shows the sizes in force;
+    /// `config()` keeps the configuration the pool was made with.
+    ///
+    /// # Errors
+    /// `Config` for `max_size` outside 1..=10000, `min_size` above it, or
+    /// floors that would exceed the server budget; nothing changes then.
+    pub fn resize(&self, min_size: u32, max_size: u32) -> Result<()> {
+        let inner = &self.inner;
+        let sized = PoolConfig {
+            min_size,
+            max_size: Some(max_size),
+            ..PoolConfig::default()
+        };
+        sized.validate()?;
+        if let Some(budget) = &inner.budget {
+            budget.set_floor(inner.id, min_size)?;
+        }
+        inner.set_sizes(min_size, max_size);
+        tracing::info!(pool = %inner.label, min_size, max_size, "pool resized");
+        inner.replan();
+        Ok(())
+    }
+
     /// Waits until the warm floor is open (`min_size` connections), or fails
     /// with the first connect error seen after the call, or times out.
     /// `Duration::MAX` waits without a time limit.
@@ -191,7 +218,7 @@ impl Pool {
                 if st.closed {
                     return Err(inner.closed_error());
                 }
-                if st.size - st.connecting >= inner.config.min_size {
+                if st.size - st.connecting >= inner.min_size() {
                     return Ok(());
                 }
                 if let Some(f) = st.last_failure.as_ref().filter(|f| f.at >= since) {
@@ -305,8 +332,8 @@ impl Pool {
         let config = &inner.config;
         PoolStats {
             url: inner.label.clone(),
-            min_size: config.min_size,
-            max_size: inner.max_size,
+            min_size: inner.min_size(),
+            max_size: inner.max_size(),
             timeout_s: config.acquire_timeout.as_secs_f64(),
             recycle_s: config.max_lifetime.map(|d| d.as_secs_f64()),
             active_references: 0,
