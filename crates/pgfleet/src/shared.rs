@@ -376,11 +376,13 @@ impl Lane {
         !conn.raw.is_broken() && conn.raw.tap.status() == TxStatus::Idle
     }
 
-    /// Whether the lane is within its lifetime and `max_queries` (a lane
-    /// that is not is replaced, and serves until the replacement is in).
+    /// Whether the lane is within its lifetime, `max_queries` and the
+    /// pool's generation (`drain`); a lane that is not is replaced, and
+    /// serves until the replacement is in.
     fn fresh(&self, now: Instant) -> bool {
         let conn = self.conn();
         !conn.is_expired(now)
+            && conn.generation == self.pool.generation.load(Ordering::Relaxed)
             && self
                 .pool
                 .config

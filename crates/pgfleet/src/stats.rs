@@ -241,6 +241,8 @@ counters! {
         Reclaimed => connections_closed_reclaimed, "reclaimed";
         /// Connections closed because the pool was resized below them.
         Resized => connections_closed_resized, "resized";
+        /// Connections replaced by `drain` (new credentials, say).
+        Drained => connections_closed_drained, "drained";
     }
 }
 

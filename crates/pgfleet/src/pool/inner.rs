@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
 
+use super::credentials::Credentials;
 use super::leaks::Checkouts;
 use super::state::{ConnectFailure, Plan, State};
 use crate::budget::{self, Reclaim, ServerBudget, Unit};
@@ -33,7 +34,10 @@ pub(crate) struct PoolInner {
     min_size: AtomicU32,
     /// The cap in force: `config.effective_max_size()` until a resize.
     max_size: AtomicU32,
-    pub(crate) pg: tokio_postgres::Config,
+    /// What new connections authenticate with.
+    pub(crate) credentials: Credentials,
+    /// Bumped by `drain`: a connection of an older generation is replaced.
+    pub(crate) generation: AtomicU64,
     state: Mutex<State<Conn>>,
     pub(crate) counters: Counters,
     /// Notified when a connect attempt ends (warm-up waits on it).
@@ -73,6 +77,8 @@ pub(crate) struct PoolConn {
     /// When this connection is to be retired (lifetime minus jitter).
     expires: Option<Instant>,
     pub(crate) idle_since: Instant,
+    /// The pool's generation when it was opened (see `drain`).
+    pub(crate) generation: u64,
     slot: Slot,
     /// The server-budget unit, given back after the slot.
     _unit: Option<Unit>,
@@ -149,7 +155,8 @@ impl PoolInner {
             _watch: watch,
             id,
             budget,
-            pg: conn::pg_config(&target, &config),
+            credentials: Credentials::new(&target, &config),
+            generation: AtomicU64::new(0),
             label: target.to_string(),
             target,
             min_size: AtomicU32::new(config.min_size),
@@ -421,12 +428,12 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
     };
     let started = Instant::now();
     let limit = pool.config.connect_timeout;
-    let result = match timeout(
-        limit,
-        conn::connect(&pool.target, &pool.pg, pool.config.statement_cache_size),
-    )
-    .await
-    {
+    let generation = pool.generation.load(Ordering::Relaxed);
+    let connect = async {
+        let pg = pool.credentials.for_connect(&pool.label).await?;
+        conn::connect(&pool.target, &pg, pool.config.statement_cache_size).await
+    };
+    let result = match timeout(limit, connect).await {
         Ok(result) => result,
         Err(_) => Err(Error::timeout(
             TimeoutStage::Connect,
@@ -462,6 +469,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
                 raw,
                 expires,
                 idle_since: now,
+                generation,
                 slot,
                 _unit: unit,
             });

@@ -20,6 +20,7 @@
 //! connect half-way, and the connection goes to the next caller in line.
 
 mod acquire;
+mod credentials;
 mod guard;
 pub(crate) mod inner;
 mod leaks;
@@ -196,6 +197,49 @@ impl Pool {
         tracing::info!(pool = %inner.label, min_size, max_size, "pool resized");
         inner.replan();
         Ok(())
+    }
+
+    /// New connections authenticate with `password` (`None`: none) from now
+    /// on; connections already open keep their sessions (see
+    /// [`drain`](Self::drain)). For a rotated password.
+    pub fn set_password(&self, password: Option<&str>) {
+        let inner = &self.inner;
+        inner
+            .credentials
+            .set_password(&inner.target, &inner.config, password);
+    }
+
+    /// New connections take their password from `provider`, called once
+    /// for each (within `connect_timeout`): for short-lived tokens such as
+    /// cloud IAM authentication. It wins over the target's password and
+    /// [`set_password`](Self::set_password). An error from it fails that
+    /// connect (`Connect`, with the provider's message) and the pool backs
+    /// off as for any connect error.
+    pub fn set_password_provider<F, Fut>(&self, provider: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<String, Box<dyn std::error::Error + Send + Sync>>>
+            + Send
+            + 'static,
+    {
+        self.inner
+            .credentials
+            .set_provider(Some(Arc::new(move || Box::pin(provider()))));
+    }
+
+    /// Replaces every connection: idle ones now (the floor reopens with the
+    /// current credentials), connections in use when they come back
+    /// (`connections_closed_drained`), shared mode's as their replacements
+    /// come in. For new credentials, or a server
+    /// setting that only new sessions see.
+    pub fn drain(&self) {
+        let inner = &self.inner;
+        inner.generation.fetch_add(1, Ordering::SeqCst);
+        let idle: Vec<_> = inner.lock().idle.drain(..).collect();
+        for conn in idle {
+            conn.close(crate::stats::CloseReason::Drained);
+        }
+        inner.replan();
     }
 
     /// Waits until the warm floor is open (`min_size` connections), or fails

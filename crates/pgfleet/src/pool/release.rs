@@ -45,6 +45,8 @@ impl PoolInner {
             Verdict::Close(CloseReason::MaxQueries)
         } else if conn.is_expired(now) {
             Verdict::Close(CloseReason::Lifetime)
+        } else if conn.generation != self.generation.load(Ordering::Relaxed) {
+            Verdict::Close(CloseReason::Drained)
         } else {
             Verdict::Reuse
         }
