@@ -30,8 +30,9 @@ pub enum Fault {
     /// New connections are accepted and reset at once (RST); existing ones
     /// pass.
     RefuseNew,
-    /// New connections are accepted and then hear nothing (no connection to
-    /// the server is made); existing ones pass: a connect that hangs.
+    /// New connections are accepted and then hear nothing, for good (no
+    /// connection to the server is made; lifting the fault does not revive
+    /// them, `cut_all` ends them); existing ones pass: a connect that hangs.
     HangNew,
 }
 
@@ -200,19 +201,21 @@ async fn proxy_one(client: TcpStream, upstream: SocketAddr, watches: Watches, co
             }
         }
     };
+    let fault_at_start = *watches.fault.borrow();
     let work = async {
-        if *watches.fault.borrow() == Fault::HangNew || *watches.fault.borrow() == Fault::Blackhole
-        {
-            // A connect that hangs: hold the client until the fault is gone.
-            let mut fault = watches.fault.clone();
-            while matches!(
-                *fault.borrow_and_update(),
-                Fault::HangNew | Fault::Blackhole
-            ) {
-                if fault.changed().await.is_err() {
-                    return;
+        match fault_at_start {
+            // A connect that hangs: hold the client, silent, for good.
+            Fault::HangNew => std::future::pending::<()>().await,
+            // A dead network: silent until it comes back.
+            Fault::Blackhole => {
+                let mut fault = watches.fault.clone();
+                while *fault.borrow_and_update() == Fault::Blackhole {
+                    if fault.changed().await.is_err() {
+                        return;
+                    }
                 }
             }
+            Fault::Pass | Fault::Delay(_) | Fault::RefuseNew => {}
         }
         let Ok(server) = TcpStream::connect(upstream).await else {
             return;

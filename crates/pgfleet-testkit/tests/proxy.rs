@@ -61,7 +61,7 @@ async fn each_fault_bites_and_lifts() {
         .is_err());
     assert!(select_one(&client).await);
 
-    // New connections hang; they complete when the fault lifts.
+    // New connections hang, for good; later ones pass once it lifts.
     proxy.set(Fault::HangNew);
     let hanging = tokio::spawn({
         let url = url.clone();
@@ -70,13 +70,21 @@ async fn each_fault_bites_and_lifts() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!hanging.is_finished(), "a connect got through HangNew");
     proxy.set(Fault::Pass);
-    assert!(timeout(Duration::from_secs(5), hanging)
+    let later = connect(&url).await.unwrap();
+    assert!(select_one(&later).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if hanging.is_finished() {
+        panic!("a hung connect came back to life: {:?}", hanging.await);
+    }
+    drop(later);
+
+    // Every connection cut: the client sees its connection end, and the
+    // hung connect fails.
+    proxy.cut_all();
+    assert!(!timeout(Duration::from_secs(5), hanging)
         .await
         .unwrap()
         .unwrap());
-
-    // Every connection cut: the client sees its connection end.
-    proxy.cut_all();
     let err = timeout(Duration::from_secs(5), client.simple_query("SELECT 3"))
         .await
         .unwrap();

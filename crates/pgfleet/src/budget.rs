@@ -143,6 +143,29 @@ impl Drop for Unit {
 }
 
 impl BudgetState {
+    /// A capacity lowered after a refusal climbs back one unit per
+    /// `RECOVERY_STEP` since, up to the target, whether or not any pool
+    /// asks (so that it has recovered by the time one needs it).
+    fn recover(&mut self, now: Instant) {
+        let (Some(target), Some(mut capacity)) = (self.target, self.capacity) else {
+            return;
+        };
+        while capacity < target {
+            match self.lowered_until {
+                Some(t) if t <= now => {
+                    capacity += 1;
+                    self.lowered_until = Some(t + RECOVERY_STEP);
+                }
+                Some(_) => break,
+                None => capacity = target,
+            }
+        }
+        if capacity >= target {
+            self.lowered_until = None;
+        }
+        self.capacity = Some(capacity);
+    }
+
     fn give_back(&mut self, pool_id: u64) {
         self.in_use -= 1;
         if let Some(m) = self.members.iter_mut().find(|m| m.pool_id == pool_id) {
@@ -338,12 +361,8 @@ impl ServerBudget {
             // `auto` before derivation: one probe connection at a time.
             return !st.probing;
         };
-        let mut capacity = st.capacity.unwrap_or(target);
-        if capacity < target && st.lowered_until.is_none_or(|t| Instant::now() >= t) {
-            capacity += 1;
-            st.capacity = Some(capacity);
-            st.lowered_until = (capacity < target).then(|| Instant::now() + RECOVERY_STEP);
-        }
+        st.recover(Instant::now());
+        let capacity = st.capacity.unwrap_or(target);
         let member = st.members.iter().find(|m| m.pool_id == pool_id);
         let below_floor = member.is_some_and(|m| m.units < m.min_size);
         if st.in_use >= capacity {
@@ -480,7 +499,8 @@ impl ServerBudget {
 
     /// A one-line summary for error messages.
     pub(crate) fn summary(&self) -> String {
-        let st = self.lock();
+        let mut st = self.lock();
+        st.recover(Instant::now());
         match st.capacity {
             Some(c) => format!(
                 "server {} budget {}/{} connections in use, {} pool connect(s) waiting",
@@ -494,7 +514,8 @@ impl ServerBudget {
     }
 
     pub(crate) fn stats(&self) -> BudgetStats {
-        let st = self.lock();
+        let mut st = self.lock();
+        st.recover(Instant::now());
         BudgetStats {
             server: self.server.clone(),
             mode: self.mode,

@@ -413,7 +413,7 @@ impl Drop for Lane {
         if let Some(conn) = self.conn.take() {
             // The usual return path: a lane left in a transaction is rolled
             // back, a broken or expired one closed.
-            self.pool.release(conn, self.location, Instant::now());
+            self.pool.release(conn, self.location, Instant::now(), None);
         }
     }
 }

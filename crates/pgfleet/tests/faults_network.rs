@@ -108,3 +108,84 @@ async fn an_outage_is_probed_gently_while_nobody_waits_and_often_while_callers_d
     );
     pool.close();
 }
+
+#[tokio::test]
+async fn a_hung_connect_does_not_keep_a_waiting_caller_from_a_new_one() {
+    let app = app("hung_connect");
+    let (proxy, target) = proxied().await;
+    let mut cfg = config(&app, 1, 3);
+    cfg.acquire_timeout = Duration::from_secs(8);
+    cfg.connect_timeout = Duration::from_secs(8);
+    let pool = Pool::new(target, cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let held = pool.get().await.unwrap();
+    // The next connect hangs; the ones after it go through.
+    proxy.set(Fault::HangNew);
+    let started = Instant::now();
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.get().await.map(|_| Instant::now()) }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.accepted() < 2 {
+        assert!(Instant::now() < deadline, "the pool never tried to connect");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.set(Fault::Pass);
+    let served = waiter.await.unwrap().unwrap();
+    let waited = served - started;
+    println!("a caller behind a hung connect was served after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(4),
+        "the caller waited {waited:?} behind a hung connect"
+    );
+    drop(held);
+    pool.close();
+    proxy.cut_all();
+}
+
+#[tokio::test]
+async fn a_burst_of_short_statements_opens_no_connection_that_arrives_too_late() {
+    let app = app("spike");
+    let (proxy, target) = proxied().await;
+    let mut cfg = config(&app, 5, 10);
+    cfg.acquire_timeout = Duration::from_secs(10);
+    let pool = Pool::new(target, cfg).unwrap();
+    pool.wait_ready(Duration::from_secs(10)).await.unwrap();
+    // Teach the pool how long a statement holds a connection.
+    for _ in 0..20 {
+        let conn = pool.get().await.unwrap();
+        conn.simple_query("SELECT pg_sleep(0.002)").await.unwrap();
+    }
+    // Connects now take 150ms (every chunk each way waits 25ms).
+    proxy.set(Fault::Delay(Duration::from_millis(25)));
+    let drained = pool.clone();
+    let warm = {
+        // One slow connect, so the pool knows a connect is slow now.
+        drained.resize(6, 10).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.stats().gauges.size - pool.stats().gauges.connecting < 6 {
+            assert!(Instant::now() < deadline, "the slow connect never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        pool.stats().counters.connections_created
+    };
+    proxy.set(Fault::Pass);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let conn = pool.get().await.unwrap();
+            conn.simple_query("SELECT pg_sleep(0.002)").await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let took = started.elapsed();
+    let extra = pool.stats().counters.connections_created - warm;
+    println!("a burst of 50 x 2ms on 6 connections took {took:?} and opened {extra} more");
+    assert!(extra <= 1, "the burst opened {extra} connections");
+    pool.close();
+}

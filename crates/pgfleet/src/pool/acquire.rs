@@ -91,6 +91,7 @@ impl PoolInner {
                         tx,
                         deadline,
                         limit,
+                        since: started,
                     });
                     st.waiting += 1;
                     if st.reap_at.is_none_or(|at| deadline < at) {

@@ -166,7 +166,7 @@ impl Drop for PooledConnection {
         let held = now.saturating_duration_since(self.acquired_at);
         self.pool.counters.hold.record(held);
         self.leave_caller(&conn, now);
-        self.pool.release(conn, self.location, now);
+        self.pool.release(conn, self.location, now, Some(held));
     }
 }
 

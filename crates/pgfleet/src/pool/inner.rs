@@ -50,7 +50,6 @@ pub(crate) struct PoolInner {
     runtime_gone: Arc<AtomicBool>,
     /// Dropped with the pool, which ends the runtime watch.
     _watch: oneshot::Sender<()>,
-    next_slot: AtomicU64,
     /// Masked URL, for messages.
     pub(crate) label: String,
     /// Connections held now, when `leak_threshold` is set.
@@ -118,7 +117,7 @@ impl Drop for Slot {
             // shutting down must not spawn another one (which would be dropped
             // at once, and so on).
             let plan = if self.connecting {
-                st.connecting -= 1;
+                st.connect_done(self.id);
                 Plan::default()
             } else {
                 pool.plan(&mut st)
@@ -167,7 +166,6 @@ impl PoolInner {
             connect_events: Notify::new(),
             drained: Notify::new(),
             runtime,
-            next_slot: AtomicU64::new(0),
             checkouts: Checkouts::default(),
         }
     }
@@ -207,10 +205,10 @@ impl PoolInner {
     /// Starts what a plan asks for: connect tasks, and a replan when the
     /// reconnect backoff ends. Called without the lock.
     pub(crate) fn execute(self: &Arc<Self>, plan: Plan) {
-        for _ in 0..plan.connects {
+        for id in plan.first_id..plan.first_id + u64::from(plan.connects) {
             let slot = Slot {
                 pool: Arc::downgrade(self),
-                id: self.next_slot.fetch_add(1, Ordering::Relaxed),
+                id,
                 connecting: true,
                 reason: None,
             };
@@ -391,7 +389,7 @@ impl Reclaim for PoolInner {
     fn reclaim_idle(&self) -> bool {
         let victim = {
             let mut st = self.lock();
-            if st.size - st.connecting <= self.min_size() {
+            if st.size - st.connecting() <= self.min_size() {
                 return false;
             }
             st.idle.pop_front()
@@ -461,9 +459,10 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             });
             let now = Instant::now();
             let mut st = pool.lock();
-            st.connecting -= 1;
+            st.connect_done(slot.id);
             slot.connecting = false;
             st.connect_succeeded();
+            st.estimates.record_connect(started.elapsed());
             st.live.insert(slot.id, raw.driver.clone());
             let conn = Box::new(PoolConn {
                 raw,

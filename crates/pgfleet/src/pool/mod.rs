@@ -21,6 +21,7 @@
 
 mod acquire;
 mod credentials;
+mod estimate;
 mod guard;
 pub(crate) mod inner;
 mod leaks;
@@ -262,7 +263,7 @@ impl Pool {
                 if st.closed {
                     return Err(inner.closed_error());
                 }
-                if st.size - st.connecting >= inner.min_size() {
+                if st.size - st.connecting() >= inner.min_size() {
                     return Ok(());
                 }
                 if let Some(f) = st.last_failure.as_ref().filter(|f| f.at >= since) {

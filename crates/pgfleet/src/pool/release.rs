@@ -52,15 +52,23 @@ impl PoolInner {
         }
     }
 
-    /// Takes back a connection from a caller, at `now`.
+    /// Takes back a connection from a caller, at `now`, that held it for
+    /// `held` (`None`: not a caller's hold, a shared-mode lane's).
     pub(crate) fn release(
         self: &Arc<Self>,
         conn: Conn,
         location: &'static Location<'static>,
         now: Instant,
+        held: Option<Duration>,
     ) {
         match self.verdict(&conn, now) {
-            Verdict::Reuse => self.hand_off(self.lock(), conn, now),
+            Verdict::Reuse => {
+                let mut st = self.lock();
+                if let Some(held) = held {
+                    st.estimates.record_hold(held);
+                }
+                self.hand_off(st, conn, now);
+            }
             Verdict::Close(reason) => conn.close(reason),
             Verdict::NeedsCleaning => self.send_to_clean(conn, location),
         }

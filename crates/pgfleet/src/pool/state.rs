@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
+use super::estimate::Estimates;
 use crate::error::Error;
 use crate::stats::Gauges;
 
@@ -21,6 +22,8 @@ pub(crate) struct Waiter<C> {
     /// How long the caller was willing to wait (`acquire_timeout`, or its
     /// own limit): what its timeout error says.
     pub(crate) limit: Duration,
+    /// When the caller started waiting.
+    pub(crate) since: Instant,
 }
 
 /// The last failed connect attempt.
@@ -42,9 +45,12 @@ const WAITING_RETRY: Duration = Duration::from_millis(100);
 /// What to start after the lock is released.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
-    /// Connections to open (already counted in `size` and `connecting`).
+    /// Connections to open (already counted in `size` and `connecting`),
+    /// with the ids `first_id..first_id + connects`.
     pub(crate) connects: u32,
-    /// Replan at this time (reconnect backoff).
+    pub(crate) first_id: u64,
+    /// Replan at this time: the reconnect backoff ends, a waiter has waited
+    /// as long as a connect takes, or a connect in progress is overdue.
     pub(crate) retry_at: Option<Instant>,
 }
 
@@ -60,8 +66,12 @@ pub(crate) struct State<C> {
     pub(crate) waiting: u32,
     /// Open connections plus connections being opened.
     pub(crate) size: u32,
-    /// Connections being opened.
-    pub(crate) connecting: u32,
+    /// Connections being opened, by id, oldest first, with when each began.
+    pub(crate) connects: VecDeque<(u64, Instant)>,
+    /// The id of the next connection planned.
+    next_id: u64,
+    /// Connect and hold times, as learned.
+    pub(crate) estimates: Estimates,
     pub(crate) closed: bool,
     pub(crate) last_failure: Option<ConnectFailure>,
     /// Consecutive failed connects; drives the backoff.
@@ -90,7 +100,9 @@ impl<C> State<C> {
             waiters: VecDeque::new(),
             waiting: 0,
             size: 0,
-            connecting: 0,
+            connects: VecDeque::new(),
+            next_id: 0,
+            estimates: Estimates::default(),
             closed: false,
             last_failure: None,
             failures: 0,
@@ -103,14 +115,27 @@ impl<C> State<C> {
         }
     }
 
+    /// Connections being opened.
+    pub(crate) fn connecting(&self) -> u32 {
+        self.connects.len() as u32
+    }
+
+    /// Connection `id` stopped connecting (it opened, or failed).
+    pub(crate) fn connect_done(&mut self, id: u64) {
+        if let Some(i) = self.connects.iter().position(|(c, _)| *c == id) {
+            self.connects.remove(i);
+        }
+    }
+
     pub(crate) fn gauges(&self) -> Gauges {
         let idle = self.idle.len() as u32;
+        let connecting = self.connecting();
         Gauges {
             size: self.size,
             idle,
-            in_use: self.size - self.connecting - idle,
+            in_use: self.size - connecting - idle,
             waiting: self.waiting,
-            connecting: self.connecting,
+            connecting,
             shared: 0,
         }
     }
@@ -134,24 +159,91 @@ impl<C> State<C> {
                 }
                 self.retry_at = Some(until);
                 return Plan {
-                    connects: 0,
                     retry_at: Some(until),
+                    ..Plan::default()
                 };
             }
             self.backoff_until = None;
             self.retry_soon = None;
         }
-        let for_waiters = self.waiting.saturating_sub(self.connecting);
+        let (for_waiters, wake) = self.waiters_needing_connects(max_size, now);
         let for_floor = min_size.saturating_sub(self.size);
         let connects = for_waiters
             .max(for_floor)
             .min(max_size.saturating_sub(self.size));
+        let first_id = self.next_id;
+        for _ in 0..connects {
+            self.connects.push_back((self.next_id, now));
+            self.next_id += 1;
+        }
         self.size += connects;
-        self.connecting += connects;
+        // Nothing may happen before a waiter should have its connect, or
+        // before a connect opened now for a waiter is overdue: make sure the
+        // pool looks again then.
+        let overdue =
+            (connects > 0 && self.waiting > 0).then(|| now + self.estimates.overdue_after());
+        let wake = wake.into_iter().chain(overdue).min();
+        let retry_at = wake.filter(|wake| self.retry_at.is_none_or(|at| at > *wake));
+        if retry_at.is_some() {
+            self.retry_at = retry_at;
+        }
         Plan {
             connects,
-            retry_at: None,
+            first_id,
+            retry_at,
         }
+    }
+
+    /// How many connects the waiters need beyond those in progress, and
+    /// when to look again if some wait on returns: the waiters that
+    /// connections coming back will serve sooner than a new connect would
+    /// arrive need none (a burst of short statements is served by the
+    /// connections already open), but a waiter that has waited as long as
+    /// a connect takes gets one whatever the estimate says (never starved
+    /// by a wrong one). A connect in progress for much longer than usual
+    /// (hung) no longer counts as one that will serve a waiter.
+    fn waiters_needing_connects(&self, max_size: u32, now: Instant) -> (u32, Option<Instant>) {
+        if self.waiting == 0 {
+            return (0, None);
+        }
+        let overdue_after = self.estimates.overdue_after();
+        let mut arriving = 0;
+        let mut next_overdue: Option<Instant> = None;
+        for (_, since) in &self.connects {
+            let overdue_at = *since + overdue_after;
+            if overdue_at > now {
+                arriving += 1;
+                next_overdue = Some(next_overdue.map_or(overdue_at, |t| t.min(overdue_at)));
+            }
+        }
+        let in_use = self.size - self.connecting() - self.idle.len() as u32;
+        let by_returns = self.estimates.served_by_returns(in_use);
+        // Waiters that have waited a connect time already, oldest first;
+        // no more than could get a connection.
+        let room = max_size.saturating_sub(self.size) + arriving;
+        let mut starving = 0;
+        let mut next_starving = None;
+        if let Some(connect) = self.estimates.connect() {
+            for waiter in self.waiters.iter().filter(|w| !w.tx.is_closed()) {
+                if starving >= room {
+                    break;
+                }
+                if now.saturating_duration_since(waiter.since) >= connect {
+                    starving += 1;
+                } else {
+                    next_starving = Some(waiter.since + connect);
+                    break;
+                }
+            }
+        } else {
+            starving = self.waiting;
+        }
+        let need = self.waiting.saturating_sub(by_returns).max(starving);
+        let wake = [next_overdue, next_starving.filter(|_| need < self.waiting)]
+            .into_iter()
+            .flatten()
+            .min();
+        (need.saturating_sub(arriving), wake)
     }
 
     /// Records a failed connect and starts the backoff. Nobody waiting (the
@@ -214,7 +306,7 @@ mod tests {
         let now = Instant::now();
         let mut st = State::<()>::new();
         assert_eq!(st.plan(2, 4, now).connects, 2);
-        assert_eq!((st.size, st.connecting), (2, 2));
+        assert_eq!((st.size, st.connecting()), (2, 2));
         st.waiting = 5;
         // Two connects already in flight serve two of the five waiters.
         assert_eq!(st.plan(2, 4, now).connects, 2);
@@ -253,7 +345,7 @@ mod tests {
             if plan.connects > 0 {
                 attempts += plan.connects;
                 st.size = 0;
-                st.connecting = 0;
+                st.connects.clear();
                 st.connect_failed(ConnectFailure {
                     message: "refused".into(),
                     code: None,
@@ -305,6 +397,87 @@ mod tests {
         st.waiting = 1;
         let soon = st.plan(1, 4, now).retry_at.expect("an earlier retry");
         assert!(soon <= now + Duration::from_millis(110), "{:?}", soon - now);
+    }
+
+    /// `n` waiters that started waiting at `since`; the receivers keep
+    /// them live.
+    fn queue(
+        st: &mut State<()>,
+        n: u32,
+        since: Instant,
+    ) -> Vec<oneshot::Receiver<Result<(), Error>>> {
+        (0..n)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                st.waiters.push_back(Waiter {
+                    tx,
+                    deadline: since + Duration::from_secs(30),
+                    limit: Duration::from_secs(30),
+                    since,
+                });
+                st.waiting += 1;
+                rx
+            })
+            .collect()
+    }
+
+    /// Five connections in use, each returned after 2ms; a connect takes
+    /// 150ms.
+    fn busy_with_short_holds(now: Instant) -> State<()> {
+        let mut st = State::<()>::new();
+        st.size = 5;
+        st.estimates.record_connect(Duration::from_millis(150));
+        st.estimates.record_hold(Duration::from_millis(2));
+        let _ = now;
+        st
+    }
+
+    #[test]
+    fn a_burst_of_short_statements_is_left_to_the_connections_open() {
+        let now = Instant::now();
+        let mut st = busy_with_short_holds(now);
+        let _waiters = queue(&mut st, 50, now);
+        let plan = st.plan(5, 10, now);
+        assert_eq!(plan.connects, 0, "returns within 150ms serve all 50");
+        // And the pool looks again when the oldest has waited a connect.
+        assert_eq!(plan.retry_at, Some(now + Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn a_waiter_that_waited_a_connect_time_gets_one_whatever_the_estimate() {
+        let now = Instant::now();
+        let mut st = busy_with_short_holds(now);
+        let _old = queue(&mut st, 2, now - Duration::from_millis(200));
+        let _new = queue(&mut st, 48, now);
+        assert_eq!(st.plan(5, 10, now).connects, 2, "the two that waited");
+        // Not again for the same two: their connects are on the way.
+        assert_eq!(st.plan(5, 10, now).connects, 0);
+    }
+
+    #[test]
+    fn a_hung_connect_stops_counting_as_one_that_will_serve() {
+        let now = Instant::now();
+        let mut st = State::<()>::new();
+        st.estimates.record_connect(Duration::from_millis(20));
+        st.size = 1;
+        // A connect started a second ago, for a caller still waiting.
+        st.connects.push_back((0, now - Duration::from_secs(1)));
+        st.size += 1;
+        let _waiter = queue(&mut st, 1, now - Duration::from_secs(1));
+        assert_eq!(st.plan(0, 4, now).connects, 1);
+        // One that started just now still counts.
+        let mut st = State::<()>::new();
+        st.estimates.record_connect(Duration::from_millis(20));
+        st.connects.push_back((0, now));
+        st.size = 1;
+        let _waiter = queue(&mut st, 1, now);
+        let plan = st.plan(0, 4, now);
+        assert_eq!(plan.connects, 0);
+        assert_eq!(
+            plan.retry_at,
+            Some(now + Duration::from_millis(100)),
+            "look again when overdue"
+        );
     }
 
     #[test]
