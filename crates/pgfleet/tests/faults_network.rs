@@ -189,3 +189,31 @@ async fn a_burst_of_short_statements_opens_no_connection_that_arrives_too_late()
     assert!(extra <= 1, "the burst opened {extra} connections");
     pool.close();
 }
+
+/// The kernel's keepalive timer runs on a pool connection's socket (Linux
+/// shows it in /proc/net/tcp as timer type 2), found by the port the server
+/// sees the connection come from.
+#[tokio::test]
+async fn pool_connections_have_tcp_keepalive_armed() {
+    let app = app("keepalive");
+    let pool = Pool::new(common::target(cluster()), config(&app, 1, 1)).unwrap();
+    let conn = pool.get().await.unwrap();
+    let port: i32 = conn
+        .query_one(
+            "SELECT client_port FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    drop(conn);
+    let wanted = format!("0100007F:{:04X}", port);
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(wanted.as_str()))
+        .unwrap_or_else(|| panic!("no socket for local port {port} in /proc/net/tcp"));
+    let timer = line.split_whitespace().nth(5).unwrap();
+    assert!(timer.starts_with("02:"), "no keepalive timer armed: {line}");
+    pool.close();
+}

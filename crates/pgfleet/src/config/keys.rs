@@ -296,6 +296,47 @@ pub(crate) const KEYS: &[Key] = &[
         doc: "connections that shared mode pipelines statements over",
     },
     Key {
+        name: "keepalives_idle",
+        aliases: &[],
+        kind: Kind::OptDuration {
+            max: MAX_TIMEOUT,
+            field: field!(keepalives_idle),
+        },
+        default: "1m",
+        doc: "idle time of a connection's socket before the first TCP keepalive probe",
+    },
+    Key {
+        name: "keepalives_interval",
+        aliases: &[],
+        kind: Kind::Duration {
+            max: MAX_TIMEOUT,
+            field: field!(keepalives_interval),
+        },
+        default: "10s",
+        doc: "time between TCP keepalive probes",
+    },
+    Key {
+        name: "keepalives_count",
+        aliases: &[],
+        kind: Kind::Size {
+            min: 1,
+            max: 100,
+            field: Some(field!(keepalives_count)),
+        },
+        default: "3",
+        doc: "unanswered keepalive probes before the connection is dropped",
+    },
+    Key {
+        name: "tcp_user_timeout",
+        aliases: &[],
+        kind: Kind::OptDuration {
+            max: MAX_TIMEOUT,
+            field: field!(tcp_user_timeout),
+        },
+        default: "30s",
+        doc: "how long sent data may stay unacknowledged before the connection is dropped",
+    },
+    Key {
         name: "max_waiting",
         aliases: &[],
         kind: Kind::Callers {

@@ -86,6 +86,26 @@ pub struct PoolConfig {
     /// (`shared_connections`). Default 2, range 1..=10000; at most the
     /// `max_size` are used.
     pub shared_connections: u32,
+    /// Idle time of a connection's TCP socket before the first keepalive
+    /// probe (`keepalives_idle`), so that a dead network or server is
+    /// noticed on idle connections. Default 60s; at most 7 days; `None`
+    /// turns keepalive off.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub keepalives_idle: Option<Duration>,
+    /// Time between keepalive probes (`keepalives_interval`). Default 10s,
+    /// at most 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text"))]
+    pub keepalives_interval: Duration,
+    /// Unanswered probes before the connection is dropped
+    /// (`keepalives_count`). Default 3, range 1..=100.
+    pub keepalives_count: u32,
+    /// How long data sent on a connection may stay unacknowledged before
+    /// the connection is dropped (`tcp_user_timeout`, Linux's
+    /// `TCP_USER_TIMEOUT`): a statement sent into a dead network fails
+    /// instead of hanging. Default 30s; at most 7 days; `None`: the
+    /// system's (about 15 minutes).
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub tcp_user_timeout: Option<Duration>,
     /// Callers that may wait for a connection at once (`max_waiting`); one
     /// more is turned away at once with an `Overloaded` error naming the
     /// limit, counted in `acquires_rejected`. Default off (no limit); range
@@ -115,6 +135,10 @@ impl Default for PoolConfig {
             server_settings: BTreeMap::new(),
             shared_connections: 2,
             max_waiting: None,
+            keepalives_idle: Some(Duration::from_secs(60)),
+            keepalives_interval: Duration::from_secs(10),
+            keepalives_count: 3,
+            tcp_user_timeout: Some(Duration::from_secs(30)),
             statement_cache_size: 256,
         }
     }

@@ -11,7 +11,7 @@ pub(crate) use tap::TxStatus;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpStream, UnixStream};
 use tokio::task::AbortHandle;
@@ -85,13 +85,68 @@ fn escape_option(value: &str) -> String {
     out
 }
 
-/// Opens a socket to the target's server.
-pub(crate) async fn open_socket(target: &Target) -> std::io::Result<Socket> {
+/// TCP options of a pool's sockets, so that a dead network is noticed:
+/// keepalive probes on an idle socket, and a limit on unacknowledged data
+/// (`tcp_user_timeout`, Linux), which fails a statement sent into a dead
+/// network instead of leaving it hanging.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SocketOptions {
+    /// Idle time before the first probe, interval, probes; `None`: off.
+    pub(crate) keepalive: Option<(Duration, Duration, u32)>,
+    pub(crate) user_timeout: Option<Duration>,
+}
+
+impl SocketOptions {
+    pub(crate) fn of(config: &PoolConfig) -> SocketOptions {
+        SocketOptions {
+            keepalive: config
+                .keepalives_idle
+                .map(|idle| (idle, config.keepalives_interval, config.keepalives_count)),
+            user_timeout: config.tcp_user_timeout,
+        }
+    }
+
+    fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
+        let socket = socket2::SockRef::from(stream);
+        if let Some((idle, interval, count)) = self.keepalive {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval);
+            #[cfg(any(
+                target_os = "linux",
+                target_os = "android",
+                target_vendor = "apple",
+                target_os = "freebsd"
+            ))]
+            let keepalive = keepalive.with_retries(count);
+            #[cfg(not(any(
+                target_os = "linux",
+                target_os = "android",
+                target_vendor = "apple",
+                target_os = "freebsd"
+            )))]
+            let _ = count;
+            socket.set_tcp_keepalive(&keepalive)?;
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(timeout) = self.user_timeout {
+            socket.set_tcp_user_timeout(Some(timeout))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a socket to the target's server, with `options` on a TCP one.
+pub(crate) async fn open_socket(
+    target: &Target,
+    options: &SocketOptions,
+) -> std::io::Result<Socket> {
     Ok(match target.host() {
         Host::Tcp(host) => {
             let stream = TcpStream::connect((host.as_str(), target.port())).await?;
             // Requests are small and latency-bound.
             stream.set_nodelay(true)?;
+            options.apply(&stream)?;
             Socket::Tcp(stream)
         }
         Host::Unix(dir) => Socket::Unix(
@@ -105,10 +160,11 @@ pub(crate) async fn open_socket(target: &Target) -> std::io::Result<Socket> {
 pub(crate) async fn connect(
     target: &Target,
     pg: &tokio_postgres::Config,
+    options: &SocketOptions,
     statement_cache_size: usize,
 ) -> Result<RawConn, Error> {
     let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
-    let socket = open_socket(target)
+    let socket = open_socket(target, options)
         .await
         .map_err(|e| fail(&e.to_string()).with_source(e))?;
     let tap = Arc::new(TapState::new());
@@ -165,7 +221,7 @@ impl CancelToken {
                 self.target
             ))
         };
-        let socket = open_socket(&self.target)
+        let socket = open_socket(&self.target, &SocketOptions::default())
             .await
             .map_err(|e| fail(&e).with_source(e))?;
         self.token
@@ -238,6 +294,45 @@ mod tests {
             Some("-c search_path=app -c statement_timeout=1500 -c work_mem=64MB")
         );
         assert_eq!(pg.get_application_name(), Some("pgfleet"));
+    }
+
+    #[tokio::test]
+    async fn pool_sockets_carry_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = Target::parse(&format!("postgres://u@127.0.0.1:{port}/d")).unwrap();
+        let options = SocketOptions::of(&PoolConfig::default());
+        let Socket::Tcp(stream) = open_socket(&target, &options).await.unwrap() else {
+            panic!("a TCP socket");
+        };
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(30))
+        );
+        assert!(stream.nodelay().unwrap());
+        // Off: neither.
+        let off = SocketOptions::of(&PoolConfig {
+            keepalives_idle: None,
+            tcp_user_timeout: None,
+            ..PoolConfig::default()
+        });
+        let Socket::Tcp(stream) = open_socket(&target, &off).await.unwrap() else {
+            panic!("a TCP socket");
+        };
+        let socket = socket2::SockRef::from(&stream);
+        assert!(!socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
     }
 
     #[test]

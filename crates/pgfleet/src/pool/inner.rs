@@ -429,7 +429,13 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
     let generation = pool.generation.load(Ordering::Relaxed);
     let connect = async {
         let pg = pool.credentials.for_connect(&pool.label).await?;
-        conn::connect(&pool.target, &pg, pool.config.statement_cache_size).await
+        conn::connect(
+            &pool.target,
+            &pg,
+            &conn::SocketOptions::of(&pool.config),
+            pool.config.statement_cache_size,
+        )
+        .await
     };
     let result = match timeout(limit, connect).await {
         Ok(result) => result,
