@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use pgfleet::{Fleet, Loader, Target};
-use pgfleet_memory::{create_schema, precache, App};
+use pgfleet_memory::{precache, App};
 
 /// Arguments of `pgfleet serve`.
 #[derive(Debug, Args)]
@@ -93,39 +93,23 @@ async fn serve(args: &ServeArgs) -> Result<(), String> {
         target.clone(),
         loaded.pool_config().clone(),
     ));
-    let schema_pool = fleet
-        .pool(&target, loaded.pool_config())
-        .map_err(|e| e.to_string())?;
-    create_schema(&schema_pool)
-        .await
-        .map_err(|e| format!("cannot create the schema on {target}: {e}"))?;
-    drop(schema_pool);
-
+    // Listen first: while the database is not reachable yet, /health says
+    // so and the API answers 503; the start-up goes on in the background.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("database: {target}");
     println!("listening on http://{addr}");
-
-    // Warm-up and pre-caching run while the server already answers
-    // (/health says "starting" until they are done).
-    let warming = app.clone();
-    tokio::spawn(async move {
-        let report = warming.fleet().warmup(warm).await;
-        for o in &report.outcomes {
-            match &o.result {
-                Ok(took) => tracing::info!(pool = %o.url, ?took, "warmed up"),
-                Err(e) => tracing::warn!(pool = %o.url, error = %e, "warm-up failed"),
-            }
-        }
-        warming.precache(&precache).await;
-        warming.set_ready();
+    let starting = tokio::spawn({
+        let app = app.clone();
+        async move { app.start_up(warm, precache).await }
     });
 
     pgfleet_memory::serve(listener, app.clone(), shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
+    starting.abort();
     println!("shutting down: in-flight requests finished; closing connections");
     app.clear_services();
     let report = fleet

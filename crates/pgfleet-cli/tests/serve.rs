@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgfleet::{Pool, PoolConfig, Target};
-use pgfleet_testkit::{unique_name, TempCluster};
+use pgfleet_testkit::{unique_name, Fault, FaultProxy, TempCluster};
 use serde_json::{json, Value};
 
 /// A running `pgfleet serve` child process.
@@ -24,6 +24,11 @@ struct Server {
 
 impl Server {
     fn start(cluster: &TempCluster, timeout_s: u32) -> Server {
+        Server::start_url(&cluster.url("postgres"), timeout_s)
+    }
+
+    /// `pgfleet serve` on the database at `url`.
+    fn start_url(url: &str, timeout_s: u32) -> Server {
         let app = unique_name("serve");
         let config = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -44,7 +49,7 @@ impl Server {
                 "--config",
             ])
             .arg(config.path())
-            .env("DATABASE_URL", cluster.url("postgres"))
+            .env("DATABASE_URL", url)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -586,4 +591,62 @@ async fn sigterm_finishes_requests_in_flight_then_leaves_no_backends() {
         .await
         .unwrap();
     assert_eq!(left, 0, "backends left after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_without_the_database_listens_says_why_and_recovers() {
+    let cluster = TempCluster::shared();
+    let proxy = FaultProxy::start(cluster.port()).await.unwrap();
+    proxy.set(Fault::RefuseNew);
+    // The listener is up although the database is not.
+    let server = Server::start_url(&cluster.url_via(proxy.port(), "postgres"), 2);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let r = client.get(server.url("/health")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        let body: Value = r.json().await.unwrap();
+        if body["status"] == "degraded" {
+            break body["reason"].as_str().unwrap_or_default().to_owned();
+        }
+        assert_eq!(body["status"], "starting", "{body}");
+        assert!(Instant::now() < deadline, "never degraded: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(reason.contains("cannot create the schema"), "{reason}");
+    let (status, body) = post(
+        &client,
+        server.url("/users/alice/facts"),
+        json!({"facts": ["alice waits"]}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    // The database appears: the service becomes ready by itself.
+    proxy.set(Fault::Pass);
+    server.wait_ready(&client).await;
+    let (status, body) = post(
+        &client,
+        server.url("/users/alice/facts"),
+        json!({"facts": ["alice is served"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_database_is_unreachable_exits_cleanly() {
+    let cluster = TempCluster::shared();
+    let proxy = FaultProxy::start(cluster.port()).await.unwrap();
+    proxy.set(Fault::RefuseNew);
+    let mut server = Server::start_url(&cluster.url_via(proxy.port(), "postgres"), 2);
+    let client = reqwest::Client::new();
+    let r = client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        server.terminate(),
+        Some(0),
+        "{:?}",
+        server.output.lock().unwrap()
+    );
 }

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::app::App;
+use crate::app::{App, Phase};
 use crate::error::MemoryError;
 use crate::services::{tsquery, Message};
 
@@ -285,11 +285,20 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<impl IntoResponse, ApiEr
 }
 
 async fn health(State(app): State<Arc<App>>) -> impl IntoResponse {
-    if !app.is_ready() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "starting"})),
-        );
+    match app.phase() {
+        Phase::Starting | Phase::Serving => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "starting"})),
+            )
+        }
+        Phase::Degraded(reason) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "degraded", "reason": reason})),
+            )
+        }
+        Phase::Ready => {}
     }
     let stats = app.fleet().stats();
     let broken: Vec<String> = stats

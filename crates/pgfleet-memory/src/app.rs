@@ -2,14 +2,33 @@
 //! per-user services created once each.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use pgfleet::{Fleet, PoolConfig, Target};
 
 use crate::cache::{CacheStats, ServiceCache};
 use crate::error::MemoryError;
 use crate::precache::PrecacheEntry;
+use crate::schema::create_schema;
 use crate::services::UserServices;
+
+/// How long start-up waits before it tries the database again.
+const START_UP_RETRY: Duration = Duration::from_secs(1);
+
+/// Where the service is in its start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Not tried the database yet.
+    Starting,
+    /// The database could not be reached (or the schema not created); the
+    /// reason, and start-up tries again.
+    Degraded(String),
+    /// The schema exists; warm-up and pre-caching may still run.
+    Serving,
+    /// Start-up finished.
+    Ready,
+}
 
 /// Shared state of the service.
 pub struct App {
@@ -18,6 +37,10 @@ pub struct App {
     config: PoolConfig,
     services: ServiceCache<String, UserServices>,
     ready: AtomicBool,
+    /// The schema exists: the API may touch the database.
+    schema: AtomicBool,
+    /// Why the last start-up attempt failed, while it has not succeeded.
+    startup_error: Mutex<Option<String>>,
 }
 
 impl App {
@@ -30,6 +53,65 @@ impl App {
             config,
             services: ServiceCache::new(),
             ready: AtomicBool::new(false),
+            schema: AtomicBool::new(false),
+            startup_error: Mutex::new(None),
+        }
+    }
+
+    /// The start-up: creates the schema, trying again every second while
+    /// the database cannot be reached (`phase` says why), then warms the
+    /// pools and pre-creates the users' services, and marks the service
+    /// ready. Runs until it has succeeded; abort its task to stop it.
+    pub async fn start_up(
+        self: &Arc<Self>,
+        warm: Vec<(Target, PoolConfig)>,
+        precache: Vec<PrecacheEntry>,
+    ) {
+        loop {
+            let attempt = async {
+                let pool = self.fleet.pool(&self.target, &self.config)?;
+                create_schema(&pool).await
+            };
+            match attempt.await {
+                Ok(()) => break,
+                Err(e) => {
+                    let reason = format!("cannot create the schema on {}: {e}", self.target);
+                    tracing::warn!(error = %reason, "start-up: the database is not ready; trying again");
+                    *self.startup_error() = Some(reason);
+                    tokio::time::sleep(START_UP_RETRY).await;
+                }
+            }
+        }
+        *self.startup_error() = None;
+        self.schema.store(true, Ordering::SeqCst);
+        let report = self.fleet.warmup(warm).await;
+        for o in &report.outcomes {
+            match &o.result {
+                Ok(took) => tracing::info!(pool = %o.url, ?took, "warmed up"),
+                Err(e) => tracing::warn!(pool = %o.url, error = %e, "warm-up failed"),
+            }
+        }
+        self.precache(&precache).await;
+        self.set_ready();
+    }
+
+    fn startup_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.startup_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the start-up is.
+    pub fn phase(&self) -> Phase {
+        if self.ready.load(Ordering::SeqCst) {
+            Phase::Ready
+        } else if self.schema.load(Ordering::SeqCst) {
+            Phase::Serving
+        } else {
+            match self.startup_error().clone() {
+                Some(reason) => Phase::Degraded(reason),
+                None => Phase::Starting,
+            }
         }
     }
 
@@ -43,6 +125,13 @@ impl App {
     /// # Errors
     /// The fleet's error (closed, invalid configuration).
     pub async fn user(self: &Arc<Self>, user: &str) -> Result<Arc<UserServices>, MemoryError> {
+        if !self.schema.load(Ordering::SeqCst) {
+            return Err(MemoryError::Unavailable(
+                self.startup_error()
+                    .clone()
+                    .unwrap_or_else(|| "the service is starting".to_owned()),
+            ));
+        }
         self.services
             .get_or_try_init(&user.to_owned(), || async {
                 UserServices::new(&self.fleet, &self.target, &self.config, user)

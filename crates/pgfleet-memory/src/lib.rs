@@ -28,7 +28,7 @@ mod services;
 mod store;
 
 pub use api::{router, serve, ApiError, BODY_LIMIT};
-pub use app::App;
+pub use app::{App, Phase};
 pub use cache::{CacheStats, ServiceCache};
 pub use error::MemoryError;
 pub use precache::PrecacheEntry;
