@@ -15,6 +15,9 @@ use crate::services::UserServices;
 
 /// How long start-up waits before it tries the database again.
 const START_UP_RETRY: Duration = Duration::from_secs(1);
+/// The longest one start-up attempt waits for a connection, so that
+/// `/health` reports an unreachable database soon.
+const START_UP_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// Where the service is in its start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +73,7 @@ impl App {
         loop {
             let attempt = async {
                 let pool = self.fleet.pool(&self.target, &self.config)?;
-                create_schema(&pool).await
+                create_schema(&pool, self.config.acquire_timeout.min(START_UP_ATTEMPT)).await
             };
             match attempt.await {
                 Ok(()) => break,

@@ -1,5 +1,7 @@
 //! The tables of the three memory layers, created at start-up.
 
+use std::time::Duration;
+
 use pgfleet::PoolHandle;
 
 use crate::error::MemoryError;
@@ -42,12 +44,13 @@ CREATE TABLE IF NOT EXISTS m2_facts (
 CREATE INDEX IF NOT EXISTS m2_facts_tsv ON m2_facts USING gin (tsv);
 ";
 
-/// Creates the tables and indexes if they are missing.
+/// Creates the tables and indexes if they are missing, waiting at most
+/// `limit` for a connection.
 ///
 /// # Errors
 /// The pool's or the server's error.
-pub async fn create_schema(pool: &PoolHandle) -> Result<(), MemoryError> {
-    let mut conn = pool.get().await?;
+pub async fn create_schema(pool: &PoolHandle, limit: Duration) -> Result<(), MemoryError> {
+    let mut conn = pool.get_timeout(limit).await?;
     let tx = conn.transaction().await?;
     tx.batch_execute(SCHEMA).await?;
     Ok(tx.commit().await?)

@@ -217,6 +217,7 @@ impl Lanes {
                     retired.push(st.lanes.swap_remove(i));
                 }
             }
+            trim(&mut st.lanes, cap, &mut retired);
             // Lanes past their lifetime or `max_queries` keep serving until
             // their replacement is in: a new lane is opened now, and `add`
             // retires the old one.
@@ -282,6 +283,11 @@ impl Lanes {
         let mut retired = Vec::new();
         let left = {
             let mut st = self.lock();
+            // The pool may have been resized below its lanes.
+            if let Some(pool) = st.lanes.first().map(|lane| lane.pool.clone()) {
+                let cap = pool.config.shared_connections.min(pool.max_size()) as usize;
+                trim(&mut st.lanes, cap, &mut retired);
+            }
             let mut i = 0;
             while i < st.lanes.len() {
                 let lane = &st.lanes[i];
@@ -326,6 +332,18 @@ impl Lanes {
                 .map(|i| st.lanes.swap_remove(i))
         };
         drop(removed);
+    }
+}
+
+/// Takes out of service the lanes above `cap` (the pool resized below
+/// them), those with the fewest leases first; their connections go back
+/// when their last lease ends.
+fn trim(lanes: &mut Vec<Arc<Lane>>, cap: usize, retired: &mut Vec<Arc<Lane>>) {
+    while lanes.len() > cap.max(1) {
+        let Some(i) = (0..lanes.len()).min_by_key(|&i| lanes[i].live_leases()) else {
+            break;
+        };
+        retired.push(lanes.swap_remove(i));
     }
 }
 

@@ -145,6 +145,55 @@ impl Default for PoolConfig {
 }
 
 impl PoolConfig {
+    /// Whether `other` means the same configuration: equal fields, with
+    /// `max_size` compared as the cap in force (`None` that means 10 equals
+    /// `Some(10)`). Cheap: plain comparisons, no allocation.
+    pub fn means_same(&self, other: &PoolConfig) -> bool {
+        // Destructured, so that a new field cannot be forgotten here.
+        let PoolConfig {
+            min_size,
+            max_size: _,
+            acquire_timeout,
+            connect_timeout,
+            max_lifetime,
+            idle_timeout,
+            max_queries,
+            command_timeout,
+            health_check_after,
+            linger,
+            leak_threshold,
+            application_name,
+            server_settings,
+            shared_connections,
+            keepalives_idle,
+            keepalives_interval,
+            keepalives_count,
+            tcp_user_timeout,
+            max_waiting,
+            statement_cache_size,
+        } = self;
+        *min_size == other.min_size
+            && self.effective_max_size() == other.effective_max_size()
+            && *acquire_timeout == other.acquire_timeout
+            && *connect_timeout == other.connect_timeout
+            && *max_lifetime == other.max_lifetime
+            && *idle_timeout == other.idle_timeout
+            && *max_queries == other.max_queries
+            && *command_timeout == other.command_timeout
+            && *health_check_after == other.health_check_after
+            && *linger == other.linger
+            && *leak_threshold == other.leak_threshold
+            && *shared_connections == other.shared_connections
+            && *keepalives_idle == other.keepalives_idle
+            && *keepalives_interval == other.keepalives_interval
+            && *keepalives_count == other.keepalives_count
+            && *tcp_user_timeout == other.tcp_user_timeout
+            && *max_waiting == other.max_waiting
+            && *statement_cache_size == other.statement_cache_size
+            && *application_name == other.application_name
+            && *server_settings == other.server_settings
+    }
+
     /// The cap in force: `max_size`, or when it is `None`, 10 or `min_size`
     /// if larger.
     pub fn effective_max_size(&self) -> u32 {

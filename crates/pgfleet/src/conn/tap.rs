@@ -349,6 +349,8 @@ impl<S> TapStream<S> {
                 b'Q' => {
                     state.queries.fetch_add(1, Ordering::Relaxed);
                     state.requests_sent.fetch_add(1, Ordering::AcqRel);
+                    // A simple-query COPY answers its Query itself.
+                    copy.syncs_since_execute = 0;
                 }
                 b'S' => {
                     state.requests_sent.fetch_add(1, Ordering::AcqRel);

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 
 pub use self::handles::PoolHandle;
 use self::handles::{stripe_count, Cell, Refs};
-use self::registry::{find, find_entry, Entry, FleetInner, Registry, Snapshot, LOCAL};
+use self::registry::{
+    find, find_entry, find_live, Entry, FleetInner, Registry, Snapshot, Verified, LOCAL,
+};
 pub use self::reports::{CloseReport, FleetStats, WarmupOutcome, WarmupReport};
 use crate::budget::ServerBudget;
 use crate::config::{BudgetMode, FleetConfig, PoolConfig};
@@ -100,17 +102,35 @@ impl Fleet {
     /// invalid or no tokio runtime runs.
     #[inline]
     pub fn pool(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
-        match self.lookup(target) {
-            // The common case, one comparison of plain fields.
-            Some(handle) if handle.config() == config => Ok(handle),
-            Some(handle) => same_settings(handle, config),
+        match self.lookup(target, Some(config)) {
+            Some((handle, true)) => Ok(handle),
+            Some((handle, false)) if self.same_settings(&handle, target, config) => Ok(handle),
+            Some((handle, false)) => Err(settings_differ(&handle, config)),
             None => self.create(target, config),
         }
     }
 
+    /// Whether `config` means what `handle`'s pool's configuration means, by
+    /// every field. It costs more than the rest of a lookup, so the thread
+    /// remembers a match (see [`Verified`]) and its next lookup with the
+    /// same configuration skips it.
+    #[cold]
+    fn same_settings(&self, handle: &PoolHandle, target: &Target, config: &PoolConfig) -> bool {
+        let same = handle.config().means_same(config);
+        if same {
+            let generation = self.inner.generation.load(Ordering::Acquire);
+            let _ = LOCAL.try_with(|local| {
+                if let Ok(local) = local.try_borrow() {
+                    local.verified.set(Verified::of(target, config, generation));
+                }
+            });
+        }
+        same
+    }
+
     /// The pool for `target` if the fleet has one, whatever its settings.
     pub fn existing(&self, target: &Target) -> Option<PoolHandle> {
-        self.lookup(target)
+        self.lookup(target, None).map(|(handle, _)| handle)
     }
 
     /// [`pool`](Self::pool) when this thread found no pool: under the writer
@@ -128,11 +148,11 @@ impl Fleet {
         let stripe = LOCAL
             .try_with(|local| local.try_borrow().map_or(0, |local| local.stripe))
             .unwrap_or(0);
-        if let Some(handle) = find(&inner.pools.load(), target, stripe) {
-            return if handle.config() == config {
+        if let Some(handle) = find_live(&inner.pools.load(), target, stripe) {
+            return if self.same_settings(&handle, target, config) {
                 Ok(handle)
             } else {
-                same_settings(handle, config)
+                Err(settings_differ(&handle, config))
             };
         }
         if let Some(dead) = find_entry(&inner.pools.load(), target).cloned() {
@@ -160,6 +180,14 @@ impl Fleet {
             ),
         };
         let pool = Pool::build(target.clone(), config.clone(), budget)?;
+        // When its runtime shuts down, every thread looks again (and finds
+        // it gone): the fast path need not check.
+        let fleet = Arc::downgrade(inner);
+        pool.on_runtime_gone(move || {
+            if let Some(fleet) = fleet.upgrade() {
+                fleet.generation.fetch_add(1, Ordering::Release);
+            }
+        });
         let refs = Arc::new(Refs::new(stripe_count()));
         let cells: Box<[Arc<Cell>]> = (0..stripe_count())
             .map(|_| {
@@ -203,18 +231,25 @@ impl Fleet {
     /// and the handle's own count. `None` if there is no pool (or it is
     /// retiring): the caller goes to the writer lock.
     #[inline]
-    fn lookup(&self, target: &Target) -> Option<PoolHandle> {
+    fn lookup(&self, target: &Target, config: Option<&PoolConfig>) -> Option<(PoolHandle, bool)> {
         let inner = &*self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
         let found = LOCAL.try_with(|local| {
             let local = local.try_borrow().ok()?;
             let snapshot = local.snapshot.as_ref()?;
-            (snapshot.fleet == inner.id && snapshot.generation == generation)
-                .then(|| find(&snapshot.registry, target, local.stripe))
+            (snapshot.fleet == inner.id && snapshot.generation == generation).then(|| {
+                // The configuration this thread checked last, again?
+                let checked = config.is_some_and(|config| {
+                    local.verified.get() == Verified::of(target, config, generation)
+                });
+                find(&snapshot.registry, target, local.stripe).map(|handle| (handle, checked))
+            })
         });
         match found {
-            Ok(Some(handle)) => handle,
-            _ => self.refresh(target, generation),
+            Ok(Some(found)) => found,
+            _ => self
+                .refresh(target, generation)
+                .map(|handle| (handle, false)),
         }
     }
 
@@ -227,7 +262,7 @@ impl Fleet {
         let registry = inner.pools.load_full();
         let found = LOCAL.try_with(|local| {
             let mut local = local.try_borrow_mut().ok()?;
-            let handle = find(&registry, target, local.stripe);
+            let handle = find_live(&registry, target, local.stripe);
             let fresh = Snapshot {
                 fleet: inner.id,
                 generation,
@@ -241,7 +276,7 @@ impl Fleet {
         match found {
             Ok(Some((handle, _stale))) => handle,
             // The thread is exiting (or this is a re-entrant call).
-            _ => find(&registry, target, 0),
+            _ => find_live(&registry, target, 0),
         }
     }
 
@@ -360,23 +395,20 @@ impl Fleet {
     }
 }
 
-/// `handle` when `config` means what its pool's configuration means; else
-/// an error naming the keys that differ, with both values.
+/// The error for a `config` that does not mean what `handle`'s pool's
+/// configuration means: the keys that differ, with both values.
 #[cold]
-fn same_settings(handle: PoolHandle, config: &PoolConfig) -> Result<PoolHandle> {
+fn settings_differ(handle: &PoolHandle, config: &PoolConfig) -> Error {
     let differ = handle.config().differences(config);
-    if differ.is_empty() {
-        return Ok(handle);
-    }
     let listed: Vec<String> = differ
         .iter()
         .map(|(key, existing, asked)| format!("{key} = {existing} (in force) vs {asked} (asked)"))
         .collect();
-    Err(Error::config(format!(
+    Error::config(format!(
         "the pool for {} exists with other settings: {}; one database has one pool and one configuration: pass the same settings, or Fleet::existing to share it as it is",
         handle.target(),
         listed.join(", ")
-    )))
+    ))
 }
 
 impl fmt::Debug for Fleet {

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-/// The weight of a new sample in the moving averages: recent enough to
-/// follow a change of load within a few dozen samples.
-const WEIGHT: f64 = 0.25;
+/// A new sample weighs 1/`WEIGHT` in the moving averages: recent enough
+/// to follow a change of load within a few dozen samples.
+const WEIGHT: u64 = 4;
 
 /// A connect in progress counts as "will serve a waiter" for this many
 /// times the usual connect time (at least [`MIN_OVERDUE`]); after that it
@@ -19,7 +19,8 @@ const MIN_OVERDUE: Duration = Duration::from_millis(100);
 /// When a connect counts as overdue while none has finished yet.
 const OVERDUE_UNKNOWN: Duration = Duration::from_secs(1);
 
-/// Moving averages of connect and hold times.
+/// Moving averages of connect and hold times (integer arithmetic on
+/// nanoseconds: it runs under the pool's lock on every return).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub(crate) struct Estimates {
     connect: Option<Duration>,
@@ -27,9 +28,13 @@ pub(crate) struct Estimates {
 }
 
 fn blend(average: Option<Duration>, sample: Duration) -> Duration {
+    let sample = u64::try_from(sample.as_nanos()).unwrap_or(u64::MAX);
     match average {
-        None => sample,
-        Some(average) => average.mul_f64(1.0 - WEIGHT) + sample.mul_f64(WEIGHT),
+        None => Duration::from_nanos(sample),
+        Some(average) => {
+            let average = u64::try_from(average.as_nanos()).unwrap_or(u64::MAX);
+            Duration::from_nanos(average - average / WEIGHT + sample / WEIGHT)
+        }
     }
 }
 

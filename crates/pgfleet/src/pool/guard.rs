@@ -131,6 +131,8 @@ impl PooledConnection {
     pub(crate) fn into_conn(mut self) -> Conn {
         let conn = self.conn.take().expect("present until drop");
         self.leave_caller(&conn, Instant::now());
+        // Lent out for good: `release` with no hold takes it back.
+        self.pool.lock().lent += 1;
         conn
     }
 

@@ -47,7 +47,7 @@ pub(crate) struct PoolInner {
     pub(crate) runtime: tokio::runtime::Handle,
     /// Set when the runtime above shut down (see [`watch_runtime`]): the
     /// pool's tasks and connections went with it.
-    runtime_gone: Arc<AtomicBool>,
+    runtime_gone: Arc<RuntimeGone>,
     /// Dropped with the pool, which ends the runtime watch.
     _watch: oneshot::Sender<()>,
     /// Masked URL, for messages.
@@ -140,7 +140,7 @@ impl PoolInner {
         budget: Option<Arc<ServerBudget>>,
         runtime: tokio::runtime::Handle,
     ) -> PoolInner {
-        let runtime_gone = Arc::new(AtomicBool::new(false));
+        let runtime_gone = Arc::new(RuntimeGone::default());
         let (watch, ended) = oneshot::channel();
         runtime.spawn(watch_runtime(
             RuntimeWatch {
@@ -243,10 +243,16 @@ impl PoolInner {
             conn.close(CloseReason::Shutdown);
             return;
         }
-        if st.size > self.max_size() {
+        if st.size - st.connecting() > self.max_size() {
             // Resized below what is open: this one goes, not to a waiter.
             drop(st);
             conn.close(CloseReason::Resized);
+            return;
+        }
+        if conn.generation != self.generation.load(Ordering::SeqCst) {
+            // Opened or taken before a `drain`: replaced, never handed on.
+            drop(st);
+            conn.close(CloseReason::Drained);
             return;
         }
         while let Some(waiter) = st.waiters.pop_front() {
@@ -358,20 +364,36 @@ impl PoolInner {
 impl PoolInner {
     /// Whether the tokio runtime the pool was built on has shut down.
     pub(crate) fn is_runtime_gone(&self) -> bool {
-        self.runtime_gone.load(Ordering::Relaxed)
+        self.runtime_gone.flag.load(Ordering::Relaxed)
     }
+
+    /// Calls `hook` when the pool's runtime shuts down (once; the fleet
+    /// makes its threads look again).
+    pub(crate) fn on_runtime_gone(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.runtime_gone.hook.set(Box::new(hook));
+    }
+}
+
+/// That the pool's runtime shut down, and who to tell.
+#[derive(Default)]
+struct RuntimeGone {
+    flag: AtomicBool,
+    hook: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Marks the pool's runtime gone when it drops this watch unfinished.
 struct RuntimeWatch {
-    gone: Arc<AtomicBool>,
+    gone: Arc<RuntimeGone>,
     done: bool,
 }
 
 impl Drop for RuntimeWatch {
     fn drop(&mut self) {
         if !self.done {
-            self.gone.store(true, Ordering::Relaxed);
+            self.gone.flag.store(true, Ordering::SeqCst);
+            if let Some(hook) = self.gone.hook.get() {
+                hook();
+            }
         }
     }
 }
@@ -419,14 +441,21 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             };
             match budget.acquire(pool.id, still_needed).await {
                 Some(unit) => Some(unit),
-                None => return,
+                None => {
+                    // Not needed any more; a caller that queued meanwhile
+                    // may have counted on it.
+                    drop(slot);
+                    pool.replan();
+                    return;
+                }
             }
         }
         None => None,
     };
     let started = Instant::now();
+    pool.lock().connect_started(slot.id, started);
     let limit = pool.config.connect_timeout;
-    let generation = pool.generation.load(Ordering::Relaxed);
+    let generation = pool.generation.load(Ordering::SeqCst);
     let connect = async {
         let pg = pool.credentials.for_connect(&pool.label).await?;
         conn::connect(
@@ -480,6 +509,9 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             });
             pool.hand_off(st, conn, now);
             pool.connect_events.notify_waiters();
+            // After a failure only one probe was opened: now that the
+            // server answers, the rest of what is needed.
+            pool.replan();
         }
         Err(err) => {
             connect_failed(&pool, &err);

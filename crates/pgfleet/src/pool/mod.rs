@@ -345,6 +345,11 @@ impl Pool {
         self.inner.is_runtime_gone()
     }
 
+    /// Calls `hook` when this pool's runtime shuts down.
+    pub(crate) fn on_runtime_gone(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.inner.on_runtime_gone(hook);
+    }
+
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.lock().closed

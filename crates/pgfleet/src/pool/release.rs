@@ -45,15 +45,14 @@ impl PoolInner {
             Verdict::Close(CloseReason::MaxQueries)
         } else if conn.is_expired(now) {
             Verdict::Close(CloseReason::Lifetime)
-        } else if conn.generation != self.generation.load(Ordering::Relaxed) {
-            Verdict::Close(CloseReason::Drained)
         } else {
             Verdict::Reuse
         }
     }
 
     /// Takes back a connection from a caller, at `now`, that held it for
-    /// `held` (`None`: not a caller's hold, a shared-mode lane's).
+    /// `held` (`None`: a connection lent out by `into_conn`, a shared-mode
+    /// lane's).
     pub(crate) fn release(
         self: &Arc<Self>,
         conn: Conn,
@@ -61,6 +60,11 @@ impl PoolInner {
         now: Instant,
         held: Option<Duration>,
     ) {
+        if held.is_none() {
+            // A lent connection (shared mode's) comes home.
+            let mut st = self.lock();
+            st.lent = st.lent.saturating_sub(1);
+        }
         match self.verdict(&conn, now) {
             Verdict::Reuse => {
                 let mut st = self.lock();

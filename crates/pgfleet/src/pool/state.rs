@@ -54,6 +54,18 @@ pub(crate) struct Plan {
     pub(crate) retry_at: Option<Instant>,
 }
 
+/// A connect in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Connect {
+    pub(crate) id: u64,
+    /// When it began talking to the server (after any wait for a budget
+    /// unit).
+    pub(crate) since: Instant,
+    /// Opened while others were overdue: it is never counted overdue
+    /// itself, so a slow server gets at most one extra connect per late one.
+    pub(crate) replacement: bool,
+}
+
 /// The state of one pool, with connections of type `C`.
 pub(crate) struct State<C> {
     /// Open connections nobody holds; the back is the most recently returned
@@ -66,12 +78,15 @@ pub(crate) struct State<C> {
     pub(crate) waiting: u32,
     /// Open connections plus connections being opened.
     pub(crate) size: u32,
-    /// Connections being opened, by id, oldest first, with when each began.
-    pub(crate) connects: VecDeque<(u64, Instant)>,
+    /// Connections being opened, oldest first.
+    pub(crate) connects: VecDeque<Connect>,
     /// The id of the next connection planned.
     next_id: u64,
     /// Connect and hold times, as learned.
     pub(crate) estimates: Estimates,
+    /// Connections in use that are lent out for good (shared mode's lanes),
+    /// not held by a caller who will give them back soon.
+    pub(crate) lent: u32,
     pub(crate) closed: bool,
     pub(crate) last_failure: Option<ConnectFailure>,
     /// Consecutive failed connects; drives the backoff.
@@ -103,6 +118,7 @@ impl<C> State<C> {
             connects: VecDeque::new(),
             next_id: 0,
             estimates: Estimates::default(),
+            lent: 0,
             closed: false,
             last_failure: None,
             failures: 0,
@@ -120,9 +136,17 @@ impl<C> State<C> {
         self.connects.len() as u32
     }
 
+    /// Connection `id` got its budget unit and starts talking to the
+    /// server now: its connect time starts here.
+    pub(crate) fn connect_started(&mut self, id: u64, now: Instant) {
+        if let Some(c) = self.connects.iter_mut().find(|c| c.id == id) {
+            c.since = now;
+        }
+    }
+
     /// Connection `id` stopped connecting (it opened, or failed).
     pub(crate) fn connect_done(&mut self, id: u64) {
-        if let Some(i) = self.connects.iter().position(|(c, _)| *c == id) {
+        if let Some(i) = self.connects.iter().position(|c| c.id == id) {
             self.connects.remove(i);
         }
     }
@@ -166,14 +190,28 @@ impl<C> State<C> {
             self.backoff_until = None;
             self.retry_soon = None;
         }
-        let (for_waiters, wake) = self.waiters_needing_connects(max_size, now);
+        let (for_waiters, wake, replacing) = self.waiters_needing_connects(max_size, now);
         let for_floor = min_size.saturating_sub(self.size);
-        let connects = for_waiters
+        let mut connects = for_waiters
             .max(for_floor)
             .min(max_size.saturating_sub(self.size));
+        if self.failures > 0 {
+            // The server failed the last connect: one probe at a time, the
+            // rest once it answers, so a server coming back is not flooded
+            // by every waiter at once.
+            connects = if self.connects.is_empty() {
+                connects.min(1)
+            } else {
+                0
+            };
+        }
         let first_id = self.next_id;
         for _ in 0..connects {
-            self.connects.push_back((self.next_id, now));
+            self.connects.push_back(Connect {
+                id: self.next_id,
+                since: now,
+                replacement: replacing,
+            });
             self.next_id += 1;
         }
         self.size += connects;
@@ -202,21 +240,33 @@ impl<C> State<C> {
     /// a connect takes gets one whatever the estimate says (never starved
     /// by a wrong one). A connect in progress for much longer than usual
     /// (hung) no longer counts as one that will serve a waiter.
-    fn waiters_needing_connects(&self, max_size: u32, now: Instant) -> (u32, Option<Instant>) {
+    fn waiters_needing_connects(
+        &self,
+        max_size: u32,
+        now: Instant,
+    ) -> (u32, Option<Instant>, bool) {
         if self.waiting == 0 {
-            return (0, None);
+            return (0, None, false);
         }
         let overdue_after = self.estimates.overdue_after();
         let mut arriving = 0;
+        let mut overdue = false;
         let mut next_overdue: Option<Instant> = None;
-        for (_, since) in &self.connects {
-            let overdue_at = *since + overdue_after;
-            if overdue_at > now {
+        for connect in &self.connects {
+            let overdue_at = connect.since + overdue_after;
+            if connect.replacement || overdue_at > now {
                 arriving += 1;
-                next_overdue = Some(next_overdue.map_or(overdue_at, |t| t.min(overdue_at)));
+                if !connect.replacement {
+                    next_overdue = Some(next_overdue.map_or(overdue_at, |t| t.min(overdue_at)));
+                }
+            } else {
+                overdue = true;
             }
         }
-        let in_use = self.size - self.connecting() - self.idle.len() as u32;
+        // Connections lent out for good (shared mode's) do not come back
+        // at the rate callers return theirs.
+        let in_use =
+            (self.size - self.connecting() - self.idle.len() as u32).saturating_sub(self.lent);
         let by_returns = self.estimates.served_by_returns(in_use);
         // Waiters that have waited a connect time already, oldest first;
         // no more than could get a connection.
@@ -243,7 +293,7 @@ impl<C> State<C> {
             .into_iter()
             .flatten()
             .min();
-        (need.saturating_sub(arriving), wake)
+        (need.saturating_sub(arriving), wake, overdue)
     }
 
     /// Records a failed connect and starts the backoff. Nobody waiting (the
@@ -461,14 +511,22 @@ mod tests {
         st.estimates.record_connect(Duration::from_millis(20));
         st.size = 1;
         // A connect started a second ago, for a caller still waiting.
-        st.connects.push_back((0, now - Duration::from_secs(1)));
+        st.connects.push_back(Connect {
+            id: 0,
+            since: now - Duration::from_secs(1),
+            replacement: false,
+        });
         st.size += 1;
         let _waiter = queue(&mut st, 1, now - Duration::from_secs(1));
         assert_eq!(st.plan(0, 4, now).connects, 1);
         // One that started just now still counts.
         let mut st = State::<()>::new();
         st.estimates.record_connect(Duration::from_millis(20));
-        st.connects.push_back((0, now));
+        st.connects.push_back(Connect {
+            id: 0,
+            since: now,
+            replacement: false,
+        });
         st.size = 1;
         let _waiter = queue(&mut st, 1, now);
         let plan = st.plan(0, 4, now);
@@ -478,6 +536,39 @@ mod tests {
             Some(now + Duration::from_millis(100)),
             "look again when overdue"
         );
+    }
+
+    #[test]
+    fn a_failing_server_gets_one_probe_at_a_time_whatever_waits() {
+        let now = Instant::now();
+        let mut st = State::<()>::new();
+        let _waiters = queue(&mut st, 50, now);
+        st.connect_failed(ConnectFailure {
+            message: "refused".into(),
+            code: None,
+            at: now - Duration::from_secs(1),
+        });
+        let plan = st.plan(5, 50, now);
+        assert_eq!(plan.connects, 1, "one probe, not one per waiter");
+        assert_eq!(st.plan(5, 50, now).connects, 0, "the probe is on its way");
+        st.connect_done(plan.first_id);
+        st.size -= 1;
+        st.connect_succeeded();
+        assert!(st.plan(5, 50, now).connects > 1, "the rest once it answers");
+    }
+
+    #[test]
+    fn a_slow_server_gets_at_most_one_extra_connect_per_late_one() {
+        let now = Instant::now();
+        let mut st = State::<()>::new();
+        st.estimates.record_connect(Duration::from_millis(10));
+        let _waiters = queue(&mut st, 10, now);
+        assert_eq!(st.plan(0, 40, now).connects, 10);
+        // 200ms on, all ten are late (overdue after 100ms): ten more.
+        let later = now + Duration::from_millis(200);
+        assert_eq!(st.plan(0, 40, later).connects, 10);
+        // And no more, however long both sets take.
+        assert_eq!(st.plan(0, 40, later + Duration::from_secs(1)).connects, 0);
     }
 
     #[test]
