@@ -308,6 +308,19 @@ async fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
         .unwrap();
     assert_eq!(health, json!({"status": "ready"}));
 
+    // A few searches one after another, so that connections are reused
+    // (and their cached statements with them) however the pool spread the
+    // requests so far.
+    for _ in 0..5 {
+        let (status, _) = post(
+            &client,
+            server.url("/users/alice/query"),
+            json!({"query": "Lisbon"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
     // /metrics agrees with /stats (nothing acquires between the two calls).
     let stats: Value = client
         .get(server.url("/stats"))

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{app, settle_backends_on};
+use common::{app, backends_on, settle_backends_on};
 use pgfleet::{BudgetConfig, BudgetMode, Fleet, FleetConfig, PoolConfig, PoolHandle, Target};
 use pgfleet_testkit::{BackendFilter, Fault, FaultProxy, TempCluster};
 
@@ -337,17 +337,24 @@ async fn the_pool_survives_chaos_and_leaks_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let open = {
+    // Lanes broken by the last faults go at the next sweep: wait until the
+    // pool, the server and the budget agree (a leak never would).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (open, on_server, units) = loop {
         let g = pool.stats().gauges;
-        (g.size - g.connecting) as usize
+        let open = (g.size - g.connecting) as usize;
+        let on_server = backends_on(&cluster, &app).await;
+        let units = fleet
+            .stats()
+            .servers
+            .values()
+            .map(|b| b.in_use)
+            .sum::<u32>();
+        if (on_server == open && units as usize == open) || Instant::now() >= deadline {
+            break (open, on_server, units);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let on_server = settle_backends_on(&cluster, &app, open).await;
-    let units = fleet
-        .stats()
-        .servers
-        .values()
-        .map(|b| b.in_use)
-        .sum::<u32>();
     let stats = pool.stats();
     drop(pool);
     let closed = fleet.close_all(Duration::from_secs(10)).await;

@@ -261,3 +261,34 @@ async fn shared_callers_time_out_within_their_own_deadline_and_are_counted() {
     assert_eq!(pool.stats().counters.acquires_timed_out, 2);
     drop(held);
 }
+
+#[tokio::test]
+async fn resizing_below_the_lanes_trims_them_and_the_pool_shrinks() {
+    let app = app("shared_resize");
+    let mut cfg = config(&app, 0, 4);
+    cfg.shared_connections = 3;
+    let pool = Pool::new(target(cluster()), cfg).unwrap();
+    // Three leases at once open three lanes.
+    let leases = [
+        pool.shared().await.unwrap(),
+        pool.shared().await.unwrap(),
+        pool.shared().await.unwrap(),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pool.stats().gauges.shared < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three lanes never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(leases);
+    pool.resize(0, 2).unwrap();
+    // The next lease trims the lanes to the new cap; the extra one goes
+    // back to the pool, which closes it (above the cap).
+    drop(pool.shared().await.unwrap());
+    assert_eq!(pool.stats().gauges.shared, 2);
+    assert_eq!(settle_backends(&app, 2).await, 2);
+    assert_eq!(pool.stats().gauges.size, 2);
+    pool.close();
+}
