@@ -1,6 +1,6 @@
 //! [`FaultProxy`]: a TCP proxy on 127.0.0.1 between a client and a server
 //! that injects network faults on command — latency, a blackholed network,
-//! refused or hung new connections, every connection cut — so that tests
+//! refused or hung new connections, every connection reset — so that tests
 //! can show what a pool does when the network misbehaves.
 
 use std::net::SocketAddr;
@@ -126,9 +126,9 @@ impl FaultProxy {
         *self.fault.borrow()
     }
 
-    /// Closes every proxied connection open now: both sides see the
-    /// connection end, as when a server restarts or a middlebox drops its
-    /// state. Later connections are not affected.
+    /// Resets every proxied connection open now: both sides get a TCP
+    /// reset (RST), as when a middlebox drops its state or a host crashes.
+    /// Later connections are not affected.
     pub fn cut_all(&self) {
         self.cuts.send_modify(|generation| *generation += 1);
     }
@@ -183,8 +183,13 @@ async fn accept_loop(
 
 /// One client connection: holds it silent while new connections hang, then
 /// connects upstream and pumps both ways until either side closes, the
-/// connection is cut, or the proxy stops.
-async fn proxy_one(client: TcpStream, upstream: SocketAddr, watches: Watches, counts: Arc<Counts>) {
+/// connection is cut (both sides reset), or the proxy stops.
+async fn proxy_one(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    watches: Watches,
+    counts: Arc<Counts>,
+) {
     counts.open.fetch_add(1, Ordering::SeqCst);
     let _open = OpenGuard(counts);
     let generation = *watches.cuts.borrow();
@@ -202,6 +207,7 @@ async fn proxy_one(client: TcpStream, upstream: SocketAddr, watches: Watches, co
         }
     };
     let fault_at_start = *watches.fault.borrow();
+    let mut server: Option<TcpStream> = None;
     let work = async {
         match fault_at_start {
             // A connect that hangs: hold the client, silent, for good.
@@ -217,21 +223,29 @@ async fn proxy_one(client: TcpStream, upstream: SocketAddr, watches: Watches, co
             }
             Fault::Pass | Fault::Delay(_) | Fault::RefuseNew => {}
         }
-        let Ok(server) = TcpStream::connect(upstream).await else {
+        let Ok(connected) = TcpStream::connect(upstream).await else {
             return;
         };
-        let _ = server.set_nodelay(true);
-        let (client_read, client_write) = client.into_split();
-        let (server_read, server_write) = server.into_split();
+        let _ = connected.set_nodelay(true);
+        let server = server.insert(connected);
+        let (client_read, client_write) = client.split();
+        let (server_read, server_write) = server.split();
         tokio::select! {
             _ = pump(client_read, server_write, watches.fault.clone()) => {}
             _ = pump(server_read, client_write, watches.fault.clone()) => {}
         }
     };
-    tokio::select! {
-        _ = work => {}
-        _ = cut => {}
-        _ = stop.changed() => {}
+    let was_cut = tokio::select! {
+        _ = work => false,
+        _ = cut => true,
+        _ = stop.changed() => false,
+    };
+    if was_cut {
+        // A cut is abrupt: both sides get a reset, not an orderly close.
+        let _ = client.set_zero_linger();
+        if let Some(server) = &server {
+            let _ = server.set_zero_linger();
+        }
     }
 }
 
@@ -246,8 +260,8 @@ impl Drop for OpenGuard {
 
 /// Copies one direction, obeying the fault in force before each chunk.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
     mut fault: watch::Receiver<Fault>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];

@@ -95,3 +95,31 @@ async fn each_fault_bites_and_lifts() {
     drop(fresh);
     drop(proxy);
 }
+
+#[tokio::test]
+async fn a_cut_resets_the_connection() {
+    use tokio::io::AsyncReadExt;
+
+    let cluster = TempCluster::shared();
+    let proxy = FaultProxy::start(cluster.port()).await.unwrap();
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.open_connections() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never took the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the proxy reach the server before the cut.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.cut_all();
+    let mut buf = [0u8; 16];
+    let read = timeout(Duration::from_secs(5), raw.read(&mut buf))
+        .await
+        .expect("the cut connection stayed open");
+    let err = read.expect_err("a cut connection ended with an orderly close, not a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
