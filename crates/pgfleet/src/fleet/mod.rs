@@ -33,9 +33,7 @@ use std::time::{Duration, Instant};
 
 pub use self::handles::PoolHandle;
 use self::handles::{stripe_count, Cell, Refs};
-use self::registry::{
-    find, find_entry, find_live, Entry, FleetInner, Registry, Snapshot, Verified, LOCAL,
-};
+use self::registry::{find_entry, find_live, Entry, FleetInner, Registry, Snapshot, LOCAL};
 pub use self::reports::{CloseReport, FleetStats, WarmupOutcome, WarmupReport};
 use crate::budget::ServerBudget;
 use crate::config::{BudgetMode, FleetConfig, PoolConfig};
@@ -104,28 +102,19 @@ impl Fleet {
     pub fn pool(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
         match self.lookup(target, Some(config)) {
             Some((handle, true)) => Ok(handle),
-            Some((handle, false)) if self.same_settings(&handle, target, config) => Ok(handle),
+            Some((handle, false)) if Self::same_settings(&handle, config) => Ok(handle),
             Some((handle, false)) => Err(settings_differ(&handle, config)),
             None => self.create(target, config),
         }
     }
 
     /// Whether `config` means what `handle`'s pool's configuration means, by
-    /// every field. It costs more than the rest of a lookup, so the thread
-    /// remembers a match (see [`Verified`]) and its next lookup with the
-    /// same configuration skips it.
+    /// every field (`max_size: None` equals the cap it stands for): the
+    /// slow path, for a configuration that is not the one the pool was
+    /// created with.
     #[cold]
-    fn same_settings(&self, handle: &PoolHandle, target: &Target, config: &PoolConfig) -> bool {
-        let same = handle.config().means_same(config);
-        if same {
-            let generation = self.inner.generation.load(Ordering::Acquire);
-            let _ = LOCAL.try_with(|local| {
-                if let Ok(local) = local.try_borrow() {
-                    local.verified.set(Verified::of(target, config, generation));
-                }
-            });
-        }
-        same
+    fn same_settings(handle: &PoolHandle, config: &PoolConfig) -> bool {
+        handle.config().means_same(config)
     }
 
     /// The pool for `target` if the fleet has one, whatever its settings.
@@ -149,7 +138,7 @@ impl Fleet {
             .try_with(|local| local.try_borrow().map_or(0, |local| local.stripe))
             .unwrap_or(0);
         if let Some(handle) = find_live(&inner.pools.load(), target, stripe) {
-            return if self.same_settings(&handle, target, config) {
+            return if Self::same_settings(&handle, config) {
                 Ok(handle)
             } else {
                 Err(settings_differ(&handle, config))
@@ -202,6 +191,7 @@ impl Fleet {
         let entry = Arc::new(Entry {
             key,
             hash: target.key_hash,
+            asked: config.clone(),
             pool,
             refs,
             cells,
@@ -238,11 +228,12 @@ impl Fleet {
             let local = local.try_borrow().ok()?;
             let snapshot = local.snapshot.as_ref()?;
             (snapshot.fleet == inner.id && snapshot.generation == generation).then(|| {
-                // The configuration this thread checked last, again?
-                let checked = config.is_some_and(|config| {
-                    local.verified.get() == Verified::of(target, config, generation)
-                });
-                find(&snapshot.registry, target, local.stripe).map(|handle| (handle, checked))
+                let entry = find_entry(&snapshot.registry, target)?;
+                let handle = entry.take_handle(local.stripe)?;
+                // The usual caller passes the configuration the pool was
+                // created with: equal field by field, settled here.
+                let exact = config.is_some_and(|config| entry.asked == *config);
+                Some((handle, exact))
             })
         });
         match found {
@@ -597,6 +588,30 @@ mod tests {
         assert!(fleet
             .existing(&Target::parse("postgres://unit@127.0.0.1:1/none").unwrap())
             .is_none());
+    }
+
+    #[test]
+    fn a_configuration_changed_in_place_is_checked_again() {
+        let runtime = current_thread();
+        let _context = runtime.enter();
+        let fleet = Fleet::new();
+        // One configuration, in one place, asked for again and again as a
+        // loop would: every lookup compares what it holds now.
+        let mut config = idle_config(Duration::from_secs(600));
+        let first = fleet.pool(&target(), &config).expect("pool");
+        for _ in 0..3 {
+            let again = fleet.pool(&target(), &config).expect("same settings");
+            assert_eq!(again.pool().id(), first.pool().id());
+        }
+        config.max_size = Some(config.effective_max_size());
+        fleet.pool(&target(), &config).expect("the same meaning");
+        config.statement_cache_size += 1;
+        let err = fleet.pool(&target(), &config).unwrap_err();
+        assert!(err.to_string().contains("statement_cache_size"), "{err}");
+        config.statement_cache_size -= 1;
+        config.max_lifetime = Some(Duration::from_secs(7));
+        let err = fleet.pool(&target(), &config).unwrap_err();
+        assert!(err.to_string().contains("max_lifetime"), "{err}");
     }
 
     #[test]

@@ -93,39 +93,6 @@ pub(crate) struct Local {
     /// generation then. It may keep retired (closed) entries in memory until
     /// the thread's next lookup; see `FleetInner::drop`.
     pub(crate) snapshot: Option<Snapshot>,
-    /// The last (pool, configuration) this thread found to mean the same:
-    /// a lookup with the same configuration skips the comparison.
-    pub(crate) verified: std::cell::Cell<Verified>,
-}
-
-/// A configuration checked against a pool's, by this thread: the target
-/// (its key, shared by its clones), where the configuration lives, the
-/// registry's generation — a new one (a pool created or retired) forgets
-/// the check — and a few of the configuration's values, so that another
-/// configuration at the same address (a loop reusing a stack slot) is
-/// checked again when they differ; all in one word, computed from what a
-/// lookup has at hand before it finds the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Verified(u64);
-
-impl Verified {
-    /// Nothing checked yet.
-    pub(crate) const NONE: Verified = Verified(0);
-
-    /// The mark of `config` for `target` at `generation`: addresses,
-    /// generation and values folded into one word with shifts and XOR
-    /// (cheap: it is computed on every lookup).
-    #[inline]
-    pub(crate) fn of(target: &Target, config: &PoolConfig, generation: u64) -> Verified {
-        let target_at = Arc::as_ptr(&target.key).cast::<u8>() as u64;
-        let config_at = std::ptr::from_ref(config) as u64;
-        // Addresses are 8-aligned and below 2^48: the values go into the
-        // bits they leave free, the generation where they vary least.
-        let values = u64::from(config.min_size) << 48
-            ^ u64::from(config.max_size.unwrap_or(u32::MAX)) << 56
-            ^ u64::from(config.acquire_timeout.subsec_nanos() & 7);
-        Verified((target_at ^ config_at.rotate_left(24) ^ generation.rotate_left(40) ^ values) | 1)
-    }
 }
 
 pub(crate) struct Snapshot {
@@ -138,13 +105,16 @@ thread_local! {
     pub(crate) static LOCAL: RefCell<Local> = RefCell::new(Local {
         stripe: next_stripe(),
         snapshot: None,
-        verified: std::cell::Cell::new(Verified::NONE),
     });
 }
 
 pub(crate) struct Entry {
     pub(crate) key: Arc<str>,
     pub(crate) hash: u64,
+    /// The configuration as the caller that created the pool passed it
+    /// (the pool's own has `max_size` resolved): a lookup passing an equal
+    /// one, the usual case, needs no comparison of meanings.
+    pub(crate) asked: PoolConfig,
     pub(crate) pool: Pool,
     pub(crate) refs: Arc<Refs>,
     /// One per stripe; a handle holds the cell of the thread that took it.
@@ -152,19 +122,15 @@ pub(crate) struct Entry {
     pub(crate) fleet: Weak<FleetInner>,
 }
 
-/// The handle of the pool for `target` in `registry`, counted in `stripe`.
-/// The thread's fast path: a pool whose runtime shut down bumps the
-/// generation (see `Fleet::create`), which sends the thread to
-/// [`find_live`].
-#[inline]
-pub(crate) fn find(registry: &Registry, target: &Target, stripe: usize) -> Option<PoolHandle> {
-    find_entry(registry, target)?.take_handle(stripe)
-}
-
-/// [`find`], but `None` for a pool whose tokio runtime shut down (the
-/// caller replaces it under the writer lock).
+/// The handle of the pool for `target` in `registry`, counted in `stripe`,
+/// or `None` for a pool whose tokio runtime shut down (the caller replaces
+/// it under the writer lock). The thread's fast path skips this check: a
+/// pool whose runtime shut down bumps the generation (see `Fleet::create`),
+/// which sends the thread here.
 pub(crate) fn find_live(registry: &Registry, target: &Target, stripe: usize) -> Option<PoolHandle> {
-    find(registry, target, stripe).filter(|handle| !handle.pool().is_runtime_gone())
+    find_entry(registry, target)?
+        .take_handle(stripe)
+        .filter(|handle| !handle.pool().is_runtime_gone())
 }
 
 /// The entry for `target` in `registry`.
