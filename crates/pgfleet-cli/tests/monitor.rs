@@ -106,3 +106,41 @@ fn without_a_server_it_says_what_to_give() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("give --database-url, set DATABASE_URL, or give --config DIR"));
 }
+
+#[test]
+fn it_watches_a_tls_only_server_with_verify_full() {
+    let ca = pgfleet_testkit::TestCa::new("monitor test CA").unwrap();
+    let tls = pgfleet_testkit::ServerTls::new(&ca, &["127.0.0.1"])
+        .unwrap()
+        .only();
+    let cluster = TempCluster::builder().tls(tls).start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write_cert(&dir.path().join("ca.pem")).unwrap();
+    let base = cluster.url("postgres");
+    // A relative sslrootcert, as people write it, from the directory it is in.
+    let run = |params: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+            .current_dir(dir.path())
+            .arg("monitor")
+            .args(["--database-url", &format!("{base}?{params}")])
+            .output()
+            .expect("run pgfleet monitor");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run("sslmode=verify-full&sslrootcert=ca.pem");
+    assert_eq!(code, 0, "{err}");
+    // The monitor leaves its own connection out of the count.
+    assert!(
+        out.contains("client connections 0 of max_connections 100"),
+        "{out}"
+    );
+    // Plaintext is refused by this server, and the message says so.
+    let (code, _, err) = run("sslmode=disable");
+    assert_eq!(code, 1);
+    assert!(err.contains("no encryption"), "{err}");
+    assert!(!err.contains(TempCluster::superuser_password()), "{err}");
+}

@@ -14,6 +14,7 @@ use crate::system::{
     as_postgres, chown_to_postgres, default_candidates, ensure_template, find_binaries, free_port,
     is_root, log_tail, nanos_suffix, run, SUPERUSER_PASSWORD,
 };
+use crate::tls::{write_private, ServerTls};
 
 /// Application name of the kit's own admin connections; the counting
 /// helpers leave them out.
@@ -25,6 +26,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Default, Clone)]
 pub struct ClusterBuilder {
     settings: Vec<(String, String)>,
+    tls: Option<ServerTls>,
 }
 
 impl ClusterBuilder {
@@ -32,6 +34,13 @@ impl ClusterBuilder {
     /// `.setting("max_connections", "20")`.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Speak TLS: `ssl = on` with the certificate of `tls`, client
+    /// certificates checked against its CA, and its `pg_hba.conf`.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -54,8 +63,20 @@ impl ClusterBuilder {
             Command::new("cp").arg("-a").arg(&template).arg(&dir),
             "copy the template",
         )?;
-        chown_to_postgres(&dir)?;
         let data = dir.join("data");
+        let mut settings = self.settings.clone();
+        if let Some(tls) = &self.tls {
+            install_tls(&dir, &data, tls)?;
+            for (name, value) in [
+                ("ssl", "on"),
+                ("ssl_cert_file", "server.crt"),
+                ("ssl_key_file", "server.key"),
+                ("ssl_ca_file", "root.crt"),
+            ] {
+                settings.push((name.to_owned(), value.to_owned()));
+            }
+        }
+        chown_to_postgres(&dir)?;
         let mut last_err = None;
         // A free port can be taken between our probe and the server's bind:
         // try a few.
@@ -67,8 +88,9 @@ impl ClusterBuilder {
                 data: data.clone(),
                 port,
                 running: Mutex::new(false),
+                tls: self.tls.is_some(),
             };
-            cluster.write_settings(&self.settings)?;
+            cluster.write_settings(&settings)?;
             match cluster.pg_ctl_start() {
                 Ok(()) => {
                     cluster.spawn_watchdog()?;
@@ -97,6 +119,21 @@ pub struct TempCluster {
     data: PathBuf,
     port: u16,
     running: Mutex<bool>,
+    /// Started with [`ClusterBuilder::tls`].
+    tls: bool,
+}
+
+/// Writes the server's certificate, key, CA and `pg_hba.conf` into the data
+/// directory, and the CA certificate as `ca.crt` beside it for clients.
+fn install_tls(dir: &Path, data: &Path, tls: &ServerTls) -> Result<()> {
+    fs::write(data.join("server.crt"), &tls.server.cert_pem)
+        .map_err(|e| Error::io("write the server certificate", e))?;
+    write_private(&data.join("server.key"), &tls.server.key_pem)?;
+    fs::write(data.join("root.crt"), &tls.ca_pem)
+        .map_err(|e| Error::io("write the CA certificate", e))?;
+    fs::write(dir.join("ca.crt"), &tls.ca_pem)
+        .map_err(|e| Error::io("write the CA certificate", e))?;
+    fs::write(data.join("pg_hba.conf"), tls.hba()).map_err(|e| Error::io("write pg_hba.conf", e))
 }
 
 impl TempCluster {
@@ -156,6 +193,12 @@ impl TempCluster {
     /// The directory holding the server's Unix socket.
     pub fn socket_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CA certificate of a TLS cluster (`ca.crt` in its directory),
+    /// for `sslrootcert`.
+    pub fn ca_cert_path(&self) -> Option<PathBuf> {
+        self.tls.then(|| self.dir.join("ca.crt"))
     }
 
     /// The server log.
@@ -355,11 +398,14 @@ impl TempCluster {
     }
 
     async fn admin(&self) -> Result<tokio_postgres::Client> {
-        let url = format!(
-            "{}?application_name={ADMIN_APPLICATION_NAME}",
-            self.url("postgres")
-        );
-        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        // The Unix socket (trust): it works whatever TCP requires (TLS).
+        let (client, connection) = tokio_postgres::Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .application_name(ADMIN_APPLICATION_NAME)
+            .connect(NoTls)
             .await
             .map_err(|e| Error::query("admin connection", e))?;
         tokio::spawn(async move {

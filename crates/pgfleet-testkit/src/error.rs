@@ -45,6 +45,9 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// A test certificate could not be made.
+    #[error("{0}")]
+    Tls(String),
     /// An admin query failed.
     #[error("test kit query failed ({what}): {source}")]
     Query {

@@ -28,9 +28,13 @@ mod cluster;
 mod error;
 mod proxy;
 mod system;
+mod tls;
 
 pub use cluster::{
     unique_name, Backend, BackendFilter, ClusterBuilder, TempCluster, ADMIN_APPLICATION_NAME,
 };
 pub use error::{Error, Result};
 pub use proxy::{Fault, FaultProxy};
+/// rcgen, for keys made elsewhere ([`TestCa::issue_client_for`]).
+pub use rcgen;
+pub use tls::{Issued, ServerTls, TestCa};

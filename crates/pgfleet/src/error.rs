@@ -71,7 +71,17 @@ struct Inner {
     message: String,
     /// SQLSTATE recorded where the cause itself is not kept.
     code: Option<String>,
+    /// A connect failure that waiting will not cure (a certificate the
+    /// client does not trust, a server without TLS under `sslmode=require`).
+    permanent: bool,
     source: Option<BoxError>,
+}
+
+/// Connect errors that waiting will not cure: bad credentials, missing
+/// database or role. Waiters fail at once instead of running out their
+/// timeout.
+fn is_permanent_code(code: &str) -> bool {
+    code.starts_with("28") || code == "3D000"
 }
 
 /// A `Result` with pgfleet's [`Error`].
@@ -83,6 +93,7 @@ impl Error {
             kind,
             message: message.into(),
             code: None,
+            permanent: false,
             source: None,
         }))
     }
@@ -96,7 +107,21 @@ impl Error {
     pub(crate) fn duplicate(&self) -> Error {
         let mut copy = Error::new(self.0.kind.clone(), report(self));
         copy.0.code = self.code().map(str::to_owned);
+        copy.0.permanent = self.0.permanent;
         copy
+    }
+
+    /// Marks a connect failure that waiting will not cure.
+    pub(crate) fn permanent(mut self) -> Self {
+        self.0.permanent = true;
+        self
+    }
+
+    /// Whether retrying the connect cannot help until something changes:
+    /// bad credentials, a missing database or role, a TLS failure of
+    /// trust or support.
+    pub(crate) fn is_permanent(&self) -> bool {
+        self.0.permanent || self.code().is_some_and(is_permanent_code)
     }
 
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
@@ -262,6 +287,13 @@ pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_and_missing_database_are_permanent() {
+        assert!(is_permanent_code("28P01") && is_permanent_code("28000"));
+        assert!(is_permanent_code("3D000"));
+        assert!(!is_permanent_code("53300") && !is_permanent_code("57P03"));
+    }
 
     #[test]
     fn display_prints_own_message_and_report_walks_sources() {

@@ -88,6 +88,7 @@ mod pool;
 mod shared;
 mod stats;
 mod target;
+mod tls;
 
 #[doc = include_str!("../docs/configuration.md")]
 pub mod configuration {}
@@ -110,9 +111,14 @@ pub use pool::{Pool, PooledConnection};
 /// registered in is of the same version.
 #[cfg(feature = "prometheus")]
 pub use prometheus_client;
+/// The rustls of [`TlsConfig::rustls_config`], so that the configuration
+/// given is of the same version.
+#[cfg(feature = "tls-rustls")]
+pub use rustls;
 pub use shared::SharedConnection;
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};
 pub use target::{Host, Target};
+pub use tls::{ChannelBinding, RootCert, SslMode, TlsConfig};
 /// The tokio-postgres this crate is built on, so that callers use the exact
 /// same version (`pgfleet::tokio_postgres::types::ToSql`, ...).
 pub use tokio_postgres;

@@ -12,8 +12,10 @@
 //!   explicit; the database defaults to the user name, the user to
 //!   `postgres`; percent-encoding is decoded before comparing;
 //! * the password is never part of the key;
-//! * `application_name`, `connect_timeout` and `sslmode` are connection
-//!   behaviour, not identity, and are left out;
+//! * `application_name`, `connect_timeout` and the TLS parameters
+//!   (`sslmode`, `sslrootcert`, ...) are connection behaviour, not identity,
+//!   and are left out (callers sharing a pool must agree on TLS: see
+//!   [`Fleet::pool`](crate::Fleet::pool));
 //! * a different user, or different `options` (e.g. another `search_path`),
 //!   is a different pool;
 //! * `localhost` and `127.0.0.1` are **not** merged: they can resolve to
@@ -28,6 +30,7 @@ use std::time::Duration;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::error::{Error, Result};
+use crate::tls::TlsConfig;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -54,6 +57,8 @@ pub struct Target {
     pub(crate) options: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<Duration>,
+    /// How connections use TLS (shared by clones).
+    pub(crate) tls: Arc<TlsConfig>,
     /// The normalised key: see [`Target::key`]. Shared with the clones of
     /// this target and with the fleet entry made from it, so the fleet's
     /// lookup usually compares pointers, not text.
@@ -151,10 +156,10 @@ impl Target {
     /// `postgres://user:password@host:port/database?param=value&...`.
     ///
     /// Query parameters: `options`, `application_name`, `connect_timeout`
-    /// (seconds), `sslmode` (`disable`, `allow`, `prefer`: this build does not
-    /// speak TLS, so `require` and stricter are refused), and `user`,
-    /// `password`, `dbname`, `host` (a directory for a Unix socket), `port`
-    /// overriding the URL's parts. A host that is a percent-encoded absolute
+    /// (seconds), libpq's TLS parameters `sslmode`, `sslrootcert`,
+    /// `sslcert`, `sslkey`, `sslsni`, `channel_binding` (see [`TlsConfig`]),
+    /// and `user`, `password`, `dbname`, `host` (a directory for a Unix
+    /// socket), `port` overriding the URL's parts. A host that is a percent-encoded absolute
     /// path (`%2Fvar%2Frun%2Fpostgresql`) is a Unix socket directory.
     ///
     /// # Errors
@@ -221,6 +226,7 @@ impl Target {
         target.options = parts.options.filter(|o| !o.is_empty());
         target.application_name = parts.application_name;
         target.connect_timeout = parts.connect_timeout;
+        target.tls = Arc::new(parts.tls);
         target.rekey();
         Ok(target)
     }
@@ -269,6 +275,7 @@ impl Target {
             options: None,
             application_name: None,
             connect_timeout: None,
+            tls: Arc::default(),
             key: Arc::from(""),
             key_hash: 0,
         };
@@ -300,6 +307,7 @@ impl Target {
         target.options = self.options.clone();
         target.application_name = self.application_name.clone();
         target.connect_timeout = self.connect_timeout;
+        target.tls = self.tls.clone();
         target.rekey();
         Ok(target)
     }
@@ -375,6 +383,17 @@ impl Target {
         self
     }
 
+    /// How connections to this target use TLS.
+    pub fn tls(&self) -> &TlsConfig {
+        &self.tls
+    }
+
+    /// A copy whose connections use TLS as `tls` says.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Target {
+        self.tls = Arc::new(tls);
+        self
+    }
+
     /// `application_name` given in the URL, if any.
     pub fn url_application_name(&self) -> Option<&str> {
         self.application_name.as_deref()
@@ -424,6 +443,7 @@ struct UrlParts {
     options: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<Duration>,
+    tls: TlsConfig,
 }
 
 impl UrlParts {
@@ -492,27 +512,20 @@ impl UrlParts {
                 })?;
                 self.connect_timeout = Some(Duration::from_secs(secs));
             }
-            "sslmode" => match value.as_str() {
-                "disable" | "allow" | "prefer" => {}
-                "require" | "verify-ca" | "verify-full" => {
-                    return Err(bad(format!("sslmode = {value}: TLS is not supported by this build; use sslmode=disable or prefer")));
-                }
-                other => {
-                    return Err(bad(format!(
-                        "sslmode = {other:?}: expected disable, allow, prefer"
-                    )))
-                }
-            },
             "user" => self.user = value,
             "password" => self.password = Some(value),
             "dbname" => self.database = value,
             "host" => self.host = value,
             "port" => self.port = Some(value),
-            other => {
-                return Err(bad(format!(
-                    "unknown parameter {other:?} (known: options, application_name, connect_timeout, sslmode, user, password, dbname, host, port)"
-                )))
-            }
+            other => match self.tls.set_param(other, &value) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?} (known: options, application_name, connect_timeout, sslmode, sslrootcert, sslcert, sslkey, sslsni, channel_binding, user, password, dbname, host, port)"
+                    )))
+                }
+                Err(why) => return Err(bad(format!("{other} = {why}"))),
+            },
         }
         Ok(())
     }
@@ -534,9 +547,9 @@ impl FromStr for Target {
 }
 
 impl PartialEq for Target {
-    /// Same key and same password.
+    /// Same key, same password and the same TLS settings.
     fn eq(&self, other: &Target) -> bool {
-        self.key == other.key && self.password == other.password
+        self.key == other.key && self.password == other.password && self.tls == other.tls
     }
 }
 
@@ -565,6 +578,7 @@ impl fmt::Debug for Target {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("options", &self.options)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -661,8 +675,8 @@ mod tests {
             ("postgres://u:Secret1@/d?host=h1,h2", "several hosts"),
             ("postgres://u:Secret1@h/d?port=5432,5433", "several hosts"),
             (
-                "postgres://u:Secret1@h/d?sslmode=require",
-                "TLS is not supported",
+                "postgres://u:Secret1@h/d?sslmode=strict",
+                "sslmode = \"strict\": expected disable, allow, prefer, require, verify-ca or verify-full",
             ),
             (
                 "postgres://u:Secret1@h/d?frobnicate=1",
@@ -750,7 +764,7 @@ mod tests {
             prop_assert_eq!(t.masked_url(), "postgres://appuser:***@dbhost:5432/appdb");
             prop_assert_eq!(
                 format!("{t:?}"),
-                r#"Target { host: Tcp("dbhost"), port: 5432, database: "appdb", user: "appuser", password: Some("***"), options: None }"#
+                r#"Target { host: Tcp("dbhost"), port: 5432, database: "appdb", user: "appuser", password: Some("***"), options: None, tls: TlsConfig { sslmode: "prefer", sslrootcert: "none", sslcert: "none", sslkey: "none", sslsni: "1", channel_binding: "prefer" } }"#
             );
             prop_assert_eq!(t.key(), "postgres://appuser@dbhost:5432/appdb");
             prop_assert_eq!(mask_url_text(&url), "postgres://appuser:***@dbhost:5432/appdb");

@@ -72,6 +72,9 @@ pub(crate) enum Kind {
     User,
     /// A password: never shown.
     Secret,
+    /// A TLS parameter of the target (libpq's name; see `TlsConfig`),
+    /// with the values it takes as the reference shows them.
+    Tls(&'static str),
     /// A number of connections in `min..=max`. `max_overflow` has no field:
     /// it is added to the floor to make `max_size`.
     Size {
@@ -147,6 +150,48 @@ pub(crate) const KEYS: &[Key] = &[
         kind: Kind::Secret,
         default: "none",
         doc: "the password, shown as *** everywhere",
+    },
+    Key {
+        name: "sslmode",
+        aliases: &[],
+        kind: Kind::Tls("disable, allow, prefer, require, verify-ca, verify-full"),
+        default: "prefer",
+        doc: "whether connections use TLS and what they check (libpq's meanings)",
+    },
+    Key {
+        name: "sslrootcert",
+        aliases: &[],
+        kind: Kind::Tls("a PEM file, or system"),
+        default: "~/.postgresql/root.crt if it exists",
+        doc: "the authorities the server's certificate must chain to",
+    },
+    Key {
+        name: "sslcert",
+        aliases: &[],
+        kind: Kind::Tls("a PEM file"),
+        default: "~/.postgresql/postgresql.crt if it exists",
+        doc: "the client certificate, sent when the server asks for one",
+    },
+    Key {
+        name: "sslkey",
+        aliases: &[],
+        kind: Kind::Tls("a PEM file: PKCS#8, PKCS#1 or SEC1"),
+        default: "~/.postgresql/postgresql.key if it exists",
+        doc: "the client certificate's private key; never shown",
+    },
+    Key {
+        name: "sslsni",
+        aliases: &[],
+        kind: Kind::Tls("1, 0"),
+        default: "1",
+        doc: "whether the TLS handshake names the host (Server Name Indication)",
+    },
+    Key {
+        name: "channel_binding",
+        aliases: &[],
+        kind: Kind::Tls("disable, prefer, require"),
+        default: "prefer",
+        doc: "bind SCRAM authentication to the TLS session (SCRAM-SHA-256-PLUS)",
     },
     Key {
         name: "min_size",
@@ -403,7 +448,7 @@ impl Key {
     pub(crate) fn is_target_part(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Host | Kind::Port | Kind::Database | Kind::User | Kind::Secret
+            Kind::Host | Kind::Port | Kind::Database | Kind::User | Kind::Secret | Kind::Tls(_)
         )
     }
 
@@ -465,7 +510,8 @@ impl Key {
             | Kind::Port
             | Kind::Database
             | Kind::User
-            | Kind::Secret => return Ok(false),
+            | Kind::Secret
+            | Kind::Tls(_) => return Ok(false),
         }
         Ok(true)
     }
@@ -543,7 +589,8 @@ impl Key {
             | Kind::Port
             | Kind::Database
             | Kind::User
-            | Kind::Secret => {}
+            | Kind::Secret
+            | Kind::Tls(_) => {}
         }
         Ok(())
     }
@@ -582,7 +629,8 @@ impl Key {
             | Kind::Port
             | Kind::Database
             | Kind::User
-            | Kind::Secret => return None,
+            | Kind::Secret
+            | Kind::Tls(_) => return None,
         })
     }
 
@@ -599,6 +647,7 @@ impl Key {
             }
             Kind::AppName(_) => "1..=63 bytes".to_owned(),
             Kind::Port => "1..=65535".to_owned(),
+            Kind::Tls(values) => (*values).to_owned(),
             Kind::Url
             | Kind::Host
             | Kind::Database

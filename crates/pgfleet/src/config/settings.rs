@@ -11,6 +11,7 @@ use super::pool::PoolConfig;
 use super::value::{self, RawValue, Source};
 use crate::error::{Error, Result};
 use crate::target::{mask_url_text, Host, Target};
+use crate::tls::TlsConfig;
 
 /// Raw settings of one pool, merged layer over layer: every key optional,
 /// each with the source that set it. [`PoolSettings::resolve`] applies the
@@ -40,6 +41,8 @@ struct Parts {
     database: Option<String>,
     user: Option<String>,
     password: Option<String>,
+    /// TLS parameters by name (checked when set).
+    tls: BTreeMap<&'static str, String>,
 }
 
 /// Who set a key, and when.
@@ -117,6 +120,13 @@ impl PoolSettings {
             Kind::User => self.parts.user = Some(value::text(raw).map_err(fail)?),
             Kind::Database => self.parts.database = Some(value::text(raw).map_err(fail)?),
             Kind::Secret => self.parts.password = Some(value::text(raw).map_err(fail)?),
+            Kind::Tls(_) => {
+                let text = value::text(raw).map_err(fail)?;
+                TlsConfig::default()
+                    .set_param(key.name, &text)
+                    .map_err(fail)?;
+                self.parts.tls.insert(key.name, text);
+            }
             Kind::Size {
                 min,
                 max,
@@ -190,7 +200,7 @@ impl PoolSettings {
         let user = part("user", &self.parts.user);
         let password = part("password", &self.parts.password);
         let port = self.parts.port.filter(|_| after_url("port"));
-        match url {
+        let target = match url {
             Some((text, setting)) => Target::parse(text)
                 .map_err(|e| Error::config(format!("{e} ({})", setting.source)))?
                 .with_parts(
@@ -207,7 +217,15 @@ impl PoolSettings {
                 user.as_deref().unwrap_or(""),
                 password.as_deref(),
             ),
+        }?;
+        let mut tls = target.tls().clone();
+        for (name, value) in &self.parts.tls {
+            if after_url(name) {
+                // Checked when set.
+                let _ = tls.set_param(name, value);
+            }
         }
+        Ok(target.with_tls(tls))
     }
 
     /// The pool configuration: defaults for what is not set, then the
@@ -344,6 +362,7 @@ impl PoolSettings {
                     .to_owned(),
                     target_source(key.name),
                 ),
+                Kind::Tls(_) => (target.tls().shown(key.name), target_source(key.name)),
                 Kind::Settings(_) if config.server_settings.is_empty() => continue,
                 // max_size derived from pool_size + max_overflow.
                 Kind::MaxSize { .. } if !self.is_set("max_size") && self.is_set("max_overflow") => {
@@ -383,6 +402,7 @@ impl fmt::Debug for PoolSettings {
                 "database" => self.parts.database.clone(),
                 "user" => self.parts.user.clone(),
                 "max_overflow" => self.max_overflow.map(|n| n.to_string()),
+                name if self.parts.tls.contains_key(name) => self.parts.tls.get(name).cloned(),
                 other => keys::key(other).show(&self.config),
             };
             map.entry(

@@ -1,28 +1,37 @@
-//! One physical connection: opening it (socket, protocol tap, tokio-postgres
-//! handshake, driver task) and what the pool watches on it.
+//! One physical connection: opening it (socket, TLS as `sslmode` says,
+//! protocol tap, tokio-postgres handshake, driver task) and what the pool
+//! watches on it.
 //!
+//! * `socket.rs` — TCP and Unix sockets, TCP options, the TLS request;
+//! * `tls.rs` — rustls: the client configuration, verification, the
+//!   handshake's errors in words, channel binding (feature `tls-rustls`);
 //! * `tap.rs` — the protocol tap, which follows the message stream;
 //! * `statements.rs` — the per-connection statement cache.
 
+mod socket;
 mod statements;
 mod tap;
+#[cfg(feature = "tls-rustls")]
+mod tls;
 
+pub(crate) use socket::SocketOptions;
 pub(crate) use tap::TxStatus;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::net::{TcpStream, UnixStream};
 use tokio::task::AbortHandle;
-use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::{SslMode as PgSslMode, SslNegotiation};
+use tokio_postgres::Client;
 
+use self::socket::{open_socket, request_tls, Established, Socket};
 use self::statements::StatementCache;
-use self::tap::{Socket, TapState, TapStream};
+use self::tap::{TapState, TapStream};
 use crate::config::PoolConfig;
 use crate::error::Error;
 use crate::target::{Host, Target};
+use crate::tls::{ChannelBinding, SslMode};
 
 /// An open connection and what the pool needs to watch and stop it.
 pub(crate) struct RawConn {
@@ -33,6 +42,8 @@ pub(crate) struct RawConn {
     pub(crate) created: Instant,
     /// Statements prepared through the pool on this connection.
     pub(crate) statements: StatementCache,
+    /// Whether the session is TLS (its cancel requests are too).
+    pub(crate) secure: bool,
 }
 
 impl RawConn {
@@ -50,7 +61,12 @@ pub(crate) fn pg_config(target: &Target, config: &PoolConfig) -> tokio_postgres:
     pg.user(target.user())
         .dbname(target.database())
         .application_name(&config.application_name)
-        .ssl_mode(SslMode::Disable);
+        .ssl_mode(PgSslMode::Disable)
+        .channel_binding(match target.tls().channel_binding_setting() {
+            ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+            ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+            ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
+        });
     if let Some(password) = target.password() {
         pg.password(password);
     }
@@ -85,93 +101,169 @@ fn escape_option(value: &str) -> String {
     out
 }
 
-/// TCP options of a pool's sockets, so that a dead network is noticed:
-/// keepalive probes on an idle socket, and a limit on unacknowledged data
-/// (`tcp_user_timeout`, Linux), which fails a statement sent into a dead
-/// network instead of leaving it hanging.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct SocketOptions {
-    /// Idle time before the first probe, interval, probes; `None`: off.
-    pub(crate) keepalive: Option<(Duration, Duration, u32)>,
-    pub(crate) user_timeout: Option<Duration>,
+/// What a pool's connections need for TLS, built once when the pool is
+/// made (the files are read then): the rustls client, or nothing when its
+/// connections never use TLS (`sslmode=disable`, a Unix socket).
+#[derive(Clone, Default)]
+pub(crate) struct TlsClient {
+    #[cfg(feature = "tls-rustls")]
+    client: Option<Arc<tls::Client>>,
 }
 
-impl SocketOptions {
-    pub(crate) fn of(config: &PoolConfig) -> SocketOptions {
-        SocketOptions {
-            keepalive: config
-                .keepalives_idle
-                .map(|idle| (idle, config.keepalives_interval, config.keepalives_count)),
-            user_timeout: config.tcp_user_timeout,
+impl TlsClient {
+    /// # Errors
+    /// `Config` for TLS settings that cannot work: unreadable or empty
+    /// files, a key that is not the certificate's, `verify-*` without
+    /// roots; without the `tls-rustls` feature, a mode that requires TLS.
+    pub(crate) fn new(target: &Target) -> Result<TlsClient, Error> {
+        #[cfg(feature = "tls-rustls")]
+        {
+            Ok(TlsClient {
+                client: tls::Client::new(target)?.map(Arc::new),
+            })
+        }
+        #[cfg(not(feature = "tls-rustls"))]
+        {
+            let mode = target.tls().mode();
+            if mode.requires_tls() && matches!(target.host(), Host::Tcp(_)) {
+                return Err(Error::config(format!(
+                    "invalid TLS settings for {target}: sslmode = {mode} needs TLS, and this build of pgfleet has none (enable the tls-rustls feature)"
+                )));
+            }
+            Ok(TlsClient {})
         }
     }
 
-    fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
-        let socket = socket2::SockRef::from(stream);
-        if let Some((idle, interval, count)) = self.keepalive {
-            let keepalive = socket2::TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval(interval);
-            #[cfg(any(
-                target_os = "linux",
-                target_os = "android",
-                target_vendor = "apple",
-                target_os = "freebsd"
-            ))]
-            let keepalive = keepalive.with_retries(count);
-            #[cfg(not(any(
-                target_os = "linux",
-                target_os = "android",
-                target_vendor = "apple",
-                target_os = "freebsd"
-            )))]
-            let _ = count;
-            socket.set_tcp_keepalive(&keepalive)?;
+    /// Whether TLS can be tried at all.
+    fn available(&self) -> bool {
+        #[cfg(feature = "tls-rustls")]
+        {
+            self.client.is_some()
         }
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Some(timeout) = self.user_timeout {
-            socket.set_tcp_user_timeout(Some(timeout))?;
+        #[cfg(not(feature = "tls-rustls"))]
+        {
+            false
         }
-        Ok(())
     }
 }
 
-/// Opens a socket to the target's server, with `options` on a TCP one.
-pub(crate) async fn open_socket(
-    target: &Target,
-    options: &SocketOptions,
-) -> std::io::Result<Socket> {
-    Ok(match target.host() {
-        Host::Tcp(host) => {
-            let stream = TcpStream::connect((host.as_str(), target.port())).await?;
-            // Requests are small and latency-bound.
-            stream.set_nodelay(true)?;
-            options.apply(&stream)?;
-            Socket::Tcp(stream)
+/// How one attempt goes over the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Plain,
+    Tls,
+}
+
+/// A failed attempt, and what libpq's fallbacks need to know about it.
+struct Failed {
+    error: Error,
+    /// The server answered the startup with an error (it refused the
+    /// session as offered: `allow` retries with TLS, `prefer` without).
+    refused: bool,
+    /// The TLS handshake failed (`prefer` retries without TLS).
+    handshake: bool,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        Failed {
+            error,
+            refused: false,
+            handshake: false,
         }
-        Host::Unix(dir) => Socket::Unix(
-            UnixStream::connect(dir.join(format!(".s.PGSQL.{}", target.port()))).await?,
-        ),
-    })
+    }
 }
 
 /// Opens one connection (no timeout here: the caller bounds it), with room
-/// for `statement_cache_size` cached statements.
+/// for `statement_cache_size` cached statements, over TLS or not as the
+/// target's `sslmode` says, with libpq's fallbacks: `prefer` tries TLS,
+/// then plaintext when the server declines TLS, the handshake fails or the
+/// server refuses the TLS session; `allow` tries plaintext, then TLS when
+/// the server refuses the plaintext session.
 pub(crate) async fn connect(
     target: &Target,
     pg: &tokio_postgres::Config,
     options: &SocketOptions,
+    tls: &TlsClient,
     statement_cache_size: usize,
 ) -> Result<RawConn, Error> {
+    let mode = target.tls().mode();
+    let tls_possible = tls.available() && matches!(target.host(), Host::Tcp(_));
+    let first = if tls_possible && mode != SslMode::Allow {
+        Wire::Tls
+    } else {
+        Wire::Plain
+    };
+    let attempt = |wire| attempt(target, pg, options, tls, statement_cache_size, wire);
+    match attempt(first).await {
+        Ok(conn) => Ok(conn),
+        Err(failed) => {
+            let second = match (mode, first) {
+                (SslMode::Prefer, Wire::Tls) if failed.refused || failed.handshake => Wire::Plain,
+                (SslMode::Allow, Wire::Plain) if failed.refused && tls_possible => Wire::Tls,
+                _ => return Err(failed.error),
+            };
+            let first_error = failed.error.to_string();
+            attempt(second).await.map_err(|again| {
+                let why = match first {
+                    Wire::Tls => "over TLS",
+                    Wire::Plain => "in plaintext",
+                };
+                Error::connect(format!(
+                    "{} (tried {why} first: {first_error})",
+                    again.error
+                ))
+                .with_source(again.error)
+            })
+        }
+    }
+}
+
+/// One attempt: socket, TLS if `wire` says so, startup.
+async fn attempt(
+    target: &Target,
+    pg: &tokio_postgres::Config,
+    options: &SocketOptions,
+    tls: &TlsClient,
+    statement_cache_size: usize,
+    wire: Wire,
+) -> Result<RawConn, Failed> {
     let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
     let socket = open_socket(target, options)
         .await
         .map_err(|e| fail(&e.to_string()).with_source(e))?;
+    let socket = match (wire, socket) {
+        (Wire::Tls, Socket::Tcp(tcp)) => secure(target, tls, tcp).await?,
+        (_, socket) => socket,
+    };
+    let secure = socket.is_tls();
+    let mut pg = pg.clone();
+    if secure {
+        // Already TLS below the tap: tokio-postgres must not ask again.
+        pg.ssl_mode(PgSslMode::Require)
+            .ssl_negotiation(SslNegotiation::Direct);
+    }
     let tap = Arc::new(TapState::new());
     let (client, connection) = pg
-        .connect_raw(TapStream::new(socket, tap.clone()), NoTls)
+        .connect_raw(TapStream::new(socket, tap.clone()), Established)
         .await
-        .map_err(|e| fail(&connect_message(&e)).with_source(e))?;
+        .map_err(|e| {
+            #[cfg(feature = "tls-rustls")]
+            if let Some(why) = tls.client.as_ref().and_then(|c| c.explain_startup(&e)) {
+                // The server refused the TLS session (its alert): waiting
+                // will not change its mind.
+                return Failed {
+                    refused: false,
+                    handshake: true,
+                    error: fail(&why).with_source(e).permanent(),
+                };
+            }
+            Failed {
+                refused: e.as_db_error().is_some(),
+                handshake: false,
+                error: fail(&connect_message(&e)).with_source(e),
+            }
+        })?;
     let driver_tap = tap.clone();
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -186,7 +278,48 @@ pub(crate) async fn connect(
         driver,
         created: Instant::now(),
         statements: StatementCache::new(statement_cache_size),
+        secure,
     })
+}
+
+/// Asks for TLS on `tcp` and shakes hands: the secure socket, or, under
+/// `prefer` when the server declines, the plain one.
+async fn secure(
+    target: &Target,
+    tls: &TlsClient,
+    mut tcp: tokio::net::TcpStream,
+) -> Result<Socket, Failed> {
+    let mode = target.tls().mode();
+    let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
+    let agreed = request_tls(&mut tcp)
+        .await
+        .map_err(|e| fail(&e.to_string()).with_source(e))?;
+    if !agreed {
+        return if mode == SslMode::Prefer {
+            Ok(Socket::Tcp(tcp))
+        } else {
+            Err(fail(&format!(
+                "the server does not support TLS, and sslmode = {mode} requires it"
+            ))
+            .permanent()
+            .into())
+        };
+    }
+    #[cfg(feature = "tls-rustls")]
+    if let Some(client) = &tls.client {
+        return match client.handshake(tcp).await {
+            Ok(stream) => Ok(Socket::Tls(Box::new(stream))),
+            Err(why) => Err(Failed {
+                error: fail(&why).permanent(),
+                refused: false,
+                handshake: true,
+            }),
+        };
+    }
+    let _ = tls;
+    Err(fail("TLS is not available in this build")
+        .permanent()
+        .into())
 }
 
 /// A handle that cancels the statement running on one connection: a
@@ -198,19 +331,23 @@ pub(crate) async fn connect(
 pub struct CancelToken {
     token: tokio_postgres::CancelToken,
     target: Target,
+    /// Set when the connection is TLS: the cancel request is too.
+    tls: Option<TlsClient>,
 }
 
 impl CancelToken {
-    pub(crate) fn new(client: &Client, target: &Target) -> CancelToken {
+    pub(crate) fn new(conn: &RawConn, target: &Target, tls: &TlsClient) -> CancelToken {
         CancelToken {
-            token: client.cancel_token(),
+            token: conn.client.cancel_token(),
             target: target.clone(),
+            tls: conn.secure.then(|| tls.clone()),
         }
     }
 
     /// Asks the server to cancel the statement running on the connection,
     /// if any; the statement then fails with SQLSTATE 57014. Whether it was
-    /// running or not, the server does not say.
+    /// running or not, the server does not say. The request goes over TLS
+    /// when the connection does, checked as the connection was.
     ///
     /// # Errors
     /// `Connect` if the server cannot be reached.
@@ -224,8 +361,20 @@ impl CancelToken {
         let socket = open_socket(&self.target, &SocketOptions::default())
             .await
             .map_err(|e| fail(&e).with_source(e))?;
+        let socket = match (&self.tls, socket) {
+            (Some(tls), Socket::Tcp(tcp)) => {
+                let socket = secure(&self.target, tls, tcp)
+                    .await
+                    .map_err(|failed| failed.error)?;
+                if !socket.is_tls() {
+                    return Err(fail(&"the server declined TLS for the cancel request"));
+                }
+                socket
+            }
+            (_, socket) => socket,
+        };
         self.token
-            .cancel_query_raw(socket, NoTls)
+            .cancel_query_raw(socket, Established)
             .await
             .map_err(|e| fail(&e).with_source(e))
     }
@@ -259,13 +408,6 @@ pub(crate) fn connect_message(e: &tokio_postgres::Error) -> String {
 
 /// SQLSTATE 53300: `FATAL: sorry, too many clients already`.
 pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
-
-/// Connect errors that waiting will not cure: bad credentials, missing
-/// database or role. Waiters fail at once instead of running out their
-/// timeout.
-pub(crate) fn is_permanent(code: &str) -> bool {
-    code.starts_with("28") || code == "3D000"
-}
 
 #[cfg(test)]
 mod tests {
@@ -333,11 +475,5 @@ mod tests {
         let socket = socket2::SockRef::from(&stream);
         assert!(!socket.keepalive().unwrap());
         assert_eq!(socket.tcp_user_timeout().unwrap(), None);
-    }
-
-    #[test]
-    fn auth_and_missing_database_are_permanent() {
-        assert!(is_permanent("28P01") && is_permanent("28000") && is_permanent("3D000"));
-        assert!(!is_permanent("53300") && !is_permanent("57P03"));
     }
 }

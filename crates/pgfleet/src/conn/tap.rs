@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 
 /// Transaction status from the last ReadyForQuery.
@@ -259,16 +258,9 @@ fn pack_code(code: &[u8]) -> u64 {
     u64::from_be_bytes(bytes).max(1)
 }
 
-/// The socket under the tap.
-#[derive(Debug)]
-pub(crate) enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
 /// A stream that reports protocol events to a [`TapState`].
 #[derive(Debug)]
-pub(crate) struct TapStream<S = Socket> {
+pub(crate) struct TapStream<S> {
     inner: S,
     state: Arc<TapState>,
     reads: Framer,
@@ -298,6 +290,11 @@ impl<S> TapStream<S> {
             writes: Framer::new(true),
             copy: CopyIn::default(),
         }
+    }
+
+    /// The stream under the tap.
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
     }
 
     fn observe_read(&mut self, data: &[u8]) {
@@ -420,46 +417,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
-            Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
 

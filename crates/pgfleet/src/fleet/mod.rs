@@ -102,8 +102,8 @@ impl Fleet {
     pub fn pool(&self, target: &Target, config: &PoolConfig) -> Result<PoolHandle> {
         match self.lookup(target, Some(config)) {
             Some((handle, true)) => Ok(handle),
-            Some((handle, false)) if Self::same_settings(&handle, config) => Ok(handle),
-            Some((handle, false)) => Err(settings_differ(&handle, config)),
+            Some((handle, false)) if Self::same_settings(&handle, target, config) => Ok(handle),
+            Some((handle, false)) => Err(settings_differ(&handle, target, config)),
             None => self.create(target, config),
         }
     }
@@ -113,8 +113,8 @@ impl Fleet {
     /// slow path, for a configuration that is not the one the pool was
     /// created with.
     #[cold]
-    fn same_settings(handle: &PoolHandle, config: &PoolConfig) -> bool {
-        handle.config().means_same(config)
+    fn same_settings(handle: &PoolHandle, target: &Target, config: &PoolConfig) -> bool {
+        handle.config().means_same(config) && handle.target().tls() == target.tls()
     }
 
     /// The pool for `target` if the fleet has one, whatever its settings.
@@ -138,10 +138,10 @@ impl Fleet {
             .try_with(|local| local.try_borrow().map_or(0, |local| local.stripe))
             .unwrap_or(0);
         if let Some(handle) = find_live(&inner.pools.load(), target, stripe) {
-            return if Self::same_settings(&handle, config) {
+            return if Self::same_settings(&handle, target, config) {
                 Ok(handle)
             } else {
-                Err(settings_differ(&handle, config))
+                Err(settings_differ(&handle, target, config))
             };
         }
         if let Some(dead) = find_entry(&inner.pools.load(), target).cloned() {
@@ -232,7 +232,11 @@ impl Fleet {
                 let handle = entry.take_handle(local.stripe)?;
                 // The usual caller passes the configuration the pool was
                 // created with: equal field by field, settled here.
-                let exact = config.is_some_and(|config| entry.asked == *config);
+                let exact = config.is_some_and(|config| {
+                    let tls = &entry.pool.target().tls;
+                    entry.asked == *config
+                        && (Arc::ptr_eq(tls, &target.tls) || **tls == *target.tls)
+                });
                 Some((handle, exact))
             })
         });
@@ -389,11 +393,19 @@ impl Fleet {
 /// The error for a `config` that does not mean what `handle`'s pool's
 /// configuration means: the keys that differ, with both values.
 #[cold]
-fn settings_differ(handle: &PoolHandle, config: &PoolConfig) -> Error {
+fn settings_differ(handle: &PoolHandle, target: &Target, config: &PoolConfig) -> Error {
     let differ = handle.config().differences(config);
+    let (in_force, asked) = (handle.target().tls(), target.tls());
     let listed: Vec<String> = differ
         .iter()
         .map(|(key, existing, asked)| format!("{key} = {existing} (in force) vs {asked} (asked)"))
+        .chain(in_force.differences(asked).into_iter().map(|key| {
+            format!(
+                "{key} = {} (in force) vs {} (asked)",
+                in_force.shown(key),
+                asked.shown(key)
+            )
+        }))
         .collect();
     Error::config(format!(
         "the pool for {} exists with other settings: {}; one database has one pool and one configuration: pass the same settings, or Fleet::existing to share it as it is",

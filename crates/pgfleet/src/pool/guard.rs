@@ -107,7 +107,7 @@ impl PooledConnection {
     /// # }
     /// ```
     pub fn cancel_token(&self) -> CancelToken {
-        CancelToken::new(&self.conn().raw.client, &self.pool.target)
+        CancelToken::new(&self.conn().raw, &self.pool.target, &self.pool.tls)
     }
 
     /// Statements cached on this connection.

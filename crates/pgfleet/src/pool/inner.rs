@@ -36,6 +36,8 @@ pub(crate) struct PoolInner {
     max_size: AtomicU32,
     /// What new connections authenticate with.
     pub(crate) credentials: Credentials,
+    /// The TLS client of new connections (and their cancel requests).
+    pub(crate) tls: conn::TlsClient,
     /// Bumped by `drain`: a connection of an older generation is replaced.
     pub(crate) generation: AtomicU64,
     state: Mutex<State<Conn>>,
@@ -139,6 +141,7 @@ impl PoolInner {
         config: PoolConfig,
         budget: Option<Arc<ServerBudget>>,
         runtime: tokio::runtime::Handle,
+        tls: conn::TlsClient,
     ) -> PoolInner {
         let runtime_gone = Arc::new(RuntimeGone::default());
         let (watch, ended) = oneshot::channel();
@@ -155,6 +158,7 @@ impl PoolInner {
             id,
             budget,
             credentials: Credentials::new(&target, &config),
+            tls,
             generation: AtomicU64::new(0),
             label: target.to_string(),
             target,
@@ -462,6 +466,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             &pool.target,
             &pg,
             &conn::SocketOptions::of(&pool.config),
+            &pool.tls,
             pool.config.statement_cache_size,
         )
         .await
@@ -529,7 +534,7 @@ fn connect_failed(pool: &PoolInner, err: &Error) {
     pool.counters.connect_errors.fetch_add(1, Ordering::Relaxed);
     let message = err.to_string();
     let code = err.code().map(str::to_owned);
-    let permanent = code.as_deref().is_some_and(conn::is_permanent);
+    let permanent = err.is_permanent();
     if code.as_deref() == Some(conn::TOO_MANY_CONNECTIONS) {
         pool.counters
             .connections_refused

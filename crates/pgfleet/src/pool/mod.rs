@@ -82,9 +82,10 @@ impl Pool {
                 "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
             )
         })?;
+        let tls = crate::conn::TlsClient::new(&target)?;
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
         let lanes = Arc::new(Lanes::new(&config));
-        let inner = Arc::new(PoolInner::new(id, target, config, budget, runtime));
+        let inner = Arc::new(PoolInner::new(id, target, config, budget, runtime, tls));
         if let Some(budget) = &inner.budget {
             let member: Arc<dyn crate::budget::Reclaim> = inner.clone();
             budget.join(

@@ -103,7 +103,7 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
     if !settled && !conn.raw.is_broken() {
         // A statement is still running on the server: cancel it so the
         // connection can come back, rather than leave a busy backend behind.
-        let token = CancelToken::new(&conn.raw.client, &pool.target);
+        let token = CancelToken::new(&conn.raw, &pool.target, &pool.tls);
         let sent = timeout(pool.config.connect_timeout, token.cancel_query()).await;
         if sent.is_ok_and(|r| r.is_ok()) {
             settled = timeout(pool.config.connect_timeout, tap.settled())
