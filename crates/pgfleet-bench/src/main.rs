@@ -206,15 +206,28 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let seconds = args.seconds.unwrap_or(if args.quick { 0.25 } else { 2.0 });
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let measure = Duration::from_secs_f64(seconds);
-    eprintln!("starting a throwaway PostgreSQL cluster (max_connections=300)");
+    eprintln!("starting a throwaway PostgreSQL cluster (max_connections=300, TLS on)");
+    let ca = pgfleet_testkit::TestCa::new("pgfleet-bench CA")?;
+    let tls = pgfleet_testkit::ServerTls::new(&ca, &["127.0.0.1"])?;
     let cluster = tokio::task::spawn_blocking(|| {
         pgfleet_testkit::TempCluster::builder()
             .setting("max_connections", "300")
             .setting("shared_buffers", "64MB")
+            .tls(tls)
             .start()
     })
     .await??;
-    let url = cluster.url("postgres");
+    // Every subject in plaintext (the server offers TLS, so pgfleet's
+    // default `prefer` would take it), and pgfleet once more over TLS.
+    let url = format!("{}?sslmode=disable", cluster.url("postgres"));
+    let tls_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        cluster.url("postgres"),
+        cluster
+            .ca_cert_path()
+            .ok_or("the bench cluster has TLS")?
+            .display()
+    );
     cluster
         .execute(&format!(
             "DROP TABLE IF EXISTS bench; CREATE TABLE bench (id int PRIMARY KEY, v text); \
@@ -267,6 +280,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let dedicated = Subject::build(Kind::Dedicated, &url, size, 0).await?;
     let pipelined = Subject::build(Kind::Pipelined, &url, 1, 0).await?;
     let shared = Subject::build(Kind::PgfleetShared, &url, size, 0).await?;
+    let over_tls = Subject::build(Kind::PgfleetTls, &tls_url, size, 0).await?;
+    over_tls.fill(size as usize).await?;
 
     let (a_conc, b_conc): (&[usize], &[usize]) = if args.quick {
         (&[1, 16, 256], &[16, 256])
@@ -311,6 +326,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             with_baselines.push((Kind::Dedicated, dedicated.clone()));
             with_baselines.push((Kind::Pipelined, pipelined.clone()));
             with_baselines.push((Kind::PgfleetShared, shared.clone()));
+            with_baselines.push((Kind::PgfleetTls, over_tls.clone()));
             plan.push(("B/C queries".into(), op, c, with_baselines));
         }
     }

@@ -25,6 +25,9 @@ pub enum Kind {
     /// pgfleet's opt-in shared mode (`Pool::shared`): statements pipelined
     /// over `shared_connections` of the pool's connections.
     PgfleetShared,
+    /// pgfleet's pool over TLS (`sslmode=verify-full`, rustls), to the same
+    /// server: scenario B only, the cost of TLS per statement.
+    PgfleetTls,
     /// No pool at all (scenario A only): the harness loop alone, to show how
     /// even the scheduler spreads work over tasks.
     Noop,
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Dedicated => "dedicated",
             Kind::Pipelined => "pipelined",
             Kind::PgfleetShared => "pgfleet-shared",
+            Kind::PgfleetTls => "pgfleet-tls",
             Kind::Noop => "no pool",
         }
     }
@@ -216,7 +220,8 @@ impl Subject {
     /// Builds `kind` with `size` connections (pools: max size; `min` kept
     /// warm where the pool supports it).
     pub async fn build(kind: Kind, url: &str, size: u32, min: u32) -> Result<Subject, BoxError> {
-        let pg: tokio_postgres::Config = url.parse()?;
+        // tokio-postgres's own parser (the peers'): it knows no sslrootcert.
+        let pg = || url.parse::<tokio_postgres::Config>();
         let pgfleet_pool = |shared_connections: u32| -> Result<pgfleet::Pool, BoxError> {
             Ok(pgfleet::Pool::new(
                 pgfleet::Target::parse(url)?,
@@ -231,11 +236,11 @@ impl Subject {
             )?)
         };
         Ok(match kind {
-            Kind::Pgfleet => Subject::Pgfleet(pgfleet_pool(SHARED_CONNECTIONS)?),
+            Kind::Pgfleet | Kind::PgfleetTls => Subject::Pgfleet(pgfleet_pool(SHARED_CONNECTIONS)?),
             Kind::PgfleetShared => Subject::PgfleetShared(pgfleet_pool(SHARED_CONNECTIONS)?),
             Kind::Deadpool => {
                 let manager = deadpool_postgres::Manager::from_config(
-                    pg,
+                    pg()?,
                     NoTls,
                     deadpool_postgres::ManagerConfig {
                         recycling_method: deadpool_postgres::RecyclingMethod::Fast,
@@ -248,7 +253,7 @@ impl Subject {
                 )
             }
             Kind::Bb8 => {
-                let manager = bb8_postgres::PostgresConnectionManager::new(pg, NoTls);
+                let manager = bb8_postgres::PostgresConnectionManager::new(pg()?, NoTls);
                 Subject::Bb8(
                     bb8::Pool::builder()
                         .max_size(size)

@@ -177,7 +177,9 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
          sqlx `PgPool` with its defaults (it checks a connection before handing it out). `dedicated` is 16 \
          tokio-postgres connections, one per task (at most 16 tasks); `pipelined` is one tokio-postgres \
          connection shared by every task; `pgfleet-shared` is pgfleet's opt-in shared mode (`Pool::shared`, \
-         statements of all tasks pipelined over `shared_connections` = 2 pool connections); `no pool` (scenario \
+         statements of all tasks pipelined over `shared_connections` = 2 pool connections); `pgfleet-tls` \
+         (scenario B) is pgfleet's pool over TLS (rustls, `sslmode=verify-full`, TLS 1.3) to the same server, every \
+         other subject in plaintext (`sslmode=disable`); `no pool` (scenario \
          A) is the harness loop alone, which shows how evenly the tokio scheduler itself spreads work over tasks. \
          Scenario A runs twice: `acquire+release` (no task ever waits: on 2 cores at most 2 tasks hold a \
          connection at once) and, with more tasks than connections, `A contended` = `acquire+yield+release` (each \
@@ -318,13 +320,35 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
             .iter()
             .find(|l| l.registry.starts_with(name) && l.threads == 2)
     };
-    if let (Some(ours), Some(rw)) = (lookup("pgfleet"), lookup("RwLock")) {
-        let ratio = ours.lookups_per_s / rw.lookups_per_s;
-        let _ = writeln!(
-            md,
-            "| (E) existing-pool lookup >= 10x the RwLock registry, 2 threads | {ratio:.1}x | {} |",
-            verdict(ratio >= 10.0)
-        );
+    for (ours, what) in [
+        ("pgfleet Fleet::pool", "Fleet::pool (settings checked)"),
+        ("pgfleet Fleet::existing", "Fleet::existing (no settings)"),
+    ] {
+        if let (Some(ours), Some(rw)) = (lookup(ours), lookup("RwLock")) {
+            let ratio = ours.lookups_per_s / rw.lookups_per_s;
+            let _ = writeln!(
+                md,
+                "| (E) existing-pool lookup, {what}, >= 10x the RwLock registry, 2 threads | {ratio:.1}x | {} |",
+                verdict(ratio >= 10.0)
+            );
+        }
+    }
+    // The cost of TLS: the same pool, the same server, the same run.
+    for op in Op::QUERIES.map(Op::name) {
+        for conc in [16usize, 256, 1024] {
+            let (Some(tls), Some(plain)) = (
+                find(r, op, "pgfleet-tls", conc),
+                find(r, op, "pgfleet", conc),
+            ) else {
+                continue;
+            };
+            let ratio = Ratio::of(tls, plain);
+            let _ = writeln!(
+                md,
+                "| (TLS) {op} at {conc} tasks, pgfleet over TLS / plaintext (no target: the cost) | {ratio}; client CPU {:.2} vs {:.2}, server CPU {:.2} vs {:.2} | - |",
+                tls.client_cpu, plain.client_cpu, tls.server_cpu, plain.server_cpu
+            );
+        }
     }
     let select1 = [Op::Select1Prepared, Op::Select1Extended, Op::Select1Simple];
     for op in select1.map(Op::name) {

@@ -53,7 +53,14 @@ pub async fn creation(url: &str, repeat: usize) -> Result<Vec<CreationRow>, BoxE
 }
 
 /// The registries of scenario E.
-const REGISTRIES: [&str; 3] = ["pgfleet Fleet::pool", "Mutex<HashMap>", "RwLock<HashMap>"];
+/// `Fleet::pool` checks the caller's settings against the pool's on every
+/// lookup; `Fleet::existing` does not.
+const REGISTRIES: [&str; 4] = [
+    "pgfleet Fleet::pool",
+    "pgfleet Fleet::existing",
+    "Mutex<HashMap>",
+    "RwLock<HashMap>",
+];
 
 /// Scenario E: looking up an existing pool in pgfleet's fleet against a
 /// `Mutex<HashMap>` and an `RwLock<HashMap>` registry (the seed's design),
@@ -103,6 +110,9 @@ pub fn lookups(
                                     }),
                                     "RwLock<HashMap>" => spin(&stop, &|| {
                                         black_box(rwlock.read().expect("lock").get(&key).cloned());
+                                    }),
+                                    "pgfleet Fleet::existing" => spin(&stop, &|| {
+                                        black_box(fleet.existing(&target).expect("pool"));
                                     }),
                                     _ => spin(&stop, &|| {
                                         black_box(fleet.pool(&target, &config).expect("pool"));
