@@ -613,6 +613,46 @@ mod tests {
     }
 
     #[test]
+    fn tls_keys_come_from_the_url_and_later_layers_override_them() {
+        use crate::tls::{RootCert, SslMode};
+        let mut s = PoolSettings::new();
+        s.set(
+            "url",
+            &"postgres://u@db.internal/d?sslmode=require&sslrootcert=/etc/url-ca.pem".into(),
+            Source::Code,
+        )
+        .unwrap();
+        s.set("sslmode", &"verify-full".into(), file("sslmode"))
+            .unwrap();
+        s.set("sslsni", &RawValue::Int(0), file("sslsni")).unwrap();
+        let target = s.target().unwrap();
+        let tls = target.tls();
+        assert_eq!(tls.mode(), SslMode::VerifyFull, "the later layer wins");
+        assert_eq!(
+            tls.root_cert_setting(),
+            Some(&RootCert::File("/etc/url-ca.pem".into())),
+            "the URL's value stays"
+        );
+        assert!(!tls.sends_sni());
+        let rows = s.explain().unwrap();
+        let mode = rows.iter().find(|r| r.key == "sslmode").unwrap();
+        assert_eq!(mode.value, "verify-full");
+        assert_eq!(mode.source, file("sslmode"));
+        let root = rows.iter().find(|r| r.key == "sslrootcert").unwrap();
+        assert_eq!(root.value, "/etc/url-ca.pem");
+        // A bad value names the key, the value and where it came from.
+        let err = PoolSettings::new()
+            .set("sslmode", &"strict".into(), file("sslmode"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sslmode = \"strict\" (database/default.yaml: database.postgres.sslmode)")
+                && err.contains("verify-full"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn pool_keys_in_a_url_query_use_the_same_parser() {
         let env = Source::Env {
             var: "DATABASE_URL".into(),
