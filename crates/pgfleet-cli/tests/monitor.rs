@@ -138,6 +138,23 @@ fn it_watches_a_tls_only_server_with_verify_full() {
         out.contains("client connections 0 of max_connections 100"),
         "{out}"
     );
+    // The platform's roots (`sslrootcert=system`): here the CA is made the
+    // platform's by SSL_CERT_FILE, which the platform store honours.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+        .env("SSL_CERT_FILE", dir.path().join("ca.pem"))
+        .arg("monitor")
+        .args([
+            "--database-url",
+            &format!("{base}?sslmode=verify-full&sslrootcert=system"),
+        ])
+        .output()
+        .expect("run pgfleet monitor");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Plaintext is refused by this server, and the message says so.
     let (code, _, err) = run("sslmode=disable");
     assert_eq!(code, 1);

@@ -218,14 +218,27 @@ impl PoolSettings {
                 password.as_deref(),
             ),
         }?;
+        // A TLS key set in any layer holds unless a later URL names the
+        // same parameter (as libpq: a connection string overrides only what
+        // it says).
         let mut tls = target.tls().clone();
         for (name, value) in &self.parts.tls {
-            if after_url(name) {
+            if after_url(name) || !self.url_names(name) {
                 // Checked when set.
                 let _ = tls.set_param(name, value);
             }
         }
         Ok(target.with_tls(tls))
+    }
+
+    /// Whether the `url` key's query names the parameter `name`.
+    fn url_names(&self, name: &str) -> bool {
+        let Some((_, query)) = self.parts.url.as_deref().and_then(|u| u.split_once('?')) else {
+            return false;
+        };
+        query
+            .split('&')
+            .any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == name)
     }
 
     /// The pool configuration: defaults for what is not set, then the
@@ -362,7 +375,17 @@ impl PoolSettings {
                     .to_owned(),
                     target_source(key.name),
                 ),
-                Kind::Tls(_) => (target.tls().shown(key.name), target_source(key.name)),
+                Kind::Tls(_) => (
+                    target.tls().shown(key.name),
+                    match (self.setting(key.name), url) {
+                        (Some(s), Some(u)) if s.seq < u.seq && self.url_names(key.name) => {
+                            url_source()
+                        }
+                        (Some(s), _) => s.source.clone(),
+                        (None, Some(_)) if self.url_names(key.name) => url_source(),
+                        (None, _) => Source::Default,
+                    },
+                ),
                 Kind::Settings(_) if config.server_settings.is_empty() => continue,
                 // max_size derived from pool_size + max_overflow.
                 Kind::MaxSize { .. } if !self.is_set("max_size") && self.is_set("max_overflow") => {
@@ -640,6 +663,37 @@ mod tests {
         assert_eq!(mode.source, file("sslmode"));
         let root = rows.iter().find(|r| r.key == "sslrootcert").unwrap();
         assert_eq!(root.value, "/etc/url-ca.pem");
+        let sni = rows.iter().find(|r| r.key == "sslsni").unwrap();
+        assert_eq!(sni.source, file("sslsni"));
+        let binding = rows.iter().find(|r| r.key == "channel_binding").unwrap();
+        assert_eq!(binding.source, Source::Default, "the URL does not name it");
+
+        // YAML's TLS keys survive a later URL (DATABASE_URL) that does not
+        // name them; one that does wins.
+        let mut s = PoolSettings::new();
+        s.set("sslmode", &"verify-full".into(), file("sslmode"))
+            .unwrap();
+        s.set(
+            "sslrootcert",
+            &"/etc/yaml-ca.pem".into(),
+            file("sslrootcert"),
+        )
+        .unwrap();
+        let env = Source::Env {
+            var: "DATABASE_URL".into(),
+        };
+        s.set(
+            "url",
+            &"postgres://u@h/d?sslrootcert=/etc/env-ca.pem".into(),
+            env,
+        )
+        .unwrap();
+        let tls = s.target().unwrap().tls().clone();
+        assert_eq!(tls.mode(), SslMode::VerifyFull);
+        assert_eq!(
+            tls.root_cert_setting(),
+            Some(&RootCert::File("/etc/env-ca.pem".into()))
+        );
         // A bad value names the key, the value and where it came from.
         let err = PoolSettings::new()
             .set("sslmode", &"strict".into(), file("sslmode"))

@@ -209,11 +209,16 @@ pub(crate) async fn connect(
                     Wire::Tls => "over TLS",
                     Wire::Plain => "in plaintext",
                 };
-                Error::connect(format!(
+                let error = Error::connect(format!(
                     "{} (tried {why} first: {first_error})",
                     again.error
-                ))
-                .with_source(again.error)
+                ));
+                // Whether waiting helps is the second attempt's to say.
+                if again.error.is_permanent() {
+                    error.with_source(again.error).permanent()
+                } else {
+                    error.with_source(again.error)
+                }
             })
         }
     }
@@ -250,11 +255,12 @@ async fn attempt(
         .map_err(|e| {
             #[cfg(feature = "tls-rustls")]
             if let Some(why) = tls.client.as_ref().and_then(|c| c.explain_startup(&e)) {
-                // The server refused the TLS session (its alert): waiting
-                // will not change its mind.
+                // The server refused the TLS session (its alert, e.g. for
+                // the client certificate): waiting will not change its
+                // mind, and libpq does not fall back to plaintext here.
                 return Failed {
                     refused: false,
-                    handshake: true,
+                    handshake: false,
                     error: fail(&why).with_source(e).permanent(),
                 };
             }
@@ -295,25 +301,34 @@ async fn secure(
         .await
         .map_err(|e| fail(&e.to_string()).with_source(e))?;
     if !agreed {
-        return if mode == SslMode::Prefer {
-            Ok(Socket::Tcp(tcp))
-        } else {
-            Err(fail(&format!(
+        return match mode {
+            SslMode::Prefer => Ok(Socket::Tcp(tcp)),
+            // `allow`'s second attempt, after the plaintext one was refused.
+            SslMode::Allow => Err(fail(
+                "the server refused the plaintext session and does not support TLS",
+            )
+            .permanent()
+            .into()),
+            _ => Err(fail(&format!(
                 "the server does not support TLS, and sslmode = {mode} requires it"
             ))
             .permanent()
-            .into())
+            .into()),
         };
     }
     #[cfg(feature = "tls-rustls")]
     if let Some(client) = &tls.client {
         return match client.handshake(tcp).await {
             Ok(stream) => Ok(Socket::Tls(Box::new(stream))),
-            Err(why) => Err(Failed {
-                error: fail(&why).permanent(),
-                refused: false,
-                handshake: true,
-            }),
+            Err((why, of_tls)) => {
+                let error = fail(&why);
+                Err(Failed {
+                    // A reset during the handshake is the network's: retry.
+                    error: if of_tls { error.permanent() } else { error },
+                    refused: false,
+                    handshake: true,
+                })
+            }
         };
     }
     let _ = tls;

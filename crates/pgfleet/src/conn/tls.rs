@@ -112,15 +112,22 @@ impl Client {
     /// The TLS handshake over `tcp`, after the server agreed to TLS.
     ///
     /// # Errors
-    /// What failed, in words: see [`describe`](Self::describe).
+    /// What failed, in words (see [`describe`](Self::describe)), and
+    /// whether it is a failure of TLS itself (trust, protocol), which a
+    /// retry does not cure, rather than of the network.
     pub(crate) async fn handshake(
         &self,
         tcp: TcpStream,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, (String, bool)> {
         tokio_rustls::TlsConnector::from(self.config.clone())
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| self.describe(&e))
+            .map_err(|e| {
+                let of_tls = e
+                    .get_ref()
+                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+                (self.describe(&e), of_tls)
+            })
     }
 
     /// A TLS failure after the handshake, in words, when `e` is one: with
