@@ -18,3 +18,12 @@ if ! have_initdb; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
   have_initdb || { echo "setup: postgresql installed but initdb still not found" >&2; exit 1; }
 fi
+
+# The TLS tests make an RSA key in PKCS#1 form with the openssl tool.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "setup: openssl not found; installing it" >&2
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >/dev/null
+fi
