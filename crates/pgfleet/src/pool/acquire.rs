@@ -99,7 +99,9 @@ impl PoolInner {
                         st.reap_at = Some(deadline);
                         start_reaper = Some(st.reaper);
                     }
-                    plan = self.plan(&mut st);
+                    // The acquire's own clock reading: a waiter queues
+                    // many times a second under load.
+                    plan = st.plan(self.min_size(), self.max_size(), now);
                     // From here on, dropping the guard settles the wait.
                     break Ok(Taken::Queued(WaitGuard {
                         rx: Some(rx),

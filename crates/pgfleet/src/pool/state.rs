@@ -172,6 +172,12 @@ impl<C> State<C> {
         if self.closed {
             return Plan::default();
         }
+        if self.size >= max_size && self.connects.is_empty() {
+            // Full, nothing in progress: no connect can start and none can
+            // turn overdue, so there is nothing to open or to look at
+            // later (the common case of waiters queueing for returns).
+            return Plan::default();
+        }
         if let Some(floor_until) = self.backoff_until {
             let until = match self.retry_soon {
                 Some(soon) if self.waiting > 0 => soon.min(floor_until),
