@@ -6,19 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{app, cluster, config, target};
+use common::{app, cluster, config, in_transaction, target};
 use pgfleet::Pool;
-
-async fn in_transaction(conn: &tokio_postgres::Client) -> bool {
-    // SAVEPOINT is only allowed inside a transaction block (25P01 outside).
-    match conn.batch_execute("SAVEPOINT pgfleet_probe").await {
-        Ok(()) => true,
-        Err(e) => {
-            assert_eq!(e.code().map(|c| c.code()), Some("25P01"), "{e}");
-            false
-        }
-    }
-}
 
 #[tokio::test]
 async fn raw_begin_left_open_is_rolled_back_before_reuse() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{app, config};
+use common::{app, config, in_transaction};
 use pgfleet::{Error, Pool, PooledConnection, SslMode, Target};
 use pgfleet_testkit::{ServerTls, TempCluster, TestCa};
 
@@ -415,16 +415,6 @@ fn verified_url() -> String {
             ca_path(tls_only()).display()
         ),
     )
-}
-
-async fn in_transaction(conn: &tokio_postgres::Client) -> bool {
-    match conn.batch_execute("SAVEPOINT pgfleet_probe").await {
-        Ok(()) => true,
-        Err(e) => {
-            assert_eq!(e.code().map(|c| c.code()), Some("25P01"), "{e}");
-            false
-        }
-    }
 }
 
 #[tokio::test]

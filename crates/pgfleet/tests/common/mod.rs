@@ -114,3 +114,15 @@ impl PeakSampler {
         self.task.await.expect("sampler")
     }
 }
+
+/// Whether the session is inside a transaction block: SAVEPOINT is allowed
+/// only there (25P01 outside).
+pub async fn in_transaction(conn: &tokio_postgres::Client) -> bool {
+    match conn.batch_execute("SAVEPOINT pgfleet_probe").await {
+        Ok(()) => true,
+        Err(e) => {
+            assert_eq!(e.code().map(|c| c.code()), Some("25P01"), "{e}");
+            false
+        }
+    }
+}
