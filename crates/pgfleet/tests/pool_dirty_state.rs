@@ -209,3 +209,56 @@ async fn copy_from_stdin_finished_or_abandoned_returns_the_connection_clean() {
         .unwrap();
     assert_eq!(pool.stats().counters.connections_closed_dirty, 0);
 }
+
+/// `ROLLBACK` statements of `app` in the server log of `cluster`
+/// (`log_statement = all`).
+fn rollbacks_logged(cluster: &pgfleet_testkit::TempCluster, app: &str) -> usize {
+    std::fs::read_to_string(cluster.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(app) && l.ends_with("statement: ROLLBACK"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_return_from_a_transaction_is_not_a_dirty_return_and_rolls_back_once() {
+    let cluster = pgfleet_testkit::TempCluster::builder()
+        .setting("log_statement", "all")
+        .setting("log_line_prefix", "%a: ")
+        .start()
+        .unwrap();
+    let app = app("early_return");
+    let pool = Pool::new(target(&cluster), config(&app, 0, 1)).unwrap();
+    const RETURNS: usize = 20;
+    for i in 0..RETURNS {
+        let mut conn = pool.get().await.unwrap();
+        let tx = conn.transaction().await.unwrap();
+        tx.execute("SELECT $1::int", &[&(i as i32)]).await.unwrap();
+        // An early return: the Transaction is dropped (tokio-postgres
+        // queues a ROLLBACK), then the guard.
+        drop(tx);
+        drop(conn);
+    }
+    let conn = pool.get().await.unwrap();
+    assert!(!in_transaction(&conn).await);
+    drop(conn);
+    let stats = pool.stats();
+    assert_eq!(stats.counters.dirty_returns, 0, "{stats:?}");
+    assert_eq!(stats.counters.connections_created, 1, "{stats:?}");
+    // The log is written asynchronously: wait (bounded) for all of them.
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = rollbacks_logged(&cluster, &app);
+        if seen >= RETURNS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a second ROLLBACK the chance to show up before counting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    seen = seen.max(rollbacks_logged(&cluster, &app));
+    assert_eq!(
+        seen, RETURNS,
+        "one ROLLBACK per transaction, none from the pool"
+    );
+}

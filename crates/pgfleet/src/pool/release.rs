@@ -94,6 +94,21 @@ impl PoolInner {
     }
 }
 
+/// Whether the transaction the connection came back in was ended by the
+/// client's own requests queued before it came back: a tokio-postgres
+/// `Transaction` dropped by an early return queues a ROLLBACK that the tap
+/// sees only once the connection's task writes it. An empty query queued
+/// now is answered after everything queued before it, so its answer tells
+/// the state those requests left (one round trip, on this path only).
+async fn rolled_back_by_client(pool: &PoolInner, conn: &Conn) -> bool {
+    let barrier = timeout(
+        pool.config.connect_timeout,
+        conn.raw.client.batch_execute(""),
+    )
+    .await;
+    barrier.is_ok_and(|r| r.is_ok()) && conn.raw.tap.is_clean()
+}
+
 /// The clean task: waits for requests in flight (and cancels them if they
 /// run on), rolls back an open transaction, then returns the connection to
 /// the pool or closes it.
@@ -116,7 +131,7 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
         conn.close(CloseReason::Dirty);
         return;
     }
-    if tap.status() != TxStatus::Idle {
+    if tap.status() != TxStatus::Idle && !rolled_back_by_client(&pool, &conn).await {
         pool.counters.dirty_returns.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             pool = %pool.label,
