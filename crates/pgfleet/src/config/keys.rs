@@ -9,11 +9,12 @@
 //!
 //! [`PoolSettings`]: super::PoolSettings
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::kinds::{field, Field};
+pub(crate) use super::kinds::{size, Kind};
 use super::pool::PoolConfig;
-use super::value::{self, RawValue, Source, Why};
+use super::value::Source;
 use crate::error::{Error, Result};
 
 /// Upper bound of timeouts: anything longer is a mistake in units.
@@ -39,72 +40,6 @@ pub(crate) struct Key {
     pub(crate) default: &'static str,
     /// What the key does, in one line.
     pub(crate) doc: &'static str,
-}
-
-/// Reads and writes one field of a [`PoolConfig`].
-pub(crate) struct Field<T: 'static> {
-    get: fn(&PoolConfig) -> &T,
-    set: fn(&mut PoolConfig) -> &mut T,
-}
-
-macro_rules! field {
-    ($name:ident) => {
-        Field {
-            get: |c| &c.$name,
-            set: |c| &mut c.$name,
-        }
-    };
-}
-
-/// The kind of a key: how a raw value is checked and typed, and where it
-/// goes.
-pub(crate) enum Kind {
-    /// A `postgres://` URL; pool keys in its query are set through this
-    /// table too.
-    Url,
-    /// One host name or IP address, or a Unix socket directory.
-    Host,
-    /// A port number.
-    Port,
-    /// The database name.
-    Database,
-    /// The role name.
-    User,
-    /// A password: never shown.
-    Secret,
-    /// A TLS parameter of the target (libpq's name; see `TlsConfig`),
-    /// with the values it takes as the reference shows them.
-    Tls(&'static str),
-    /// A number of connections in `min..=max`. `max_overflow` has no field:
-    /// it is added to the floor to make `max_size`.
-    Size {
-        min: u32,
-        max: u32,
-        field: Option<Field<u32>>,
-    },
-    /// `max_size`: a number of connections in `min..=max`, or unset to
-    /// follow a larger `min_size` (see `PoolConfig::effective_max_size`).
-    MaxSize { min: u32, max: u32 },
-    /// A number of entries, `0..=max`.
-    Len { max: usize, field: Field<usize> },
-    /// A count of at least `min`, or `off`.
-    Limit { min: u64, field: Field<Option<u64>> },
-    /// A number of callers in `0..=max`, or `off`.
-    Callers { max: u32, field: Field<Option<u32>> },
-    /// A duration up to `max`, always on.
-    Duration {
-        max: Duration,
-        field: Field<Duration>,
-    },
-    /// A duration up to `max`, or `off`.
-    OptDuration {
-        max: Duration,
-        field: Field<Option<Duration>>,
-    },
-    /// `application_name`: 1..=63 bytes.
-    AppName(Field<String>),
-    /// Run-time parameters sent at start-up, by name.
-    Settings(Field<BTreeMap<String, String>>),
 }
 
 /// Every key, in the order of the reference and of `explain`.
@@ -443,221 +378,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-impl Key {
-    /// A part of the target (where to connect), not of the pool.
-    pub(crate) fn is_target_part(&self) -> bool {
-        matches!(
-            self.kind,
-            Kind::Host | Kind::Port | Kind::Database | Kind::User | Kind::Secret | Kind::Tls(_)
-        )
-    }
-
-    /// A key that a URL's query may carry: a pool key other than
-    /// `server_settings` (a mapping has no place in a query).
-    pub(crate) fn is_url_param(&self) -> bool {
-        !self.is_target_part() && !matches!(self.kind, Kind::Url | Kind::Settings(_))
-    }
-
-    /// Checks `raw` and stores it in `config`, for keys with a field.
-    /// Returns `false` for the others (target parts, `max_overflow`).
-    ///
-    /// # Errors
-    /// What is wrong with the value.
-    pub(crate) fn apply(&self, raw: &RawValue, config: &mut PoolConfig) -> Result<bool, Why> {
-        match &self.kind {
-            Kind::Size {
-                min,
-                max,
-                field: Some(field),
-            } => *(field.set)(config) = size(raw, *min, *max)?,
-            Kind::MaxSize { min, max } => config.max_size = Some(size(raw, *min, *max)?),
-            Kind::Len { max, field } => {
-                *(field.set)(config) = value::count(raw, 0, *max as u64)? as usize;
-            }
-            Kind::Limit { min, field } => {
-                *(field.set)(config) = if value::is_off(raw) {
-                    None
-                } else {
-                    Some(value::count(raw, *min, u64::MAX)?)
-                };
-            }
-            Kind::Callers { max, field } => {
-                *(field.set)(config) = if value::is_off(raw) {
-                    None
-                } else {
-                    Some(size(raw, 0, *max)?)
-                };
-            }
-            Kind::Duration { max, field } => {
-                *(field.set)(config) = value::duration(raw, *max, false)?;
-            }
-            Kind::OptDuration { max, field } => {
-                *(field.set)(config) = if value::is_off(raw) {
-                    None
-                } else {
-                    Some(value::duration(raw, *max, true)?)
-                };
-            }
-            Kind::AppName(field) => {
-                let name = value::text(raw)?;
-                value::check_application_name(&name)?;
-                *(field.set)(config) = name;
-            }
-            Kind::Settings(field) => *(field.set)(config) = value::settings_map(raw)?,
-            Kind::Size { field: None, .. }
-            | Kind::Url
-            | Kind::Host
-            | Kind::Port
-            | Kind::Database
-            | Kind::User
-            | Kind::Secret
-            | Kind::Tls(_) => return Ok(false),
-        }
-        Ok(true)
-    }
-
-    /// Checks the value of this key's field in a configuration built in
-    /// code; returns the value as shown and what is wrong with it.
-    pub(crate) fn check(&self, config: &PoolConfig) -> Result<(), (String, Why)> {
-        let fail = |why: Why| Err((self.show(config).unwrap_or_default(), why));
-        match &self.kind {
-            Kind::Size {
-                min,
-                max,
-                field: Some(field),
-            } => {
-                let n = *(field.get)(config);
-                if n < *min || n > *max {
-                    return fail(format!("expected {min}..={max}"));
-                }
-            }
-            Kind::MaxSize { min, max } => {
-                if config.max_size.is_some_and(|n| n < *min || n > *max) {
-                    return fail(format!("expected {min}..={max}"));
-                }
-            }
-            Kind::Len { max, field } => {
-                if *(field.get)(config) > *max {
-                    return fail(format!("expected 0..={max}"));
-                }
-            }
-            Kind::Callers { max, field } => {
-                if (field.get)(config).is_some_and(|n| n > *max) {
-                    return fail(format!("expected 0..={max}, or None / `off`"));
-                }
-            }
-            Kind::Limit { min, field } => {
-                if (field.get)(config).is_some_and(|n| n < *min) {
-                    return fail(format!(
-                        "must be at least {min} (use None / `off` to disable)"
-                    ));
-                }
-            }
-            Kind::Duration { max, field } => {
-                if let Err(why) = value::check_duration(*(field.get)(config), *max, false) {
-                    return fail(why);
-                }
-            }
-            Kind::OptDuration { max, field } => {
-                if let Some(d) = *(field.get)(config) {
-                    if let Err(why) = value::check_duration(d, *max, false) {
-                        return fail(if d.is_zero() {
-                            format!("{why} (use None / `off` to disable)")
-                        } else {
-                            why
-                        });
-                    }
-                }
-            }
-            Kind::AppName(field) => {
-                if let Err(why) = value::check_application_name((field.get)(config)) {
-                    return fail(why);
-                }
-            }
-            Kind::Settings(field) => {
-                for (name, setting) in (field.get)(config) {
-                    if let Err(why) = value::check_setting_name(name)
-                        .and_then(|()| value::check_setting_value(setting))
-                    {
-                        return Err((format!("{name:?}"), why));
-                    }
-                }
-            }
-            Kind::Size { field: None, .. }
-            | Kind::Url
-            | Kind::Host
-            | Kind::Port
-            | Kind::Database
-            | Kind::User
-            | Kind::Secret
-            | Kind::Tls(_) => {}
-        }
-        Ok(())
-    }
-
-    /// The value of this key's field as `explain` and the reference show
-    /// it; `None` for keys without a field.
-    pub(crate) fn show(&self, config: &PoolConfig) -> Option<String> {
-        Some(match &self.kind {
-            Kind::Size {
-                field: Some(field), ..
-            } => (field.get)(config).to_string(),
-            Kind::MaxSize { .. } => config.effective_max_size().to_string(),
-            Kind::Len { field, .. } => (field.get)(config).to_string(),
-            Kind::Limit { field, .. } => {
-                (field.get)(config).map_or("off".to_owned(), |n| n.to_string())
-            }
-            Kind::Callers { field, .. } => {
-                (field.get)(config).map_or("off".to_owned(), |n| n.to_string())
-            }
-            Kind::Duration { field, .. } => value::show_duration(Some(*(field.get)(config))),
-            Kind::OptDuration { field, .. } => value::show_duration(*(field.get)(config)),
-            Kind::AppName(field) => (field.get)(config).clone(),
-            Kind::Settings(field) => {
-                let settings = (field.get)(config);
-                if settings.is_empty() {
-                    "none".to_owned()
-                } else {
-                    let shown: Vec<String> =
-                        settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    shown.join(", ")
-                }
-            }
-            Kind::Size { field: None, .. }
-            | Kind::Url
-            | Kind::Host
-            | Kind::Port
-            | Kind::Database
-            | Kind::User
-            | Kind::Secret
-            | Kind::Tls(_) => return None,
-        })
-    }
-
-    /// The valid range, as the reference shows it.
-    pub(crate) fn range(&self) -> String {
-        let days = |d: &Duration| format!("{} days", d.as_secs() / 86_400);
-        match &self.kind {
-            Kind::Size { min, max, .. } | Kind::MaxSize { min, max } => format!("{min}..={max}"),
-            Kind::Len { max, .. } => format!("0..={max}"),
-            Kind::Limit { min, .. } => format!("≥ {min}"),
-            Kind::Callers { max, .. } => format!("0..={max}"),
-            Kind::Duration { max, .. } | Kind::OptDuration { max, .. } => {
-                format!("> 0, ≤ {}", days(max))
-            }
-            Kind::AppName(_) => "1..=63 bytes".to_owned(),
-            Kind::Port => "1..=65535".to_owned(),
-            Kind::Tls(values) => (*values).to_owned(),
-            Kind::Url
-            | Kind::Host
-            | Kind::Database
-            | Kind::User
-            | Kind::Secret
-            | Kind::Settings(_) => String::new(),
-        }
-    }
-}
-
 /// One configuration key as the reference documents it: what
 /// [`config_keys`] lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -682,14 +402,9 @@ pub fn config_keys() -> impl Iterator<Item = KeyInfo> {
         name: key.name,
         aliases: key.aliases,
         default: key.default,
-        range: key.range(),
+        range: key.kind.range(),
         doc: key.doc,
     })
-}
-
-/// A size in `min..=max`, as the `u32` of a `PoolConfig` field.
-pub(crate) fn size(raw: &RawValue, min: u32, max: u32) -> Result<u32, Why> {
-    value::count(raw, u64::from(min), u64::from(max)).map(|n| n as u32)
 }
 
 /// What [`PoolConfig::problem`] found: the field (by its key), its value as
@@ -708,7 +423,7 @@ impl PoolConfig {
     pub fn differences(&self, other: &PoolConfig) -> Vec<(&'static str, String, String)> {
         KEYS.iter()
             .filter_map(|key| {
-                let (mine, theirs) = (key.show(self)?, key.show(other)?);
+                let (mine, theirs) = (key.kind.show(self)?, key.kind.show(other)?);
                 (mine != theirs).then_some((key.name, mine, theirs))
             })
             .collect()
@@ -738,7 +453,7 @@ impl PoolConfig {
     pub(crate) fn problem(&self) -> Option<Problem> {
         let bad = |key: &'static str, value: String, why: String| Some(Problem { key, value, why });
         for key in KEYS {
-            if let Err((value, why)) = key.check(self) {
+            if let Err((value, why)) = key.kind.check(self) {
                 return bad(key.name, value, why);
             }
         }
@@ -781,7 +496,7 @@ mod tests {
     fn the_table_says_the_defaults_that_pool_config_has() {
         let defaults = PoolConfig::default();
         for key in KEYS {
-            if let Some(shown) = key.show(&defaults) {
+            if let Some(shown) = key.kind.show(&defaults) {
                 assert_eq!(shown, key.default, "default of `{}`", key.name);
             }
         }
@@ -791,7 +506,7 @@ mod tests {
     fn every_field_of_the_default_config_is_in_range() {
         let defaults = PoolConfig::default();
         for key in KEYS {
-            assert!(key.check(&defaults).is_ok(), "`{}`", key.name);
+            assert!(key.kind.check(&defaults).is_ok(), "`{}`", key.name);
         }
     }
 
@@ -833,7 +548,7 @@ mod tests {
                 "`{}`: default {default} missing: {row:?}",
                 key.name
             );
-            let range = key.range();
+            let range = key.kind.range();
             assert!(
                 row.iter().any(|cell| cell.contains(&range)),
                 "`{}`: range {range} missing: {row:?}",

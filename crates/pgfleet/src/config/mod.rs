@@ -4,6 +4,7 @@
 //!
 //! * `keys.rs` — the table of every key (name, aliases, kind, range,
 //!   default, doc) that everything below reads;
+//! * `kinds.rs` — what each kind of key does: check, store, show, range;
 //! * `value.rs` — raw values, their sources, and the checks of one value;
 //! * `pool.rs`, `fleet.rs` — the plain-data configurations;
 //! * `settings.rs` — [`PoolSettings`], the one parser of keys;
@@ -15,6 +16,7 @@ mod fleet;
 #[cfg(feature = "yaml")]
 mod interpolate;
 mod keys;
+mod kinds;
 #[cfg(feature = "yaml")]
 mod layered;
 mod pool;

@@ -104,7 +104,8 @@ impl<'de> Deserialize<'de> for PoolConfig {
             if key == "max_size" && *value == RawValue::Null {
                 continue;
             }
-            if super::keys::lookup(key).is_some_and(|k| k.is_target_part() || k.name == "url") {
+            if super::keys::lookup(key).is_some_and(|k| k.kind.is_target_part() || k.name == "url")
+            {
                 return Err(de::Error::custom(format!(
                     "`{key}` is a key of the database address, not of a PoolConfig; give it to a Target"
                 )));

@@ -133,7 +133,7 @@ impl PoolSettings {
                 field: None,
             } => self.max_overflow = Some(keys::size(raw, *min, *max).map_err(fail)?),
             _ => {
-                key.apply(raw, &mut self.config).map_err(fail)?;
+                key.kind.apply(raw, &mut self.config).map_err(fail)?;
             }
         }
         self.seq += 1;
@@ -390,11 +390,11 @@ impl PoolSettings {
                 // max_size derived from pool_size + max_overflow.
                 Kind::MaxSize { .. } if !self.is_set("max_size") && self.is_set("max_overflow") => {
                     (
-                        key.show(&config).unwrap_or_default(),
+                        key.kind.show(&config).unwrap_or_default(),
                         self.source("max_overflow"),
                     )
                 }
-                _ => match key.show(&config) {
+                _ => match key.kind.show(&config) {
                     Some(shown) => (shown, self.source(key.name)),
                     // max_overflow: shown as the max_size it makes.
                     None => continue,
@@ -426,7 +426,7 @@ impl fmt::Debug for PoolSettings {
                 "user" => self.parts.user.clone(),
                 "max_overflow" => self.max_overflow.map(|n| n.to_string()),
                 name if self.parts.tls.contains_key(name) => self.parts.tls.get(name).cloned(),
-                other => keys::key(other).show(&self.config),
+                other => keys::key(other).kind.show(&self.config),
             };
             map.entry(
                 name,
@@ -447,7 +447,7 @@ fn split_pool_params(url: &str) -> std::result::Result<(String, Vec<(String, Str
     let mut params = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if keys::lookup(name).is_some_and(|k| k.is_url_param()) {
+        if keys::lookup(name).is_some_and(|k| k.kind.is_url_param()) {
             let value = percent_encoding::percent_decode_str(value)
                 .decode_utf8()
                 .map_err(|_| {
