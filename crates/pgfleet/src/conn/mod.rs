@@ -224,6 +224,11 @@ pub(crate) async fn connect(
     }
 }
 
+/// A connect error for `target`: what failed.
+fn connect_error(target: &Target, what: &str) -> Error {
+    Error::connect(format!("could not connect to {target}: {what}"))
+}
+
 /// One attempt: socket, TLS if `wire` says so, startup.
 async fn attempt(
     target: &Target,
@@ -233,7 +238,7 @@ async fn attempt(
     statement_cache_size: usize,
     wire: Wire,
 ) -> Result<RawConn, Failed> {
-    let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
+    let fail = |what: &str| connect_error(target, what);
     let socket = open_socket(target, options)
         .await
         .map_err(|e| fail(&e.to_string()).with_source(e))?;
@@ -296,7 +301,7 @@ async fn secure(
     mut tcp: tokio::net::TcpStream,
 ) -> Result<Socket, Failed> {
     let mode = target.tls().mode();
-    let fail = |what: &str| Error::connect(format!("could not connect to {target}: {what}"));
+    let fail = |what: &str| connect_error(target, what);
     let agreed = request_tls(&mut tcp)
         .await
         .map_err(|e| fail(&e.to_string()).with_source(e))?;
