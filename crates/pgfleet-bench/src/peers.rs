@@ -323,6 +323,7 @@ impl Subject {
     }
 
     /// Runs one operation for task `task`.
+    #[allow(clippy::redundant_closure)]
     pub async fn run(&self, op: Op, task: usize, key: i32) -> Result<(), BoxError> {
         // Runs `$op` on client `$c`; `$prepare(sql)` is the subject's
         // statement for `sql`, as a future.
@@ -364,7 +365,7 @@ impl Subject {
         match self {
             Subject::Pgfleet(p) => {
                 let conn = p.get().await?;
-                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
+                on_client!(op, &conn, |sql| named(conn.prepare_cached(sql)));
             }
             Subject::Deadpool(p) => {
                 let conn = p.get().await?;
@@ -386,7 +387,7 @@ impl Subject {
             Subject::Pipelined(raw) => on_client!(op, &raw.client, |sql| ready(raw, sql)),
             Subject::PgfleetShared(p) => {
                 let conn = p.shared().await?;
-                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
+                on_client!(op, &conn, |sql| named(conn.prepare_cached(sql)));
             }
             Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
             Subject::Noop if op == Op::AcquireYieldRelease => tokio::task::yield_now().await,
@@ -409,4 +410,16 @@ impl Subject {
             Subject::Dedicated(_) | Subject::Pipelined(_) | Subject::Noop => {}
         }
     }
+}
+
+/// The server-side statement of a pgfleet `prepare_cached` (the bench runs
+/// directly on PostgreSQL, where there is always one).
+async fn named(
+    prepared: impl std::future::Future<Output = pgfleet::Result<pgfleet::Prepared>>,
+) -> Result<tokio_postgres::Statement, BoxError> {
+    let prepared = prepared.await?;
+    prepared
+        .statement()
+        .cloned()
+        .ok_or_else(|| "no server-side statement (behind a transaction pooler)".into())
 }

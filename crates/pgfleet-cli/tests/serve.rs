@@ -663,3 +663,125 @@ async fn sigterm_while_the_database_is_unreachable_exits_cleanly() {
         server.output.lock().unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_in_transaction_mode_many_users_get_no_5xx() {
+    use pgfleet_testkit::{BackendFilter, PgBouncer, PoolMode};
+    let cluster = Arc::new(TempCluster::start().unwrap());
+    let bouncer = PgBouncer::builder(PoolMode::Transaction)
+        .pool_size(4)
+        .start(&cluster)
+        .unwrap();
+    let server = Server::start_url(
+        &format!("{}?pooler=transaction", bouncer.url("postgres")),
+        30,
+    );
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+
+    // Every backend on the server (PgBouncer's server connections; the
+    // kit's own are left out), sampled while the load runs.
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop, cluster) = (peak.clone(), stop.clone(), cluster.clone());
+        tokio::spawn(async move {
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(n) = cluster.count_backends(&BackendFilter::all()).await {
+                    peak.fetch_max(n, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let statuses = Arc::new(Mutex::new(HashMap::<u16, u64>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut tasks = Vec::new();
+    for u in 0..100 {
+        let (client, base, statuses, failures) = (
+            client.clone(),
+            server.base.clone(),
+            statuses.clone(),
+            failures.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let user = format!("pooled{u}");
+            for i in 0..20 {
+                let (path, body) = match i % 3 {
+                    0 => (
+                        "messages",
+                        json!({"session_id": "s", "messages": [{"role": "user", "content": format!("item {i} of {user}")}]}),
+                    ),
+                    1 => ("facts", json!({"facts": [format!("fact {i} for {user}")]})),
+                    _ => ("query", json!({"query": format!("item {i} fact"), "top_k": 5})),
+                };
+                let r = client
+                    .post(format!("{base}/users/{user}/{path}"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                *statuses.lock().unwrap().entry(status).or_default() += 1;
+                if status >= 500 {
+                    let text = r.text().await.unwrap_or_default();
+                    failures.lock().unwrap().push(text);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    sampler.await.unwrap();
+    let statuses = statuses.lock().unwrap().clone();
+    let failures = failures.lock().unwrap().clone();
+    let peak = peak.load(Ordering::SeqCst);
+    eprintln!("behind PgBouncer: statuses {statuses:?}, server backends peak {peak}");
+    assert!(
+        failures.is_empty(),
+        "{} 5xx, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let successes: u64 = statuses
+        .iter()
+        .filter(|(status, _)| (200..300).contains(*status))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(successes, 2000, "{statuses:?}");
+    assert!(
+        (1..=bouncer.pool_size() as usize).contains(&peak),
+        "peak backends {peak} for a PgBouncer pool of {}",
+        bouncer.pool_size()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_is_answered_with_the_servers_words() {
+    let cluster = TempCluster::start().unwrap();
+    let server = Server::start(&cluster, 30);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+    // The service's table disappears under it.
+    cluster
+        .execute("DROP TABLE m2_facts CASCADE")
+        .await
+        .unwrap();
+    let (status, body) = post(
+        &client,
+        server.url("/users/alice/facts"),
+        json!({"facts": ["a fact"]}),
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("relation \"m2_facts\" does not exist") && message.contains("42P01"),
+        "{message}"
+    );
+}

@@ -38,8 +38,24 @@ impl fmt::Display for MemoryError {
 impl std::error::Error for MemoryError {}
 
 impl From<pgfleet::Error> for MemoryError {
+    /// The message keeps the server's words and SQLSTATE (`relation
+    /// "memories" does not exist (ERROR 42P01)`), never a password.
     fn from(e: pgfleet::Error) -> Self {
-        if e.is_timeout() || e.is_connect() || e.is_closed() || e.is_overloaded() {
+        let code = e.code();
+        // A lost connection (tokio-postgres says closed, no SQLSTATE), a
+        // connection exception (08), an operator intervention such as a
+        // shutdown (57P), or "too many clients" (53300): the database, not
+        // the statement, is the problem.
+        let lost = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
+            .is_some_and(|pg| pg.is_closed() || pg.as_db_error().is_none() && pg.code().is_none());
+        let unavailable = e.is_timeout()
+            || e.is_connect()
+            || e.is_closed()
+            || e.is_overloaded()
+            || lost
+            || code.is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300");
+        if unavailable {
             MemoryError::Unavailable(e.to_string())
         } else {
             MemoryError::Database(e.to_string())
@@ -49,20 +65,6 @@ impl From<pgfleet::Error> for MemoryError {
 
 impl From<tokio_postgres::Error> for MemoryError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let code = e.code().map(|c| c.code().to_owned());
-        // A lost connection (no SQLSTATE, no server error), a connection
-        // exception (08), an operator intervention such as a shutdown
-        // (57P), or "too many clients" (53300): the database, not the
-        // statement, is the problem.
-        let unavailable = e.is_closed()
-            || code.is_none() && e.as_db_error().is_none()
-            || code
-                .as_deref()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300");
-        if unavailable {
-            MemoryError::Unavailable(e.to_string())
-        } else {
-            MemoryError::Database(e.to_string())
-        }
+        pgfleet::Error::from(e).into()
     }
 }

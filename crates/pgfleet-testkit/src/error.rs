@@ -14,6 +14,12 @@ pub enum Error {
          or set PGFLEET_PG_BIN to the directory holding initdb"
     )]
     MissingBinaries,
+    /// No PgBouncer binary on this machine.
+    #[error(
+        "pgbouncer not found in PGFLEET_PGBOUNCER, /usr/sbin or PATH; install it with \
+         `apt-get install pgbouncer` (Debian/Ubuntu) or run scripts/setup.sh"
+    )]
+    MissingPgBouncer,
     /// initdb failed.
     #[error("initdb failed: {0}")]
     Initdb(String),

@@ -7,6 +7,9 @@
 //! removed on drop (also when a test panics), and by a watchdog process if
 //! the test process dies without dropping it.
 //!
+//! [`PgBouncer`] runs the system's PgBouncer in front of a cluster, in
+//! transaction or session pooling mode.
+//!
 //! [`FaultProxy`] sits between a client and a cluster and injects network
 //! faults on command: latency, a blackholed network, refused or hung new
 //! connections, every connection cut.
@@ -26,6 +29,7 @@
 
 mod cluster;
 mod error;
+mod pgbouncer;
 mod proxy;
 mod system;
 mod tls;
@@ -34,6 +38,7 @@ pub use cluster::{
     unique_name, Backend, BackendFilter, ClusterBuilder, TempCluster, ADMIN_APPLICATION_NAME,
 };
 pub use error::{Error, Result};
+pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::{Fault, FaultProxy};
 /// rcgen, for keys made elsewhere ([`TestCa::issue_client_for`]).
 pub use rcgen;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_postgres::Client;
 
-use crate::config::{BudgetConfig, BudgetMode};
+use crate::config::{BudgetConfig, BudgetMode, Pooler};
 use crate::error::{Error, Result};
 
 /// What a budget may ask of a pool on its server: close one idle connection
@@ -119,6 +119,8 @@ struct BudgetState {
     /// An `auto` budget lets one connection through to read the server's
     /// settings.
     probing: bool,
+    /// `auto` on a server that is a pooler: never derived, no limit.
+    behind_pooler: bool,
     in_use: u32,
     members: Vec<Member>,
     waiters: VecDeque<BudgetWaiter>,
@@ -195,6 +197,7 @@ impl ServerBudget {
                 capacity: target,
                 derivation: None,
                 probing: false,
+                behind_pooler: false,
                 in_use: 0,
                 members: Vec::new(),
                 waiters: VecDeque::new(),
@@ -225,8 +228,19 @@ impl ServerBudget {
         pool: Weak<dyn Reclaim>,
         label: String,
         min_size: u32,
+        pooler: Pooler,
     ) -> Result<()> {
         let mut st = self.lock();
+        if pooler.is_some() && self.mode == BudgetMode::Auto && st.target.is_none() {
+            // The pooler, not PostgreSQL, limits this process's
+            // connections: the backend's max_connections says nothing
+            // about them.
+            if !st.behind_pooler {
+                tracing::info!(server = %self.server, %pooler, "auto server budget behind a pooler: not derived; the pools' max_size bound them");
+            }
+            st.behind_pooler = true;
+            st.probing = false;
+        }
         st.members
             .retain(|m| m.pool.strong_count() > 0 || m.units > 0);
         st.members.push(Member {
@@ -290,7 +304,10 @@ impl ServerBudget {
 
     /// Whether `auto` still has to read the server's settings.
     pub(crate) fn needs_derivation(&self) -> bool {
-        self.mode == BudgetMode::Auto && self.lock().target.is_none()
+        self.mode == BudgetMode::Auto && {
+            let st = self.lock();
+            st.target.is_none() && !st.behind_pooler
+        }
     }
 
     /// Sets an `auto` budget from the server's settings.
@@ -358,8 +375,9 @@ impl ServerBudget {
     /// of a lowered capacity.
     fn may_grant(&self, st: &mut BudgetState, pool_id: u64) -> bool {
         let Some(target) = st.target else {
-            // `auto` before derivation: one probe connection at a time.
-            return !st.probing;
+            // `auto` before derivation: one probe connection at a time;
+            // behind a pooler, no limit.
+            return st.behind_pooler || !st.probing;
         };
         st.recover(Instant::now());
         let capacity = st.capacity.unwrap_or(target);
@@ -377,7 +395,7 @@ impl ServerBudget {
 
     fn take(self: &Arc<Self>, st: &mut BudgetState, pool_id: u64) -> Unit {
         st.in_use += 1;
-        if st.target.is_none() {
+        if st.target.is_none() && !st.behind_pooler {
             st.probing = true;
         }
         if let Some(m) = st.members.iter_mut().find(|m| m.pool_id == pool_id) {
@@ -516,9 +534,17 @@ impl ServerBudget {
     pub(crate) fn stats(&self) -> BudgetStats {
         let mut st = self.lock();
         st.recover(Instant::now());
+        let source = match self.mode {
+            BudgetMode::Fixed(_) => BudgetSource::Configured,
+            BudgetMode::Off => BudgetSource::Off,
+            BudgetMode::Auto if st.behind_pooler => BudgetSource::BehindPooler,
+            BudgetMode::Auto if st.derivation.is_some() => BudgetSource::ServerSettings,
+            BudgetMode::Auto => BudgetSource::NotYetDerived,
+        };
         BudgetStats {
             server: self.server.clone(),
             mode: self.mode,
+            source,
             budget: st.target,
             capacity: st.capacity,
             derivation: st.derivation,
@@ -564,6 +590,30 @@ fn floor_list(members: &[Member]) -> String {
         .join(", ")
 }
 
+/// Where a server budget came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
+#[non_exhaustive]
+pub enum BudgetSource {
+    /// A number in the configuration.
+    Configured,
+    /// `auto`, derived from the server's `max_connections` and reserved
+    /// slots (see [`BudgetStats::derivation`]).
+    ServerSettings,
+    /// `auto`, not derived yet: the first connection reads the settings.
+    NotYetDerived,
+    /// `auto` on a pooler (a pool with `pooler` set): not derived, since
+    /// the pooler limits this process's connections; the pools' `max_size`
+    /// bound them.
+    BehindPooler,
+    /// `off`: no budget.
+    Off,
+}
+
 /// Statistics of one server budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -573,6 +623,8 @@ pub struct BudgetStats {
     pub server: String,
     /// How the budget is set.
     pub mode: BudgetMode,
+    /// Where the budget in force came from.
+    pub source: BudgetSource,
     /// The configured or derived budget (`None` until `auto` is derived).
     pub budget: Option<u32>,
     /// What may be used now (lower than `budget` after refusals).

@@ -56,6 +56,9 @@ pub enum ErrorKind {
     /// The pool's queue of waiting callers is full (`max_waiting`): the
     /// caller was turned away at once instead of waiting.
     Overloaded,
+    /// The operation cannot run on this handle: COPY or transaction
+    /// control in shared mode, say. The message says what to use instead.
+    Unsupported,
     /// A statement failed: the server refused it (see [`Error::code`]), or
     /// the connection broke while it ran. Made from a
     /// [`tokio_postgres::Error`], so that one `?` serves pool and query
@@ -100,6 +103,12 @@ impl Error {
 
     pub(crate) fn set_code(&mut self, code: Option<String>) {
         self.0.code = code;
+    }
+
+    /// This error with the SQLSTATE `code` recorded.
+    pub(crate) fn with_code(mut self, code: Option<String>) -> Self {
+        self.0.code = code;
+        self
     }
 
     /// A copy for a second recipient: same kind, message and SQLSTATE; the
@@ -153,6 +162,16 @@ impl Error {
         Error::new(ErrorKind::Config, message)
     }
 
+    /// A statement that failed on the client's side (wrong number of
+    /// parameters or rows).
+    pub(crate) fn statement(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Db, message)
+    }
+
+    pub(crate) fn unsupported(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Unsupported, message)
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> &ErrorKind {
         &self.0.kind
@@ -184,7 +203,13 @@ impl Error {
         self.0.kind == ErrorKind::Config
     }
 
-    /// True for a failed statement (an error of tokio-postgres).
+    /// True for an operation this handle cannot run (COPY in shared mode).
+    pub fn is_unsupported(&self) -> bool {
+        self.0.kind == ErrorKind::Unsupported
+    }
+
+    /// True for a failed statement (an error of tokio-postgres, or a wrong
+    /// number of parameters or rows).
     pub fn is_db(&self) -> bool {
         self.0.kind == ErrorKind::Db
     }

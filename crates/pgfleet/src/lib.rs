@@ -94,19 +94,19 @@ mod tls;
 pub mod configuration {}
 
 pub use activity::{sample as sample_activity, ActivitySample};
-pub use budget::{BudgetStats, Derivation};
+pub use budget::{BudgetSource, BudgetStats, Derivation};
 pub use config::{
     config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, KeyInfo, PoolConfig,
-    PoolSettings, RawValue, Source,
+    PoolSettings, Pooler, RawValue, Source,
 };
 #[cfg(feature = "yaml")]
 pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};
-pub use conn::CancelToken;
+pub use conn::{CancelToken, Prepared, Sql};
 pub use error::{report, Error, ErrorKind, Result, TimeoutStage};
 pub use fleet::{CloseReport, Fleet, FleetStats, PoolHandle, WarmupOutcome, WarmupReport};
 #[cfg(feature = "prometheus")]
 pub use metrics::FleetMetrics;
-pub use pool::{Pool, PooledConnection};
+pub use pool::{Pool, PooledConnection, Transaction};
 /// The prometheus-client of [`FleetMetrics`], so that the registry it is
 /// registered in is of the same version.
 #[cfg(feature = "prometheus")]

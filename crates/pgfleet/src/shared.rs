@@ -42,12 +42,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Error as PgError, Statement};
+use tokio_postgres::Client;
 
 use crate::config::PoolConfig;
 use crate::conn::TxStatus;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pool::inner::{Conn, PoolInner};
 use crate::pool::maintain::tick_for;
 
@@ -459,40 +458,48 @@ impl SharedConnection {
         self.location
     }
 
-    /// The statement for `sql`, prepared once on this lease's connection
-    /// and shared by every lease on it, as
-    /// [`PooledConnection::prepare_cached`](crate::PooledConnection::prepare_cached).
-    /// This is the fastest way to run a statement in shared mode: the server
-    /// skips parsing (and planning, once it settles on a reusable plan), and
-    /// the statement lives as long as the
-    /// connection, not the lease. Run it through this lease only: another
-    /// lease may be on another connection.
+    crate::pool::query::query_methods!();
+
+    /// COPY is refused in shared mode: a COPY holds the connection for
+    /// its whole transfer, and other tasks' statements would be sent into
+    /// the middle of it. Take a connection of your own with
+    /// [`Pool::get`](crate::Pool::get).
     ///
     /// # Errors
-    /// The server's error preparing `sql` (nothing is cached then).
-    pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, PgError> {
-        self.prepare_typed_cached(sql, &[]).await
+    /// Always `Unsupported`.
+    pub async fn copy_in<T: ?Sized>(&self, _statement: &T) -> Result<()> {
+        Err(copy_refused())
     }
 
-    /// [`prepare_cached`](Self::prepare_cached) with parameter types given.
+    /// COPY is refused in shared mode, as [`copy_in`](Self::copy_in).
     ///
     /// # Errors
-    /// The server's error preparing `sql`.
-    pub async fn prepare_typed_cached(
-        &self,
-        sql: &str,
-        types: &[Type],
-    ) -> Result<Statement, PgError> {
+    /// Always `Unsupported`.
+    pub async fn copy_out<T: ?Sized>(&self, _statement: &T) -> Result<()> {
+        Err(copy_refused())
+    }
+
+    fn session(&self) -> crate::pool::query::Session<'_> {
         let raw = &self.lane.conn().raw;
-        raw.statements
-            .prepare(&raw.client, &self.lane.pool.counters, sql, types)
-            .await
+        crate::pool::query::Session {
+            client: &raw.client,
+            statements: &raw.statements,
+            pool: &self.lane.pool,
+            shared: true,
+        }
     }
 
     /// Statements cached on this lease's connection.
     pub fn cached_statements(&self) -> usize {
         self.lane.conn().raw.statements.len()
     }
+}
+
+fn copy_refused() -> Error {
+    Error::unsupported(
+        "COPY cannot run in shared mode, where other tasks' statements share the connection: \
+         take a connection of your own with pool.get()",
+    )
 }
 
 impl Deref for SharedConnection {

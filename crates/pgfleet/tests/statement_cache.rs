@@ -101,10 +101,7 @@ async fn a_failed_prepare_is_not_cached_and_size_zero_caches_nothing() {
     let pool = one_connection_pool("stmt_fail", 0);
     let conn = pool.get().await.unwrap();
     let error = conn.prepare_cached("SELEC 1").await.unwrap_err();
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::SYNTAX_ERROR)
-    );
+    assert_eq!(error.code(), Some("42601"), "{error}");
     let first = conn.prepare_cached("SELECT 1").await.unwrap();
     let second = conn.prepare_cached("SELECT 1").await.unwrap();
     // Two statements on the server while both are held; none in the cache.
@@ -123,10 +120,7 @@ async fn clearing_the_cache_follows_deallocate_all() {
     let stale = conn.prepare_cached(sql).await.unwrap();
     conn.batch_execute("DEALLOCATE ALL").await.unwrap();
     let error = conn.query(&stale, &[]).await.unwrap_err();
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
-    );
+    assert_eq!(error.code(), Some("26000"), "{error}");
     conn.clear_statement_cache();
     assert_eq!(conn.cached_statements(), 0);
     let fresh = conn.prepare_cached(sql).await.unwrap();

@@ -11,9 +11,9 @@
 
 use std::time::Duration;
 
-use super::kinds::{field, Field};
+use super::kinds::{choice, field, Choice, Field};
 pub(crate) use super::kinds::{size, Kind};
-use super::pool::PoolConfig;
+use super::pool::{PoolConfig, Pooler};
 use super::value::Source;
 use crate::error::{Error, Result};
 
@@ -336,6 +336,13 @@ pub(crate) const KEYS: &[Key] = &[
         default: "256",
         doc: "prepared statements each connection keeps for prepare_cached",
     },
+    Key {
+        name: "pooler",
+        aliases: &[],
+        kind: choice!(pooler, Pooler),
+        default: "none",
+        doc: "what sits in front of the server: none, or a pooler in transaction or session mode",
+    },
 ];
 
 /// The key that `name` (the canonical name or an alias) sets.
@@ -473,6 +480,24 @@ impl PoolConfig {
                 "ambiguous: command_timeout already sets statement_timeout; set one of them"
                     .to_owned(),
             );
+        }
+        if self.pooler == Pooler::Transaction {
+            const WHY: &str = "a pooler in transaction mode keeps no session to apply it to; \
+                               set it on the server (ALTER ROLE ... SET) or in the pooler";
+            if let Some(d) = self.command_timeout {
+                return bad(
+                    "command_timeout",
+                    super::value::show_duration(Some(d)),
+                    format!("not with pooler = transaction: {WHY}"),
+                );
+            }
+            if let Some(name) = self.server_settings.keys().next() {
+                return bad(
+                    "server_settings",
+                    format!("{name:?}"),
+                    format!("not with pooler = transaction: {WHY}"),
+                );
+            }
         }
         None
     }

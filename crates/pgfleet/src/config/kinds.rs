@@ -74,7 +74,32 @@ pub(crate) enum Kind {
     AppName(Field<String>),
     /// Run-time parameters sent at start-up, by name.
     Settings(Field<BTreeMap<String, String>>),
+    /// One of a few words, `names[i]` meaning the field's `i`th value.
+    Choice(Choice),
 }
+
+/// A key that takes one of a few words (`pooler`, `reset`).
+pub(crate) struct Choice {
+    /// The words, as the key spells them.
+    pub(crate) names: &'static [&'static str],
+    /// The index in `names` of the field's value.
+    pub(crate) get: fn(&PoolConfig) -> usize,
+    /// Sets the field to the value of `names[i]`.
+    pub(crate) set: fn(&mut PoolConfig, usize),
+}
+
+/// The [`Choice`] of a field whose type has `ALL` and `NAMES` in the same
+/// order.
+macro_rules! choice {
+    ($name:ident, $ty:ty) => {
+        Kind::Choice(Choice {
+            names: &<$ty>::NAMES,
+            get: |c| <$ty>::ALL.iter().position(|v| *v == c.$name).unwrap_or(0),
+            set: |c, i| c.$name = <$ty>::ALL[i],
+        })
+    };
+}
+pub(crate) use choice;
 
 impl Kind {
     /// A part of the target (where to connect), not of the pool.
@@ -137,6 +162,15 @@ impl Kind {
                 *(field.set)(config) = name;
             }
             Kind::Settings(field) => *(field.set)(config) = value::settings_map(raw)?,
+            Kind::Choice(choice) => {
+                let word = value::text(raw)?;
+                let i = choice
+                    .names
+                    .iter()
+                    .position(|n| n.eq_ignore_ascii_case(word.trim()))
+                    .ok_or_else(|| format!("expected one of {}", choice.names.join(", ")))?;
+                (choice.set)(config, i);
+            }
             Kind::Size { field: None, .. }
             | Kind::Url
             | Kind::Host
@@ -223,7 +257,8 @@ impl Kind {
             | Kind::Database
             | Kind::User
             | Kind::Secret
-            | Kind::Tls(_) => {}
+            | Kind::Tls(_)
+            | Kind::Choice(_) => {}
         }
         Ok(())
     }
@@ -256,6 +291,7 @@ impl Kind {
                     shown.join(", ")
                 }
             }
+            Kind::Choice(choice) => choice.names[(choice.get)(config)].to_owned(),
             Kind::Size { field: None, .. }
             | Kind::Url
             | Kind::Host
@@ -281,6 +317,7 @@ impl Kind {
             Kind::AppName(_) => "1..=63 bytes".to_owned(),
             Kind::Port => "1..=65535".to_owned(),
             Kind::Tls(values) => (*values).to_owned(),
+            Kind::Choice(choice) => choice.names.join(", "),
             Kind::Url
             | Kind::Host
             | Kind::Database

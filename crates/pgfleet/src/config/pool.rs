@@ -115,6 +115,80 @@ pub struct PoolConfig {
     /// (`statement_cache_size`); past it the least recently used is closed.
     /// Default 256, range 0..=10000; 0 caches nothing.
     pub statement_cache_size: usize,
+    /// What sits between the pool and PostgreSQL (`pooler`): nothing
+    /// (the default), a pooler in transaction mode, or one in session mode.
+    /// See [`Pooler`].
+    pub pooler: Pooler,
+}
+
+/// What sits between a pool and PostgreSQL: the `pooler` key.
+///
+/// Behind a pooler such as PgBouncer, the connections the pool opens are
+/// the pooler's clients, not server sessions:
+///
+/// * [`Pooler::Transaction`]: the pooler lends a server connection for one
+///   transaction (one statement in autocommit) and may pick another for
+///   the next, so no session state survives a transaction. pgfleet then
+///   prepares no named statement that would outlive one: the query methods
+///   of the guard, [`prepare_cached`](crate::PooledConnection::prepare_cached)
+///   and shared mode run each statement as an unnamed one (Parse, Bind,
+///   Execute in one round trip) with parameter types it learnt once per SQL
+///   text. `command_timeout`, `server_settings` and a URL's `options` are
+///   refused (they need a session); session state (`SET`, `LISTEN`,
+///   session advisory locks, SQL `PREPARE`, `WITH HOLD` cursors, temporary
+///   tables) is reported with a warning, since it lands on whichever server
+///   connection the pooler picked.
+/// * [`Pooler::Session`]: the pooler lends a server connection for as long
+///   as the client stays connected, so everything works as without one;
+///   `command_timeout` and `server_settings` are applied with `SET` after
+///   connecting (poolers refuse most start-up parameters).
+///
+/// Under either, an `auto` server budget is not derived from the backend's
+/// `max_connections`: the pooler, not PostgreSQL, limits this process's
+/// connections (PgBouncer's `max_client_conn`), so the pools are bounded by
+/// their `max_size` alone and the budget's statistics say so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
+#[non_exhaustive]
+pub enum Pooler {
+    /// Directly on PostgreSQL (or on a pooler that keeps sessions whole).
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer's `pool_mode = transaction`).
+    Transaction,
+    /// A pooler in session mode (PgBouncer's `pool_mode = session`).
+    Session,
+}
+
+impl Pooler {
+    /// Every value, in the order of [`NAMES`](Self::NAMES).
+    pub const ALL: [Pooler; 3] = [Pooler::None, Pooler::Transaction, Pooler::Session];
+    /// The values as the `pooler` key spells them.
+    pub const NAMES: [&'static str; 3] = ["none", "transaction", "session"];
+
+    /// The value as the `pooler` key spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooler::None => Self::NAMES[0],
+            Pooler::Transaction => Self::NAMES[1],
+            Pooler::Session => Self::NAMES[2],
+        }
+    }
+
+    /// Whether a pooler sits in front of the server.
+    pub fn is_some(self) -> bool {
+        self != Pooler::None
+    }
+}
+
+impl std::fmt::Display for Pooler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Default for PoolConfig {
@@ -140,6 +214,7 @@ impl Default for PoolConfig {
             keepalives_count: 3,
             tcp_user_timeout: Some(Duration::from_secs(30)),
             statement_cache_size: 256,
+            pooler: Pooler::None,
         }
     }
 }
@@ -171,6 +246,7 @@ impl PoolConfig {
             tcp_user_timeout,
             max_waiting,
             statement_cache_size,
+            pooler,
         } = self;
         *min_size == other.min_size
             && self.effective_max_size() == other.effective_max_size()
@@ -190,6 +266,7 @@ impl PoolConfig {
             && *tcp_user_timeout == other.tcp_user_timeout
             && *max_waiting == other.max_waiting
             && *statement_cache_size == other.statement_cache_size
+            && *pooler == other.pooler
             && *application_name == other.application_name
             && *server_settings == other.server_settings
     }

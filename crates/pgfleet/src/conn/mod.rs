@@ -6,9 +6,11 @@
 //! * `tls.rs` — rustls: the client configuration, verification, the
 //!   handshake's errors in words, channel binding (feature `tls-rustls`);
 //! * `tap.rs` — the protocol tap, which follows the message stream;
-//! * `statements.rs` — the per-connection statement cache.
+//! * `statements.rs` — the per-connection statement cache;
+//! * `sql.rs` — what a statement's text says about the session.
 
 mod socket;
+pub(crate) mod sql;
 mod statements;
 mod tap;
 #[cfg(feature = "tls-rustls")]
@@ -26,7 +28,8 @@ use tokio_postgres::config::{SslMode as PgSslMode, SslNegotiation};
 use tokio_postgres::Client;
 
 use self::socket::{open_socket, request_tls, Established, Socket};
-use self::statements::StatementCache;
+pub(crate) use self::statements::{private::SqlRef, Keyword, StatementCache};
+pub use self::statements::{Prepared, Sql};
 use self::tap::{TapState, TapStream};
 use crate::config::PoolConfig;
 use crate::error::Error;
@@ -71,22 +74,50 @@ pub(crate) fn pg_config(target: &Target, config: &PoolConfig) -> tokio_postgres:
         pg.password(password);
     }
     let mut options = target.options().unwrap_or_default().to_owned();
-    let mut setting = |name: &str, value: &str| {
-        if !options.is_empty() {
-            options.push(' ');
+    if !config.pooler.is_some() {
+        // Poolers refuse most start-up parameters: behind one the settings
+        // are applied with SET instead (`session_settings`).
+        for (name, value) in settings(config) {
+            if !options.is_empty() {
+                options.push(' ');
+            }
+            let _ = write!(options, "-c {name}={}", escape_option(&value));
         }
-        let _ = write!(options, "-c {name}={}", escape_option(value));
-    };
-    if let Some(timeout) = config.command_timeout {
-        setting("statement_timeout", &timeout.as_millis().to_string());
-    }
-    for (name, value) in &config.server_settings {
-        setting(name, value);
     }
     if !options.is_empty() {
         pg.options(&options);
     }
     pg
+}
+
+/// The run-time parameters every connection of a pool gets:
+/// `command_timeout` as `statement_timeout`, then `server_settings`.
+fn settings(config: &PoolConfig) -> impl Iterator<Item = (&str, String)> {
+    let timeout = config
+        .command_timeout
+        .map(|t| ("statement_timeout", t.as_millis().to_string()));
+    timeout.into_iter().chain(
+        config
+            .server_settings
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.clone())),
+    )
+}
+
+/// The `SET` statements that give a connection behind a pooler in session
+/// mode what start-up options give a direct one (a pooler refuses them);
+/// `None` when there is nothing to set or no pooler. Names are checked
+/// when the configuration is (letters, digits, `_`, `.`); values are
+/// quoted.
+pub(crate) fn session_settings(config: &PoolConfig) -> Option<String> {
+    if !config.pooler.is_some() {
+        return None;
+    }
+    let mut sql = String::new();
+    for (name, value) in settings(config) {
+        let _ = write!(sql, "SET {name} = '{}'; ", value.replace('\'', "''"));
+    }
+    (!sql.is_empty()).then_some(sql)
 }
 
 /// libpq splits `options` on spaces; a backslash escapes the next character.

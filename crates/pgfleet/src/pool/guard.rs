@@ -7,15 +7,23 @@ use std::panic::Location;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Error as PgError, Statement};
+use tokio_postgres::Client;
 
 use super::inner::{Conn, PoolInner};
+use super::query::Session;
+use super::transaction::Transaction;
 use crate::conn::CancelToken;
 
-/// A connection taken from a pool. Derefs to [`tokio_postgres::Client`];
-/// dropping it returns the connection to the pool, which rolls back an open
-/// transaction and never hands out a connection with a request in flight.
+/// A connection taken from a pool. Dropping it returns the connection to
+/// the pool, which rolls back an open transaction and never hands out a
+/// connection with a request in flight.
+///
+/// Its query methods ([`query`](Self::query), [`query_one`](Self::query_one),
+/// [`query_opt`](Self::query_opt), [`execute`](Self::execute),
+/// [`query_raw`](Self::query_raw)) go through the connection's statement
+/// cache and work behind a transaction pooler; it derefs to
+/// [`tokio_postgres::Client`] for the rest (`simple_query`,
+/// `batch_execute`, `copy_in`, ...).
 pub struct PooledConnection {
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
@@ -50,42 +58,30 @@ impl PooledConnection {
         self.acquired_at.elapsed()
     }
 
-    /// The statement for `sql`, prepared once per connection: later calls on
-    /// the same connection, by any caller, reuse it without a round trip, and
-    /// the server skips parsing it (and planning, once it settles on a
-    /// reusable plan: see PostgreSQL's `plan_cache_mode`). Up to
-    /// `statement_cache_size` statements are kept per connection.
-    ///
-    /// A statement belongs to the connection that prepared it: run it on
-    /// this guard only (on another connection it does not exist), and drop
-    /// your copies before the guard. Run `DISCARD ALL` or `DEALLOCATE ALL`
-    /// only together with
-    /// [`clear_statement_cache`](Self::clear_statement_cache): they drop the
-    /// statements on the server, not in the cache. The same goes for a
-    /// schema change that alters a cached statement's result columns (the
-    /// server then answers 0A000, "cached plan must not change result
-    /// type"): clear the cache of the connection that reports it.
+    super::query::query_methods!();
+
+    /// Starts a transaction: `BEGIN` now, `ROLLBACK` when the
+    /// [`Transaction`] is dropped without [`commit`](Transaction::commit).
+    /// Its query methods and `prepare_cached` are this guard's, on the
+    /// same statement cache.
     ///
     /// # Errors
-    /// The server's error preparing `sql` (nothing is cached then).
-    pub async fn prepare_cached(&self, sql: &str) -> Result<Statement, PgError> {
-        self.prepare_typed_cached(sql, &[]).await
+    /// `Db` if `BEGIN` fails.
+    pub async fn transaction(&mut self) -> crate::Result<Transaction<'_>> {
+        let pool = &*self.pool;
+        let raw = &mut self.conn.as_mut().expect("present until drop").raw;
+        let tx = raw.client.transaction().await?;
+        Ok(Transaction::new(tx, &raw.statements, pool))
     }
 
-    /// [`prepare_cached`](Self::prepare_cached) with parameter types given
-    /// (others inferred by the server); each list of types is its own entry.
-    ///
-    /// # Errors
-    /// The server's error preparing `sql`.
-    pub async fn prepare_typed_cached(
-        &self,
-        sql: &str,
-        types: &[Type],
-    ) -> Result<Statement, PgError> {
+    fn session(&self) -> Session<'_> {
         let raw = &self.conn().raw;
-        raw.statements
-            .prepare(&raw.client, &self.pool.counters, sql, types)
-            .await
+        Session {
+            client: &raw.client,
+            statements: &raw.statements,
+            pool: &self.pool,
+            shared: false,
+        }
     }
 
     /// A token that cancels the statement running on this connection, from
@@ -102,7 +98,7 @@ impl PooledConnection {
     ///     let _ = token.cancel_query().await;
     /// });
     /// let err = conn.query("SELECT pg_sleep(10)", &[]).await.unwrap_err();
-    /// assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    /// assert_eq!(err.code(), Some("57014"));
     /// # Ok(())
     /// # }
     /// ```

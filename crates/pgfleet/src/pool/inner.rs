@@ -6,7 +6,7 @@
 //! connect hands a connection off: a loop that only one file can hold
 //! without a cycle of imports.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,8 @@ use super::leaks::Checkouts;
 use super::state::{ConnectFailure, Plan, State};
 use crate::budget::{self, Reclaim, ServerBudget, Unit};
 use crate::config::PoolConfig;
-use crate::conn::{self, RawConn};
+use crate::conn::sql::Effects;
+use crate::conn::{self, RawConn, StatementCache};
 use crate::error::{Error, ErrorKind, TimeoutStage};
 use crate::stats::{CloseReason, Counters, Gauges};
 use crate::target::Target;
@@ -56,6 +57,12 @@ pub(crate) struct PoolInner {
     pub(crate) label: String,
     /// Connections held now, when `leak_threshold` is set.
     pub(crate) checkouts: Checkouts,
+    /// Behind `pooler = transaction`: the parameter types learnt per SQL
+    /// text, shared by the pool's connections.
+    pub(crate) shapes: StatementCache,
+    /// Kinds of session state already warned about behind a transaction
+    /// pooler (bits of `Effects`): one warning per kind per pool.
+    warned_session_state: AtomicU8,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -152,6 +159,7 @@ impl PoolInner {
             },
             ended,
         ));
+        let config_cache_size = config.statement_cache_size;
         PoolInner {
             runtime_gone,
             _watch: watch,
@@ -171,6 +179,27 @@ impl PoolInner {
             drained: Notify::new(),
             runtime,
             checkouts: Checkouts::default(),
+            shapes: StatementCache::new(config_cache_size),
+            warned_session_state: AtomicU8::new(0),
+        }
+    }
+
+    /// Warns, once per kind per pool, that `sql` leaves session state on a
+    /// connection behind a transaction pooler.
+    pub(crate) fn warn_pooler_session_state(&self, effects: Effects, sql: &str) {
+        let before = self
+            .warned_session_state
+            .fetch_or(effects.bits(), Ordering::Relaxed);
+        let new = Effects::from_bits(effects.bits() & !before);
+        if new.needs_reset() {
+            tracing::warn!(
+                pool = %self.label,
+                statement = %super::query::excerpt(sql),
+                "{} behind pooler = transaction: the pooler hands the next transaction any \
+                 server connection, so this state lands on one nobody can predict; use a direct \
+                 connection (or a session pooler) for it",
+                new.names().join(", ")
+            );
         }
     }
 
@@ -462,14 +491,16 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
     let generation = pool.generation.load(Ordering::SeqCst);
     let connect = async {
         let pg = pool.credentials.for_connect(&pool.label).await?;
-        conn::connect(
+        let raw = conn::connect(
             &pool.target,
             &pg,
             &conn::SocketOptions::of(&pool.config),
             &pool.tls,
             pool.config.statement_cache_size,
         )
-        .await
+        .await?;
+        super::session::set_up(&pool, &raw).await?;
+        Ok(raw)
     };
     let result = match timeout(limit, connect).await {
         Ok(result) => result,

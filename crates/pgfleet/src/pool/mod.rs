@@ -26,9 +26,12 @@ mod guard;
 pub(crate) mod inner;
 mod leaks;
 pub(crate) mod maintain;
+pub(crate) mod query;
 mod reaper;
 mod release;
+mod session;
 mod state;
+mod transaction;
 
 use std::fmt;
 use std::future::Future;
@@ -39,6 +42,7 @@ use std::time::{Duration, Instant};
 
 pub use self::guard::PooledConnection;
 use self::inner::PoolInner;
+pub use self::transaction::Transaction;
 use crate::budget::ServerBudget;
 use crate::config::PoolConfig;
 use crate::error::{Error, Result, TimeoutStage};
@@ -93,6 +97,7 @@ impl Pool {
                 Arc::downgrade(&member),
                 inner.label.clone(),
                 inner.config.min_size,
+                inner.config.pooler,
             )?;
         }
         inner.replan();
