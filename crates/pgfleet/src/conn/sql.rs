@@ -299,6 +299,15 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
     out
 }
 
+/// The start of a statement, for messages.
+pub(crate) fn excerpt(sql: &str) -> String {
+    let flat: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &flat[..i]),
+        None => flat,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,6 @@ use super::leaks::Checkouts;
 use super::state::{ConnectFailure, Plan, State};
 use crate::budget::{self, Reclaim, ServerBudget, Unit};
 use crate::config::PoolConfig;
-use crate::conn::sql::Effects;
 use crate::conn::{self, RawConn, StatementCache};
 use crate::error::{Error, ErrorKind, TimeoutStage};
 use crate::stats::{CloseReason, Counters, Gauges};
@@ -62,7 +61,7 @@ pub(crate) struct PoolInner {
     pub(crate) shapes: StatementCache,
     /// Kinds of session state already warned about behind a transaction
     /// pooler (bits of `Effects`): one warning per kind per pool.
-    warned_session_state: AtomicU8,
+    pub(crate) warned_session_state: AtomicU8,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -181,25 +180,6 @@ impl PoolInner {
             checkouts: Checkouts::default(),
             shapes: StatementCache::new(config_cache_size),
             warned_session_state: AtomicU8::new(0),
-        }
-    }
-
-    /// Warns, once per kind per pool, that `sql` leaves session state on a
-    /// connection behind a transaction pooler.
-    pub(crate) fn warn_pooler_session_state(&self, effects: Effects, sql: &str) {
-        let before = self
-            .warned_session_state
-            .fetch_or(effects.bits(), Ordering::Relaxed);
-        let new = Effects::from_bits(effects.bits() & !before);
-        if new.needs_reset() {
-            tracing::warn!(
-                pool = %self.label,
-                statement = %super::query::excerpt(sql),
-                "{} behind pooler = transaction: the pooler hands the next transaction any \
-                 server connection, so this state lands on one nobody can predict; use a direct \
-                 connection (or a session pooler) for it",
-                new.names().join(", ")
-            );
         }
     }
 
@@ -499,7 +479,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             pool.config.statement_cache_size,
         )
         .await?;
-        super::session::set_up(&pool, &raw).await?;
+        super::session::set_up(&pool.config, &pool.label, &raw).await?;
         Ok(raw)
     };
     let result = match timeout(limit, connect).await {

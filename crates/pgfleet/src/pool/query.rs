@@ -21,7 +21,7 @@ use tokio_postgres::{Client, Row, RowStream, SimpleQueryMessage};
 
 use super::inner::PoolInner;
 use crate::config::Pooler;
-use crate::conn::sql::{self, Effects};
+use crate::conn::sql::{self, excerpt, Effects};
 use crate::conn::{Keyword, Prepared, SqlRef, StatementCache};
 use crate::error::{Error, Result};
 
@@ -170,7 +170,7 @@ impl Session<'_> {
             }
         }
         if self.pooler() == Pooler::Transaction && effects.needs_reset() {
-            self.pool.warn_pooler_session_state(effects, prepared.sql());
+            warn_pooler_session_state(self.pool, effects, prepared.sql());
         }
         Ok(())
     }
@@ -288,6 +288,25 @@ impl Session<'_> {
     }
 }
 
+/// Warns, once per kind per pool, that `sql` leaves session state on a
+/// connection behind a transaction pooler.
+fn warn_pooler_session_state(pool: &PoolInner, effects: Effects, sql: &str) {
+    let before = pool
+        .warned_session_state
+        .fetch_or(effects.bits(), Ordering::Relaxed);
+    let new = Effects::from_bits(effects.bits() & !before);
+    if new.needs_reset() {
+        tracing::warn!(
+            pool = %pool.label,
+            statement = %excerpt(sql),
+            "{} behind pooler = transaction: the pooler hands the next transaction any \
+             server connection, so this state lands on one nobody can predict; use a direct \
+             connection (or a session pooler) for it",
+            new.names().join(", ")
+        );
+    }
+}
+
 /// Up to `limit` rows of `stream`, and whether there were more (the rest
 /// is read and dropped, so that the connection is ready again).
 async fn collect(stream: RowStream, limit: usize) -> Result<(Vec<Row>, bool)> {
@@ -302,15 +321,6 @@ async fn collect(stream: RowStream, limit: usize) -> Result<(Vec<Row>, bool)> {
         }
     }
     Ok((rows, more))
-}
-
-/// The start of a statement, for messages.
-pub(crate) fn excerpt(sql: &str) -> String {
-    let flat: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-    match flat.char_indices().nth(80) {
-        Some((i, _)) => format!("{}…", &flat[..i]),
-        None => flat,
-    }
 }
 
 /// The query methods of a handle with `fn session(&self) -> Session<'_>`.

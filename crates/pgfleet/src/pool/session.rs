@@ -1,8 +1,7 @@
 //! A session's life in the pool beyond the connection itself: what a new
 //! connection is given before its first use (`set_up`).
 
-use super::inner::PoolInner;
-use crate::config::Pooler;
+use crate::config::{PoolConfig, Pooler};
 use crate::conn::{self, RawConn};
 use crate::error::{Error, Result};
 
@@ -12,14 +11,14 @@ use crate::error::{Error, Result};
 /// server connection now (within `connect_timeout`), not while a borrower
 /// waits for its first statement. A failure discards the connection and
 /// counts as a failed connect.
-pub(crate) async fn set_up(pool: &PoolInner, raw: &RawConn) -> Result<()> {
-    if pool.config.pooler == Pooler::Session {
-        let sql = conn::session_settings(&pool.config).unwrap_or_default();
+pub(crate) async fn set_up(config: &PoolConfig, label: &str, raw: &RawConn) -> Result<()> {
+    if config.pooler == Pooler::Session {
+        let sql = conn::session_settings(config).unwrap_or_default();
         raw.client.batch_execute(&sql).await.map_err(|e| {
             let db = Error::from(e);
             Error::connect(format!(
                 "could not apply server_settings / command_timeout to a new connection to {}: {db}",
-                pool.label
+                label
             ))
             .with_code(db.code().map(str::to_owned))
         })?;
