@@ -19,7 +19,7 @@
 //! let m1 = Fleet::global().pool(&target, &config)?;
 //! assert_eq!(m0.active_references(), 2);
 //!
-//! let conn = m0.get().await?; // derefs to tokio_postgres::Client
+//! let conn = m0.get().await?; // its own query methods, and Deref to tokio_postgres::Client
 //! // Prepared once per connection, reused by whoever gets it next.
 //! let plus_one = conn.prepare_cached("SELECT $1::int + 1").await?;
 //! let row = conn.query_one(&plus_one, &[&41i32]).await?; // `?` takes both errors
@@ -39,9 +39,16 @@
 //!   jitter, idle timeouts, `max_queries`, health checks only for
 //!   connections that sat idle, and a protocol tap that never lets a dirty
 //!   connection (a request in flight, an open transaction) reach the next
-//!   caller. [`PooledConnection::prepare_cached`] keeps prepared statements
-//!   per connection; [`Pool::shared`] pipelines autocommit statements of
-//!   many tasks over a few connections.
+//!   caller, and resets the session state a borrower left (`SET`,
+//!   `LISTEN`, advisory locks, temporary tables: the `reset` key) only when
+//!   it sees some. The guard's query methods ([`PooledConnection::query`]
+//!   and the like) and [`PooledConnection::prepare_cached`] keep prepared
+//!   statements per connection; [`Pool::shared`] pipelines autocommit
+//!   statements of many tasks over a few connections.
+//! * Poolers: with `pooler=transaction` every query method, `prepare_cached`,
+//!   transactions and shared mode work behind PgBouncer in transaction mode
+//!   (unnamed statements, parameter types learnt once per pool); with
+//!   `pooler=session`, behind a session pooler.
 //! * Server budgets ([`BudgetConfig`]): `auto` reads the server's
 //!   `max_connections` at first contact; floors are reserved, idle
 //!   connections are reclaimed between pools, and a refusal lowers the
@@ -97,7 +104,7 @@ pub use activity::{sample as sample_activity, ActivitySample};
 pub use budget::{BudgetSource, BudgetStats, Derivation};
 pub use config::{
     config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, KeyInfo, PoolConfig,
-    PoolSettings, Pooler, RawValue, Source,
+    PoolSettings, Pooler, RawValue, Reset, Source,
 };
 #[cfg(feature = "yaml")]
 pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};

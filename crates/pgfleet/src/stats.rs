@@ -209,6 +209,10 @@ counters! {
         connections_refused,
         /// Connections returned inside a transaction and rolled back.
         dirty_returns,
+        /// Returned connections whose session state (SET, LISTEN, advisory
+        /// locks, temporary tables, PREPARE, WITH HOLD cursors) was reset
+        /// before the next borrower (`reset`).
+        session_resets,
         /// Round-trip health checks run on connections that sat idle.
         health_checks,
         /// Connections held longer than `leak_threshold`.

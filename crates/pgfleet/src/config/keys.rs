@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::kinds::{choice, field, Choice, Field};
 pub(crate) use super::kinds::{size, Kind};
-use super::pool::{PoolConfig, Pooler};
+use super::pool::{PoolConfig, Pooler, Reset};
 use super::value::Source;
 use crate::error::{Error, Result};
 
@@ -342,6 +342,13 @@ pub(crate) const KEYS: &[Key] = &[
         kind: choice!(pooler, Pooler),
         default: "none",
         doc: "what sits in front of the server: none, or a pooler in transaction or session mode",
+    },
+    Key {
+        name: "reset",
+        aliases: &[],
+        kind: choice!(reset, Reset),
+        default: "auto",
+        doc: "when a returned connection's session state is reset: auto (what it changed), always, never",
     },
 ];
 

@@ -31,6 +31,6 @@ pub use fleet::{BudgetConfig, BudgetMode, FleetConfig};
 pub use keys::{config_keys, KeyInfo};
 #[cfg(feature = "yaml")]
 pub use layered::{ApplicationValue, Loaded, Loader, WarmupEntry};
-pub use pool::{PoolConfig, Pooler};
+pub use pool::{PoolConfig, Pooler, Reset};
 pub use settings::{Effective, PoolSettings};
 pub use value::{RawValue, Source};

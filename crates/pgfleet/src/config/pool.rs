@@ -119,6 +119,53 @@ pub struct PoolConfig {
     /// (the default), a pooler in transaction mode, or one in session mode.
     /// See [`Pooler`].
     pub pooler: Pooler,
+    /// When a returned connection's session state is reset before the next
+    /// borrower (`reset`). See [`Reset`].
+    pub reset: Reset,
+}
+
+/// When a returned connection's session state is reset: the `reset` key.
+///
+/// The protocol tap reads the text of every statement a connection sends
+/// and the settings the server reports, so the pool knows without a round
+/// trip whether a borrower left session state behind, and of which kind.
+/// The reset sends, in one round trip, only what that kind needs:
+///
+/// | seen | reset |
+/// |---|---|
+/// | `SET`, `RESET`, `set_config`, a reported setting changed | `SET SESSION AUTHORIZATION DEFAULT; RESET ALL` (then `server_settings` again behind a session pooler) |
+/// | `LISTEN` | `UNLISTEN *` |
+/// | `pg_advisory_lock` and its session-level kin | `SELECT pg_advisory_unlock_all()` |
+/// | a temporary table, view or sequence | `DISCARD TEMP` |
+/// | SQL `PREPARE` | `DEALLOCATE ALL` (the statement cache is cleared with it) |
+/// | `DECLARE … WITH HOLD` | `CLOSE ALL` |
+///
+/// Behind `pooler = transaction` there is no session to reset and nothing
+/// is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
+#[non_exhaustive]
+pub enum Reset {
+    /// Reset what the connection is seen to have changed; a connection
+    /// that changed nothing costs no round trip.
+    #[default]
+    Auto,
+    /// Reset every kind on every return: one round trip per return, and the
+    /// statement cache is cleared each time (`DEALLOCATE ALL`).
+    Always,
+    /// Never reset (the borrowers promise to leave no session state).
+    Never,
+}
+
+impl Reset {
+    /// Every value, in the order of [`NAMES`](Self::NAMES).
+    pub const ALL: [Reset; 3] = [Reset::Auto, Reset::Always, Reset::Never];
+    /// The values as the `reset` key spells them.
+    pub const NAMES: [&'static str; 3] = ["auto", "always", "never"];
 }
 
 /// What sits between a pool and PostgreSQL: the `pooler` key.
@@ -215,6 +262,7 @@ impl Default for PoolConfig {
             tcp_user_timeout: Some(Duration::from_secs(30)),
             statement_cache_size: 256,
             pooler: Pooler::None,
+            reset: Reset::Auto,
         }
     }
 }
@@ -247,6 +295,7 @@ impl PoolConfig {
             max_waiting,
             statement_cache_size,
             pooler,
+            reset,
         } = self;
         *min_size == other.min_size
             && self.effective_max_size() == other.effective_max_size()
@@ -267,6 +316,7 @@ impl PoolConfig {
             && *max_waiting == other.max_waiting
             && *statement_cache_size == other.statement_cache_size
             && *pooler == other.pooler
+            && *reset == other.reset
             && *application_name == other.application_name
             && *server_settings == other.server_settings
     }

@@ -23,6 +23,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
+use super::sql::{self, Effects};
+
 /// Transaction status from the last ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TxStatus {
@@ -51,6 +53,9 @@ pub(crate) struct TapState {
     fatal: AtomicU64,
     /// The stream hit EOF or an I/O error.
     eof: AtomicBool,
+    /// Session state the statements written (or the settings the server
+    /// reported) may have left: bits of [`Effects`].
+    effects: AtomicU8,
     /// Woken on every ReadyForQuery and at EOF.
     ready: Notify,
 }
@@ -64,7 +69,30 @@ impl TapState {
             status: AtomicU8::new(b'I'),
             fatal: AtomicU64::new(0),
             eof: AtomicBool::new(false),
+            effects: AtomicU8::new(0),
             ready: Notify::new(),
+        }
+    }
+
+    /// The session state the connection may carry since the last
+    /// [`take_effects`](Self::take_effects).
+    pub(crate) fn effects(&self) -> Effects {
+        Effects::from_bits(self.effects.load(Ordering::Acquire))
+    }
+
+    /// Forgets the session state seen so far (after a reset) and returns it.
+    pub(crate) fn take_effects(&self) -> Effects {
+        Effects::from_bits(self.effects.swap(0, Ordering::AcqRel))
+    }
+
+    /// Forgets `effects` alone.
+    pub(crate) fn clear_effects(&self, effects: Effects) {
+        self.effects.fetch_and(!effects.bits(), Ordering::AcqRel);
+    }
+
+    fn add_effects(&self, effects: Effects) {
+        if effects != Effects::NONE {
+            self.effects.fetch_or(effects.bits(), Ordering::AcqRel);
         }
     }
 
@@ -84,6 +112,12 @@ impl TapState {
             b'E' => TxStatus::Failed,
             _ => TxStatus::Idle,
         }
+    }
+
+    /// Requests written (the start-up message, simple queries, Syncs):
+    /// each is one round trip.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests_sent.load(Ordering::Acquire)
     }
 
     /// Statements executed on this connection (simple queries and Executes).
@@ -150,11 +184,38 @@ struct Framer {
     /// Body of the current message when it is one we need.
     body: Vec<u8>,
     capture: usize,
+    /// Length of the current message's body.
+    len: usize,
 }
 
 /// ErrorResponse bodies are captured up to this many bytes; the severity and
 /// SQLSTATE fields come first in practice.
 const ERROR_CAPTURE: usize = 512;
+
+/// Query and Parse bodies (statement text) are read up to this many bytes;
+/// a longer statement counts as leaving every kind of session state.
+const SQL_CAPTURE: usize = 64 * 1024;
+
+/// The session state the text of a Query ('Q') or Parse ('P') body may
+/// leave; every kind when the body was too long to read whole.
+fn statement_effects(tag: u8, body: &[u8], whole: bool) -> Effects {
+    if !whole {
+        return Effects::ALL;
+    }
+    let text = match tag {
+        // Parse: statement name, NUL, text, NUL, parameter types.
+        b'P' => {
+            let after_name = body
+                .iter()
+                .position(|&b| b == 0)
+                .map_or(body.len(), |p| p + 1);
+            &body[after_name..]
+        }
+        _ => body,
+    };
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    sql::effects(&text[..end])
+}
 
 impl Framer {
     fn new(untagged_first: bool) -> Self {
@@ -166,16 +227,18 @@ impl Framer {
             tag: 0,
             body: Vec::new(),
             capture: 0,
+            len: 0,
         }
     }
 
-    /// Feeds bytes; calls `on_message(tag, captured_body)` for each message
-    /// completed. The callback decides what to capture via `capture_len`.
+    /// Feeds bytes; calls `on_message(tag, captured_body, whole)` for each
+    /// message completed (`whole`: the body was captured entirely). The
+    /// callback decides what to capture via `capture_len`.
     fn feed(
         &mut self,
         mut data: &[u8],
         capture_len: impl Fn(u8) -> usize,
-        mut on_message: impl FnMut(u8, &[u8]),
+        mut on_message: impl FnMut(u8, &[u8], bool),
     ) {
         while !data.is_empty() {
             match self.remaining {
@@ -205,8 +268,9 @@ impl Framer {
                     self.capture = capture_len(tag);
                     self.body.clear();
                     let remaining = (len as usize).saturating_sub(4);
+                    self.len = remaining;
                     if remaining == 0 {
-                        on_message(tag, &[]);
+                        on_message(tag, &[], true);
                     } else {
                         self.remaining = Some(remaining);
                     }
@@ -220,7 +284,8 @@ impl Framer {
                     data = &data[n..];
                     if n == remaining {
                         self.remaining = None;
-                        on_message(self.tag, &self.body);
+                        let whole = self.body.len() == self.len;
+                        on_message(self.tag, &self.body, whole);
                     } else {
                         self.remaining = Some(remaining - n);
                     }
@@ -307,7 +372,7 @@ impl<S> TapStream<S> {
                 b'E' => ERROR_CAPTURE,
                 _ => 0,
             },
-            |tag, body| match tag {
+            |tag, body, _| match tag {
                 b'Z' => {
                     if let Some(&status) = body.first() {
                         state.status.store(status, Ordering::Release);
@@ -316,6 +381,10 @@ impl<S> TapStream<S> {
                     state.ready.notify_waiters();
                 }
                 b'G' => copy.active = true,
+                // ParameterStatus after start-up: a reported setting changed.
+                b'S' if state.ready_received.load(Ordering::Acquire) > 0 => {
+                    state.add_effects(Effects::SETTINGS);
+                }
                 b'E' => {
                     if let (Some(severity), code) = error_fields(body) {
                         if severity == b"FATAL" || severity == b"PANIC" {
@@ -336,14 +405,19 @@ impl<S> TapStream<S> {
         let copy = &mut self.copy;
         self.writes.feed(
             data,
-            |_| 0,
-            |tag, _| match tag {
+            |tag| match tag {
+                b'Q' | b'P' => SQL_CAPTURE,
+                _ => 0,
+            },
+            |tag, body, whole| match tag {
                 // The untagged startup message is answered by the first
                 // ReadyForQuery.
                 0 => {
                     state.requests_sent.fetch_add(1, Ordering::AcqRel);
                 }
+                b'P' => state.add_effects(statement_effects(tag, body, whole)),
                 b'Q' => {
+                    state.add_effects(statement_effects(tag, body, whole));
                     state.queries.fetch_add(1, Ordering::Relaxed);
                     state.requests_sent.fetch_add(1, Ordering::AcqRel);
                     // A simple-query COPY answers its Query itself.
@@ -531,6 +605,35 @@ mod tests {
         tap.observe_read(&msg(b'Z', b"I"));
         assert_eq!(state.in_flight(), 0);
         assert!(state.is_clean());
+    }
+
+    #[test]
+    fn session_state_is_read_from_statements_and_reported_settings() {
+        let state = Arc::new(TapState::new());
+        let mut tap = TapStream::new((), state.clone());
+        tap.observe_write(&startup());
+        // Start-up's ParameterStatus messages do not count.
+        tap.observe_read(&msg(b'S', b"application_name\0app\0"));
+        tap.observe_read(&msg(b'Z', b"I"));
+        assert_eq!(state.effects(), Effects::NONE);
+        tap.observe_write(&msg(b'Q', b"SELECT 1\0"));
+        tap.observe_write(&msg(b'P', b"s1\0SELECT 1\0\0\0"));
+        assert_eq!(state.effects(), Effects::NONE);
+        tap.observe_write(&msg(b'Q', b"LISTEN jobs\0"));
+        tap.observe_write(&msg(b'P', b"s2\0SELECT pg_advisory_lock($1)\0\0\0"));
+        assert_eq!(state.effects(), Effects::LISTEN | Effects::ADVISORY);
+        tap.observe_read(&msg(b'S', b"TimeZone\0UTC\0"));
+        assert_eq!(
+            state.take_effects(),
+            Effects::LISTEN | Effects::ADVISORY | Effects::SETTINGS
+        );
+        assert_eq!(state.effects(), Effects::NONE);
+        // Too long to read: every kind.
+        let mut long = b"SELECT '".to_vec();
+        long.extend(std::iter::repeat_n(b'x', SQL_CAPTURE));
+        long.extend(b"'\0");
+        tap.observe_write(&msg(b'Q', &long));
+        assert_eq!(state.effects(), Effects::ALL);
     }
 
     #[test]

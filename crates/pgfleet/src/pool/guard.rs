@@ -106,6 +106,14 @@ impl PooledConnection {
         CancelToken::new(&self.conn().raw, &self.pool.target, &self.pool.tls)
     }
 
+    /// Round trips this physical connection has made since it was opened,
+    /// as the protocol tap counts them (the start-up, each simple query,
+    /// each extended-protocol Sync, the pool's own health checks and
+    /// resets included): for diagnostics and tests.
+    pub fn round_trips(&self) -> u64 {
+        self.conn().raw.tap.requests()
+    }
+
     /// Statements cached on this connection.
     pub fn cached_statements(&self) -> usize {
         self.conn().raw.statements.len()

@@ -1,6 +1,7 @@
 //! Where a returned connection goes: straight back (to a waiter or idle),
 //! closed, or to the clean task, which settles requests still in flight,
-//! cancels a statement still running and rolls back an open transaction.
+//! cancels a statement still running, rolls back an open transaction and
+//! resets the session state a borrower left (see `session.rs`).
 
 use std::panic::Location;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::time::timeout;
 
 use super::inner::{Conn, PoolInner};
+use super::session;
+use crate::conn::sql::Effects;
 use crate::conn::{CancelToken, TxStatus};
 use crate::stats::CloseReason;
 
@@ -65,7 +68,15 @@ impl PoolInner {
             let mut st = self.lock();
             st.lent = st.lent.saturating_sub(1);
         }
+        let tap = &conn.raw.tap;
+        if tap.effects().contains(Effects::DROPPED_STATEMENTS) {
+            // `DISCARD ALL` / `DEALLOCATE` dropped the server's statements.
+            conn.raw.statements.clear();
+            tap.clear_effects(Effects::DROPPED_STATEMENTS);
+        }
+        let reset = session::reset_needed(&self.config, tap.effects()).is_some();
         match self.verdict(&conn, now) {
+            Verdict::Reuse if reset => self.send_to_clean(conn, location),
             Verdict::Reuse => {
                 let mut st = self.lock();
                 if let Some(held) = held {
@@ -148,6 +159,29 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
             conn.close(CloseReason::Dirty);
             return;
         }
+    }
+    if let Some(effects) = session::reset_needed(&pool.config, tap.effects()) {
+        let sql = session::reset_sql(&pool.config, effects);
+        let reset = timeout(
+            pool.config.connect_timeout,
+            conn.raw.client.batch_execute(&sql),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !reset || !tap.is_clean() {
+            tracing::warn!(pool = %pool.label, taken_at = %location, "resetting a returned connection's session failed; closed");
+            conn.close(CloseReason::Dirty);
+            return;
+        }
+        if effects.contains(Effects::PREPARED) {
+            // DEALLOCATE ALL dropped the cached statements too, and
+            // tokio-postgres's own for type lookups.
+            conn.raw.statements.clear();
+            conn.raw.client.clear_type_cache();
+        }
+        tap.take_effects();
+        pool.counters.session_resets.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(pool = %pool.label, reset = ?effects.names(), "session reset");
     }
     let now = Instant::now();
     match pool.verdict(&conn, now) {

@@ -1,7 +1,10 @@
 //! A session's life in the pool beyond the connection itself: what a new
-//! connection is given before its first use (`set_up`).
+//! connection is given before its first use (`set_up`), and what a
+//! returned one must send so that the next borrower finds a clean session
+//! (`reset_needed`, `reset_sql`).
 
-use crate::config::{PoolConfig, Pooler};
+use crate::config::{PoolConfig, Pooler, Reset};
+use crate::conn::sql::Effects;
 use crate::conn::{self, RawConn};
 use crate::error::{Error, Result};
 
@@ -22,6 +25,98 @@ pub(crate) async fn set_up(config: &PoolConfig, label: &str, raw: &RawConn) -> R
             ))
             .with_code(db.code().map(str::to_owned))
         })?;
+        // The SETs are the pool's own, not a borrower's.
+        raw.tap.take_effects();
     }
     Ok(())
+}
+
+/// The session state a returned connection must have reset, from what the
+/// tap saw and the `reset` setting; `None` when nothing is to be sent.
+pub(crate) fn reset_needed(config: &PoolConfig, seen: Effects) -> Option<Effects> {
+    if config.pooler == Pooler::Transaction {
+        // No session survives a transaction: nothing to reset, nothing to
+        // send to whichever server the pooler picks.
+        return None;
+    }
+    match config.reset {
+        Reset::Never => None,
+        Reset::Always => Some(Effects::ALL),
+        Reset::Auto => seen.needs_reset().then_some(seen),
+    }
+}
+
+/// The statements that reset `effects`, in one simple query (see
+/// [`Reset`] for the table).
+pub(crate) fn reset_sql(config: &PoolConfig, effects: Effects) -> String {
+    let mut sql = String::new();
+    if effects.contains(Effects::CURSOR) {
+        sql.push_str("CLOSE ALL; ");
+    }
+    if effects.contains(Effects::SETTINGS) {
+        sql.push_str("SET SESSION AUTHORIZATION DEFAULT; RESET ALL; ");
+        if let Some(settings) = conn::session_settings(config) {
+            sql.push_str(&settings);
+        }
+    }
+    if effects.contains(Effects::LISTEN) {
+        sql.push_str("UNLISTEN *; ");
+    }
+    if effects.contains(Effects::ADVISORY) {
+        sql.push_str("SELECT pg_advisory_unlock_all(); ");
+    }
+    if effects.contains(Effects::TEMP) {
+        sql.push_str("DISCARD TEMP; ");
+    }
+    if effects.contains(Effects::PREPARED) {
+        sql.push_str("DEALLOCATE ALL; ");
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_sends_only_what_was_seen() {
+        let config = PoolConfig::default();
+        assert_eq!(reset_needed(&config, Effects::NONE), None);
+        assert_eq!(reset_needed(&config, Effects::DROPPED_STATEMENTS), None);
+        let seen = Effects::LISTEN | Effects::ADVISORY;
+        assert_eq!(reset_needed(&config, seen), Some(seen));
+        assert_eq!(
+            reset_sql(&config, seen),
+            "UNLISTEN *; SELECT pg_advisory_unlock_all(); "
+        );
+        let always = PoolConfig {
+            reset: Reset::Always,
+            ..PoolConfig::default()
+        };
+        assert_eq!(reset_needed(&always, Effects::NONE), Some(Effects::ALL));
+        let never = PoolConfig {
+            reset: Reset::Never,
+            ..PoolConfig::default()
+        };
+        assert_eq!(reset_needed(&never, seen), None);
+        let pooled = PoolConfig {
+            pooler: Pooler::Transaction,
+            reset: Reset::Always,
+            ..PoolConfig::default()
+        };
+        assert_eq!(reset_needed(&pooled, seen), None);
+    }
+
+    #[test]
+    fn behind_a_session_pooler_settings_come_back_after_reset_all() {
+        let config = PoolConfig {
+            pooler: Pooler::Session,
+            server_settings: [("work_mem".to_owned(), "8MB".to_owned())].into(),
+            ..PoolConfig::default()
+        };
+        assert_eq!(
+            reset_sql(&config, Effects::SETTINGS),
+            "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET work_mem = '8MB'; "
+        );
+    }
 }
