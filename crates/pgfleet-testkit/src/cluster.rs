@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use tokio_postgres::NoTls;
 use crate::error::{Error, Result};
 use crate::system::{
     as_postgres, chown_to_postgres, default_candidates, ensure_template, find_binaries, free_port,
-    is_root, log_tail, nanos_suffix, run, SUPERUSER_PASSWORD,
+    is_root, log_tail, nanos_suffix, run, spawn_watchdog, SUPERUSER_PASSWORD,
 };
 use crate::tls::{write_private, ServerTls};
 
@@ -482,21 +482,7 @@ impl TempCluster {
                 self.data.display()
             )
         };
-        let script = format!(
-            "i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 43200 ]; do sleep 0.5; i=$((i+1)); done; \
-             {stop} >/dev/null 2>&1; rm -rf '{dir}'",
-            pid = std::process::id(),
-            dir = self.dir.display()
-        );
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| Error::io("start the watchdog", e))?;
-        Ok(())
+        spawn_watchdog(&stop, &self.dir)
     }
 }
 

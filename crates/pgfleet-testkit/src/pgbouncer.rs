@@ -15,7 +15,8 @@ use tokio_postgres::{NoTls, SimpleQueryMessage};
 use crate::cluster::TempCluster;
 use crate::error::{Error, Result};
 use crate::system::{
-    as_postgres, chown_to_postgres, free_port, log_tail, nanos_suffix, SUPERUSER_PASSWORD,
+    as_postgres, chown_to_postgres, free_port, log_tail, nanos_suffix, spawn_watchdog,
+    SUPERUSER_PASSWORD,
 };
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -316,24 +317,16 @@ impl PgBouncer {
     }
 
     /// A detached shell that kills PgBouncer and removes the directory once
-    /// this process is gone (bounded: gives up after 6 hours).
+    /// this process is gone.
     fn spawn_watchdog(&self) -> Result<()> {
-        let script = format!(
-            "i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 43200 ]; do sleep 0.5; i=$((i+1)); done; \
-             [ -f '{pidfile}' ] && kill -TERM $(cat '{pidfile}') 2>/dev/null; sleep 0.2; rm -rf '{dir}'",
-            pid = std::process::id(),
-            pidfile = self.pid_file().display(),
-            dir = self.dir.display()
-        );
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| Error::io("start the PgBouncer watchdog", e))?;
-        Ok(())
+        let pidfile = self.pid_file();
+        spawn_watchdog(
+            &format!(
+                "[ -f '{p}' ] && kill -TERM $(cat '{p}'); sleep 0.2",
+                p = pidfile.display()
+            ),
+            &self.dir,
+        )
     }
 }
 

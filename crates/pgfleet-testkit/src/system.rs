@@ -188,3 +188,23 @@ pub(crate) fn nanos_suffix() -> u64 {
         .map(|d| d.subsec_nanos() as u64)
         .unwrap_or(0)
 }
+
+/// Starts a detached shell that runs `cleanup` and removes `dir` once this
+/// process is gone (bounded: gives up waiting after 6 hours).
+pub(crate) fn spawn_watchdog(cleanup: &str, dir: &Path) -> Result<()> {
+    let script = format!(
+        "i=0; while kill -0 {pid} 2>/dev/null && [ $i -lt 43200 ]; do sleep 0.5; i=$((i+1)); done; \
+         {cleanup} >/dev/null 2>&1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io("start the watchdog", e))?;
+    Ok(())
+}
