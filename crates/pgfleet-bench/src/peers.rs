@@ -323,13 +323,14 @@ impl Subject {
     }
 
     /// Runs one operation for task `task`.
-    #[allow(clippy::redundant_closure)]
     pub async fn run(&self, op: Op, task: usize, key: i32) -> Result<(), BoxError> {
         // Runs `$op` on client `$c`; `$prepare(sql)` is the subject's
         // statement for `sql`, as a future.
         macro_rules! on_client {
             ($op:expr, $c:expr, $prepare:expr) => {{
-                let c: &tokio_postgres::Client = $c;
+                // A tokio-postgres client, or a pgfleet handle whose own
+                // query methods are found before the Client's.
+                let c = $c;
                 match $op {
                     Op::AcquireRelease => {}
                     Op::AcquireYieldRelease => tokio::task::yield_now().await,
@@ -365,7 +366,7 @@ impl Subject {
         match self {
             Subject::Pgfleet(p) => {
                 let conn = p.get().await?;
-                on_client!(op, &conn, |sql| named(conn.prepare_cached(sql)));
+                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
             }
             Subject::Deadpool(p) => {
                 let conn = p.get().await?;
@@ -387,7 +388,7 @@ impl Subject {
             Subject::Pipelined(raw) => on_client!(op, &raw.client, |sql| ready(raw, sql)),
             Subject::PgfleetShared(p) => {
                 let conn = p.shared().await?;
-                on_client!(op, &conn, |sql| named(conn.prepare_cached(sql)));
+                on_client!(op, &conn, |sql| conn.prepare_cached(sql));
             }
             Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
             Subject::Noop if op == Op::AcquireYieldRelease => tokio::task::yield_now().await,
@@ -410,16 +411,4 @@ impl Subject {
             Subject::Dedicated(_) | Subject::Pipelined(_) | Subject::Noop => {}
         }
     }
-}
-
-/// The server-side statement of a pgfleet `prepare_cached` (the bench runs
-/// directly on PostgreSQL, where there is always one).
-async fn named(
-    prepared: impl std::future::Future<Output = pgfleet::Result<pgfleet::Prepared>>,
-) -> Result<tokio_postgres::Statement, BoxError> {
-    let prepared = prepared.await?;
-    prepared
-        .statement()
-        .cloned()
-        .ok_or_else(|| "no server-side statement (behind a transaction pooler)".into())
 }

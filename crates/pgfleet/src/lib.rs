@@ -45,6 +45,8 @@
 //!   and the like) and [`PooledConnection::prepare_cached`] keep prepared
 //!   statements per connection; [`Pool::shared`] pipelines autocommit
 //!   statements of many tasks over a few connections.
+//! * [`Hooks`]: async `after_connect`, `before_acquire` and `after_release`
+//!   callbacks, set in code (the `hooks` field of [`PoolConfig`]).
 //! * Poolers: with `pooler=transaction` every query method, `prepare_cached`,
 //!   transactions and shared mode work behind PgBouncer in transaction mode
 //!   (unnamed statements, parameter types learnt once per pool); with
@@ -103,8 +105,8 @@ pub mod configuration {}
 pub use activity::{sample as sample_activity, ActivitySample};
 pub use budget::{BudgetSource, BudgetStats, Derivation};
 pub use config::{
-    config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, KeyInfo, PoolConfig,
-    PoolSettings, Pooler, RawValue, Reset, Source,
+    config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, HookError, HookFuture, Hooks,
+    KeyInfo, PoolConfig, PoolSettings, Pooler, RawValue, Reset, Source,
 };
 #[cfg(feature = "yaml")]
 pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};

@@ -247,6 +247,9 @@ counters! {
         Resized => connections_closed_resized, "resized";
         /// Connections replaced by `drain` (new credentials, say).
         Drained => connections_closed_drained, "drained";
+        /// Connections a `before_acquire` or `after_release` hook turned
+        /// down.
+        Hook => connections_closed_hook, "hook";
     }
 }
 

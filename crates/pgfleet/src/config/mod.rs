@@ -13,6 +13,7 @@
 //!   (feature `yaml`).
 
 mod fleet;
+mod hooks;
 #[cfg(feature = "yaml")]
 mod interpolate;
 mod keys;
@@ -28,6 +29,7 @@ mod value;
 mod yaml;
 
 pub use fleet::{BudgetConfig, BudgetMode, FleetConfig};
+pub use hooks::{HookError, HookFuture, Hooks};
 pub use keys::{config_keys, KeyInfo};
 #[cfg(feature = "yaml")]
 pub use layered::{ApplicationValue, Loaded, Loader, WarmupEntry};

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::hooks::Hooks;
+
 /// `max_size` when it is not set and `min_size` is no larger.
 pub(crate) const DEFAULT_MAX_SIZE: u32 = 10;
 
@@ -122,6 +124,10 @@ pub struct PoolConfig {
     /// When a returned connection's session state is reset before the next
     /// borrower (`reset`). See [`Reset`].
     pub reset: Reset,
+    /// Async callbacks on the pool's connections, set in code: see
+    /// [`Hooks`]. Compared by identity.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    pub hooks: Hooks,
 }
 
 /// When a returned connection's session state is reset: the `reset` key.
@@ -263,6 +269,7 @@ impl Default for PoolConfig {
             statement_cache_size: 256,
             pooler: Pooler::None,
             reset: Reset::Auto,
+            hooks: Hooks::default(),
         }
     }
 }
@@ -296,6 +303,7 @@ impl PoolConfig {
             statement_cache_size,
             pooler,
             reset,
+            hooks,
         } = self;
         *min_size == other.min_size
             && self.effective_max_size() == other.effective_max_size()
@@ -317,6 +325,7 @@ impl PoolConfig {
             && *statement_cache_size == other.statement_cache_size
             && *pooler == other.pooler
             && *reset == other.reset
+            && *hooks == other.hooks
             && *application_name == other.application_name
             && *server_settings == other.server_settings
     }

@@ -53,7 +53,9 @@ impl PoolInner {
         let started = Instant::now();
         let limit = limit.min(MAX_WAIT);
         match self.take(started, started, limit, location)? {
-            Taken::Ready(conn) => Ok(self.hand_out(conn, started, started, location)),
+            Taken::Ready(conn) if self.config.hooks.before_acquire.is_none() => {
+                Ok(self.hand_out(conn, started, started, location))
+            }
             // Waiting and health checks live in their own (boxed) future, so
             // the future of a `get()` that finds an idle connection stays
             // small.
@@ -147,15 +149,9 @@ impl PoolInner {
     ) -> Result<PooledConnection> {
         let deadline = started + limit;
         loop {
-            match taken {
-                Taken::Ready(conn) => {
-                    return Ok(self.hand_out(conn, started, Instant::now(), location));
-                }
-                Taken::Stale(conn) => {
-                    if let Some(conn) = self.check(conn, deadline).await {
-                        return Ok(self.hand_out(conn, started, Instant::now(), location));
-                    }
-                }
+            let conn = match taken {
+                Taken::Ready(conn) => Some(conn),
+                Taken::Stale(conn) => self.check(conn, deadline).await,
                 Taken::Queued(mut wait) => {
                     // No timer here: the reaper fails the wait at its
                     // deadline.
@@ -172,10 +168,16 @@ impl PoolInner {
                     self.counters
                         .acquires_waited
                         .fetch_add(1, Ordering::Relaxed);
+                    Some(conn)
+                }
+            };
+            if let Some(conn) = conn {
+                if let Some(conn) = self.before_acquire(conn, deadline).await {
                     return Ok(self.hand_out(conn, started, Instant::now(), location));
                 }
             }
-            // The stale connection failed its check: start over.
+            // The stale connection failed its check, or the hook turned the
+            // connection down: start over.
             taken = self.take(Instant::now(), started, limit, location)?;
         }
     }
@@ -196,6 +198,24 @@ impl PoolInner {
             self.checkouts.taken(conn.id(), now, location);
         }
         PooledConnection::new(conn, self.clone(), now, location)
+    }
+
+    /// Runs the `before_acquire` hook, if any, within the caller's
+    /// deadline; closes the connection if it says no or does not answer.
+    async fn before_acquire(&self, conn: Conn, deadline: Instant) -> Option<Conn> {
+        let Some(hook) = &self.config.hooks.before_acquire else {
+            return Some(conn);
+        };
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let keep = timeout(limit, hook(&conn.raw.client))
+            .await
+            .unwrap_or(false);
+        if keep && conn.raw.tap.is_clean() {
+            Some(conn)
+        } else {
+            conn.close(CloseReason::Hook);
+            None
+        }
     }
 
     /// Checks a connection that sat idle with one round trip; closes it if

@@ -74,7 +74,8 @@ impl PoolInner {
             conn.raw.statements.clear();
             tap.clear_effects(Effects::DROPPED_STATEMENTS);
         }
-        let reset = session::reset_needed(&self.config, tap.effects()).is_some();
+        let reset = session::reset_needed(&self.config, tap.effects()).is_some()
+            || self.config.hooks.after_release.is_some();
         match self.verdict(&conn, now) {
             Verdict::Reuse if reset => self.send_to_clean(conn, location),
             Verdict::Reuse => {
@@ -182,6 +183,29 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
         tap.take_effects();
         pool.counters.session_resets.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(pool = %pool.label, reset = ?effects.names(), "session reset");
+        if effects.contains(Effects::SETTINGS) {
+            // RESET ALL undid what the after_connect hook set.
+            let again = timeout(
+                pool.config.connect_timeout,
+                session::after_connect(&pool.config, &pool.label, &conn.raw),
+            )
+            .await;
+            tap.take_effects();
+            if !again.is_ok_and(|r| r.is_ok()) {
+                tracing::warn!(pool = %pool.label, "the after_connect hook failed after a session reset; connection closed");
+                conn.close(CloseReason::Hook);
+                return;
+            }
+        }
+    }
+    if let Some(hook) = &pool.config.hooks.after_release {
+        let keep = timeout(pool.config.connect_timeout, hook(&conn.raw.client))
+            .await
+            .unwrap_or(false);
+        if !keep || !tap.is_clean() {
+            conn.close(CloseReason::Hook);
+            return;
+        }
     }
     let now = Instant::now();
     match pool.verdict(&conn, now) {

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 /// pooler, the settings that start-up options give a direct connection,
 /// sent at once even when there are none, so that the pooler assigns a
 /// server connection now (within `connect_timeout`), not while a borrower
-/// waits for its first statement. A failure discards the connection and
-/// counts as a failed connect.
+/// waits for its first statement; then the `after_connect` hook. A failure
+/// discards the connection and counts as a failed connect.
 pub(crate) async fn set_up(config: &PoolConfig, label: &str, raw: &RawConn) -> Result<()> {
     if config.pooler == Pooler::Session {
         let sql = conn::session_settings(config).unwrap_or_default();
@@ -25,10 +25,32 @@ pub(crate) async fn set_up(config: &PoolConfig, label: &str, raw: &RawConn) -> R
             ))
             .with_code(db.code().map(str::to_owned))
         })?;
-        // The SETs are the pool's own, not a borrower's.
-        raw.tap.take_effects();
     }
+    after_connect(config, label, raw).await?;
+    // What the set-up sent is the pool's own, not a borrower's.
+    raw.tap.take_effects();
     Ok(())
+}
+
+/// Runs the `after_connect` hook, if any, on `raw`.
+pub(crate) async fn after_connect(config: &PoolConfig, label: &str, raw: &RawConn) -> Result<()> {
+    let Some(hook) = &config.hooks.after_connect else {
+        return Ok(());
+    };
+    hook(&raw.client).await.map_err(|e| {
+        // A statement's error in the server's words, with its SQLSTATE.
+        let (why, code) = match e.downcast::<tokio_postgres::Error>() {
+            Ok(pg) => {
+                let db = Error::from(*pg);
+                (db.to_string(), db.code().map(str::to_owned))
+            }
+            Err(other) => (crate::error::report(&*other), None),
+        };
+        Error::connect(format!(
+            "the after_connect hook failed on a new connection to {label}: {why}"
+        ))
+        .with_code(code)
+    })
 }
 
 /// The session state a returned connection must have reset, from what the
