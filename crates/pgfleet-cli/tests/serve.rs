@@ -754,10 +754,13 @@ async fn behind_pgbouncer_in_transaction_mode_many_users_get_no_5xx() {
         .map(|(_, n)| n)
         .sum();
     assert_eq!(successes, 2000, "{statuses:?}");
+    // At most PgBouncer's pool; the server's count may lag by one for the
+    // moment a backend whose connection PgBouncer replaced takes to exit.
     assert!(
-        (1..=bouncer.pool_size() as usize).contains(&peak),
-        "peak backends {peak} for a PgBouncer pool of {}",
-        bouncer.pool_size()
+        (1..=bouncer.pool_size() as usize + 1).contains(&peak),
+        "peak backends {peak} for a PgBouncer pool of {}; its log:\n{}",
+        bouncer.pool_size(),
+        bouncer.log_tail(40)
     );
 }
 

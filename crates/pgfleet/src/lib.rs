@@ -45,6 +45,10 @@
 //!   and the like) and [`PooledConnection::prepare_cached`] keep prepared
 //!   statements per connection; [`Pool::shared`] pipelines autocommit
 //!   statements of many tasks over a few connections.
+//! * [`Listener`] ([`Pool::listener`]): `LISTEN`/`NOTIFY` on a connection
+//!   of its own, inside the server budget; it reconnects after a restart,
+//!   listens again, and reports a [`Gap`] when notifications may have been
+//!   missed.
 //! * [`Hooks`]: async `after_connect`, `before_acquire` and `after_release`
 //!   callbacks, set in code (the `hooks` field of [`PoolConfig`]).
 //! * Poolers: with `pooler=transaction` every query method, `prepare_cached`,
@@ -91,6 +95,7 @@ mod config;
 mod conn;
 mod error;
 mod fleet;
+mod listener;
 #[cfg(feature = "prometheus")]
 mod metrics;
 mod pool;
@@ -113,6 +118,7 @@ pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};
 pub use conn::{CancelToken, Prepared, Sql};
 pub use error::{report, Error, ErrorKind, Result, TimeoutStage};
 pub use fleet::{CloseReport, Fleet, FleetStats, PoolHandle, WarmupOutcome, WarmupReport};
+pub use listener::{Event as ListenerEvent, Gap, Listener};
 #[cfg(feature = "prometheus")]
 pub use metrics::FleetMetrics;
 pub use pool::{Pool, PooledConnection, Transaction};

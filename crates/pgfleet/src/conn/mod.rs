@@ -211,12 +211,16 @@ impl From<Error> for Failed {
 /// then plaintext when the server declines TLS, the handshake fails or the
 /// server refuses the TLS session; `allow` tries plaintext, then TLS when
 /// the server refuses the plaintext session.
+///
+/// With `notifications`, the driver task forwards the server's
+/// notifications (`LISTEN`) there instead of dropping them.
 pub(crate) async fn connect(
     target: &Target,
     pg: &tokio_postgres::Config,
     options: &SocketOptions,
     tls: &TlsClient,
     statement_cache_size: usize,
+    notifications: Option<&Notifications>,
 ) -> Result<RawConn, Error> {
     let mode = target.tls().mode();
     let tls_possible = tls.available() && matches!(target.host(), Host::Tcp(_));
@@ -225,7 +229,17 @@ pub(crate) async fn connect(
     } else {
         Wire::Plain
     };
-    let attempt = |wire| attempt(target, pg, options, tls, statement_cache_size, wire);
+    let attempt = |wire| {
+        attempt(
+            target,
+            pg,
+            options,
+            tls,
+            statement_cache_size,
+            notifications,
+            wire,
+        )
+    };
     match attempt(first).await {
         Ok(conn) => Ok(conn),
         Err(failed) => {
@@ -267,6 +281,7 @@ async fn attempt(
     options: &SocketOptions,
     tls: &TlsClient,
     statement_cache_size: usize,
+    notifications: Option<&Notifications>,
     wire: Wire,
 ) -> Result<RawConn, Failed> {
     let fail = |what: &str| connect_error(target, what);
@@ -307,8 +322,13 @@ async fn attempt(
             }
         })?;
     let driver_tap = tap.clone();
+    let forward = notifications.cloned();
     let driver = tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        let ended = match forward {
+            None => connection.await,
+            Some(forward) => drive_forwarding(connection, &forward).await,
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "connection ended with an error");
         }
         driver_tap.mark_eof();
@@ -322,6 +342,27 @@ async fn attempt(
         statements: StatementCache::new(statement_cache_size),
         secure,
     })
+}
+
+/// Where a listening connection's driver sends the server's notifications.
+pub(crate) type Notifications = tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>;
+
+/// Drives `connection` to its end, forwarding its notifications.
+async fn drive_forwarding<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    forward: &Notifications,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+        if let tokio_postgres::AsyncMessage::Notification(n) = message? {
+            // The listener may be gone; the connection goes with it.
+            let _ = forward.send(n);
+        }
+    }
+    Ok(())
 }
 
 /// Asks for TLS on `tcp` and shakes hands: the secure socket, or, under

@@ -162,6 +162,19 @@ impl TapState {
         }
     }
 
+    /// Waits until the connection is dead (FATAL or end of stream).
+    pub(crate) async fn closed(&self) {
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_dead() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub(crate) fn mark_eof(&self) {
         self.eof.store(true, Ordering::Release);
         self.ready.notify_waiters();

@@ -171,10 +171,16 @@ impl PoolInner {
                     Some(conn)
                 }
             };
-            if let Some(conn) = conn {
-                if let Some(conn) = self.before_acquire(conn, deadline).await {
-                    return Ok(self.hand_out(conn, started, Instant::now(), location));
+            let conn = match conn {
+                Some(conn) if self.config.hooks.before_acquire.is_some() => {
+                    // Boxed: the hook's state (and its timer) stays out of
+                    // this future, which every queued caller allocates.
+                    Box::pin(self.before_acquire(conn, deadline)).await
                 }
+                conn => conn,
+            };
+            if let Some(conn) = conn {
+                return Ok(self.hand_out(conn, started, Instant::now(), location));
             }
             // The stale connection failed its check, or the hook turned the
             // connection down: start over.

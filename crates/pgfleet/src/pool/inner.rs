@@ -477,6 +477,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             &conn::SocketOptions::of(&pool.config),
             &pool.tls,
             pool.config.statement_cache_size,
+            None,
         )
         .await?;
         super::session::set_up(&pool.config, &pool.label, &raw).await?;

@@ -29,7 +29,7 @@ pub(crate) mod maintain;
 pub(crate) mod query;
 mod reaper;
 mod release;
-mod session;
+pub(crate) mod session;
 mod state;
 mod transaction;
 
@@ -46,6 +46,7 @@ pub use self::transaction::Transaction;
 use crate::budget::ServerBudget;
 use crate::config::PoolConfig;
 use crate::error::{Error, Result, TimeoutStage};
+use crate::listener::Listener;
 use crate::shared::{self, Lanes, SharedConnection};
 use crate::stats::{PoolStats, Timings};
 use crate::target::Target;
@@ -177,6 +178,18 @@ impl Pool {
     #[track_caller]
     pub fn shared(&self) -> impl Future<Output = Result<SharedConnection>> + Send + '_ {
         shared::lease(&self.inner, &self.lanes, Location::caller())
+    }
+
+    /// A [`Listener`] for `LISTEN`/`NOTIFY` on this pool's database: a
+    /// connection of its own (outside `max_size`, inside the server
+    /// budget) that reconnects after a server restart, listens to its
+    /// channels again and reports the gap.
+    ///
+    /// # Errors
+    /// `Unsupported` behind `pooler = transaction` (LISTEN needs a
+    /// session); the connect errors of [`get`](Self::get) otherwise.
+    pub async fn listener(&self) -> Result<Listener> {
+        Listener::open(self.inner.clone()).await
     }
 
     /// Changes the warm floor and the cap while the pool runs. Growing
