@@ -303,3 +303,110 @@ fn settings_that_need_a_session_are_refused_behind_a_transaction_pooler() {
     assert!(message.contains("pooler = transaction"), "{message}");
     assert!(message.contains("ALTER ROLE"), "{message}");
 }
+
+/// Log lines, captured.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn session_state_behind_a_transaction_pooler_is_warned_about_once_per_kind() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let cluster = TempCluster::start().unwrap();
+    let bouncer = PgBouncer::builder(PoolMode::Transaction)
+        .pool_size(2)
+        .start(&cluster)
+        .unwrap();
+    let fleet = Fleet::new();
+    let pool = pool(
+        &fleet,
+        &format!("{}?pooler=transaction", bouncer.url("postgres")),
+        "pooler-warn",
+        2,
+    );
+    let conn = pool.get().await.unwrap();
+    for _ in 0..3 {
+        conn.execute("SET work_mem = '8MB'", &[]).await.unwrap();
+        conn.query("SELECT pg_advisory_lock($1)", &[&5i64])
+            .await
+            .unwrap();
+        conn.query("SELECT pg_advisory_unlock($1)", &[&5i64])
+            .await
+            .unwrap();
+    }
+    // Behind the pooler a transaction keeps its server connection: this
+    // is where a session-wide effect belongs (SET LOCAL, xact locks).
+    let mut conn = conn;
+    let tx = conn.transaction().await.unwrap();
+    let statement = tx.prepare_cached("SELECT $1::int * 2").await.unwrap();
+    let v: i32 = tx.query_one(&statement, &[&21i32]).await.unwrap().get(0);
+    assert_eq!(v, 42);
+    tx.execute("SET LOCAL work_mem = '9MB'", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    drop(conn);
+    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("behind pooler = transaction"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "one per kind:\n{log}");
+    assert!(
+        warnings[0].contains("SET") && warnings[0].contains("work_mem"),
+        "{log}"
+    );
+    assert!(warnings[1].contains("advisory"), "{log}");
+    fleet.close_all(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_pooler_setting_named_statements_fail_behind_a_transaction_pooler() {
+    // The evidence for `pooler`: the same load with `pooler=none` fails.
+    let cluster = TempCluster::start().unwrap();
+    let bouncer = PgBouncer::builder(PoolMode::Transaction)
+        .pool_size(2)
+        .start(&cluster)
+        .unwrap();
+    let fleet = Fleet::new();
+    let pool = pool(&fleet, &bouncer.url("postgres"), "pooler-none", 4);
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..8 {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let mut failed = 0;
+            for i in 0..50 {
+                let conn = pool.get().await.unwrap();
+                if conn
+                    .query_one("SELECT $1::int + $2::int", &[&task, &i])
+                    .await
+                    .is_err()
+                {
+                    failed += 1;
+                }
+            }
+            failed
+        });
+    }
+    let mut failed = 0;
+    while let Some(n) = tasks.join_next().await {
+        failed += n.unwrap();
+    }
+    eprintln!("pooler=none behind a transaction pooler: {failed} of 400 statements failed");
+    assert!(failed > 0);
+    fleet.close_all(Duration::from_secs(5)).await;
+}
