@@ -682,9 +682,12 @@ async fn behind_pgbouncer_in_transaction_mode_many_users_get_no_5xx() {
     // Every backend on the server (PgBouncer's server connections; the
     // kit's own are left out), sampled while the load runs.
     let peak = Arc::new(AtomicUsize::new(0));
+    let peak_bouncer = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bouncer = Arc::new(bouncer);
     let sampler = {
-        let (peak, stop, cluster) = (peak.clone(), stop.clone(), cluster.clone());
+        let (peak, peak_bouncer, stop) = (peak.clone(), peak_bouncer.clone(), stop.clone());
+        let (cluster, bouncer) = (cluster.clone(), bouncer.clone());
         tokio::spawn(async move {
             for _ in 0..100_000 {
                 if stop.load(Ordering::SeqCst) {
@@ -692,6 +695,9 @@ async fn behind_pgbouncer_in_transaction_mode_many_users_get_no_5xx() {
                 }
                 if let Ok(n) = cluster.count_backends(&BackendFilter::all()).await {
                     peak.fetch_max(n, Ordering::SeqCst);
+                }
+                if let Ok(servers) = bouncer.show("SHOW SERVERS").await {
+                    peak_bouncer.fetch_max(servers.len(), Ordering::SeqCst);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -741,7 +747,16 @@ async fn behind_pgbouncer_in_transaction_mode_many_users_get_no_5xx() {
     let statuses = statuses.lock().unwrap().clone();
     let failures = failures.lock().unwrap().clone();
     let peak = peak.load(Ordering::SeqCst);
-    eprintln!("behind PgBouncer: statuses {statuses:?}, server backends peak {peak}");
+    let peak_bouncer = peak_bouncer.load(Ordering::SeqCst);
+    eprintln!(
+        "behind PgBouncer: statuses {statuses:?}, server backends peak {peak}, \
+         PgBouncer's server connections peak {peak_bouncer}"
+    );
+    assert!(
+        peak_bouncer as u32 <= bouncer.pool_size(),
+        "{}",
+        bouncer.log_tail(40)
+    );
     assert!(
         failures.is_empty(),
         "{} 5xx, first: {:?}",

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{app, config};
+use futures_util::StreamExt;
 use pgfleet::{Fleet, ListenerEvent, Pool};
 use pgfleet_testkit::TempCluster;
 
@@ -106,7 +107,15 @@ async fn a_listener_survives_a_restart_signals_the_gap_and_loses_nothing_after_i
         ("jobs".into(), "last".into())
     );
     assert_eq!(listener.channels().collect::<Vec<_>>(), ["jobs"]);
-    drop(listener);
+    // The same events as a Stream.
+    let mut events = std::pin::pin!(listener.into_stream());
+    notify(&pool, "jobs", "streamed").await;
+    let event = tokio::time::timeout(Duration::from_secs(30), events.next())
+        .await
+        .expect("an event within 30 s")
+        .expect("the stream goes on")
+        .expect("the listener works");
+    assert_eq!(payload(event), ("jobs".into(), "streamed".into()));
     fleet.close_all(Duration::from_secs(5)).await;
     drop(cluster);
 }
