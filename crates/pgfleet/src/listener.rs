@@ -54,6 +54,9 @@ pub struct Gap {
     pub reason: String,
 }
 
+/// How often a waiting listener looks whether its pool was closed.
+const CLOSE_CHECK: Duration = Duration::from_millis(500);
+
 /// The shortest and longest wait between reconnect attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -121,9 +124,29 @@ impl Listener {
     async fn connect(&self) -> Result<Live> {
         let pool = &self.pool;
         let unit = match &pool.budget {
-            Some(budget) => Some(budget.acquire(pool.id, || true).await.ok_or_else(|| {
-                Error::closed(format!("the server budget of {} is closed", pool.label))
-            })?),
+            Some(budget) => {
+                let wait = pool.config.acquire_timeout;
+                let unit = timeout(wait, budget.acquire(pool.id, || !pool.lock().closed))
+                    .await
+                    .map_err(|_| {
+                        Error::timeout(
+                            TimeoutStage::Acquire,
+                            wait,
+                            format!(
+                                "timed out after {} waiting for a unit of the server budget \
+                                 for a listener on {}",
+                                humantime::format_duration(wait),
+                                pool.label
+                            ),
+                        )
+                    })?;
+                Some(unit.ok_or_else(|| {
+                    Error::closed(format!(
+                        "the pool of this listener ({}) is closed",
+                        pool.label
+                    ))
+                })?)
+            }
             None => None,
         };
         let limit = pool.config.connect_timeout;
@@ -139,6 +162,11 @@ impl Listener {
             )
             .await?;
             crate::pool::session::set_up(&pool.config, &pool.label, &raw).await?;
+            // The first connection to an `auto` budget's server reads its
+            // limits, or every pool on it would wait for this one's unit.
+            if let Some(budget) = pool.budget.as_ref().filter(|b| b.needs_derivation()) {
+                crate::budget::derive_from_server(budget, &raw.client).await;
+            }
             if !self.channels.is_empty() {
                 let sql: String = self
                     .channels
@@ -244,6 +272,12 @@ impl Listener {
                 n = self.rx.recv() => {
                     if let Some(n) = n {
                         return Ok(Event::Notification(n));
+                    }
+                }
+                // Looks at the pool again: a closed pool ends the listener.
+                () = tokio::time::sleep(CLOSE_CHECK) => {
+                    if self.pool.lock().closed {
+                        self.live = None;
                     }
                 }
                 () = tap.closed() => {

@@ -484,6 +484,7 @@ impl SharedConnection {
         crate::pool::query::Session {
             client: &raw.client,
             statements: &raw.statements,
+            tap: &raw.tap,
             pool: &self.lane.pool,
             shared: true,
         }

@@ -178,3 +178,42 @@ async fn reset_always_and_never() {
     assert_eq!(v, "2MB", "reset = never trusts the borrowers");
     assert_eq!(never.stats().counters.session_resets, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_statement_that_sets_state_is_reset_on_every_return() {
+    let pool = one_connection("clean_cached", |_| {});
+    let set_tenant = "SELECT set_config('app.tenant', $1, false)";
+    for tenant in ["acme", "globex", "initech"] {
+        let conn = pool.get().await.unwrap();
+        let seen: Option<String> = conn
+            .query_one("SELECT current_setting('app.tenant', true)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            seen.unwrap_or_default(),
+            "",
+            "{tenant}: no tenant left over"
+        );
+        // From the second borrow on, the statement comes from the cache:
+        // only Bind and Execute go out, no text for the tap to read.
+        conn.query_one(set_tenant, &[&tenant]).await.unwrap();
+        let prepared = conn
+            .prepare_cached("SELECT pg_advisory_lock(42)")
+            .await
+            .unwrap();
+        conn.query_one(&prepared, &[]).await.unwrap();
+    }
+    let conn = pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT current_setting('app.tenant', true), \
+             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).unwrap_or_default(), "");
+    assert_eq!(row.get::<_, i64>(1), 0);
+    assert_eq!(pool.stats().counters.session_resets, 3);
+}

@@ -130,3 +130,31 @@ async fn a_listener_behind_a_transaction_pooler_is_refused() {
     assert!(err.is_unsupported(), "{err}");
     assert!(err.to_string().contains("LISTEN needs a session"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_opened_first_derives_the_auto_budget_and_pools_go_on() {
+    let cluster = TempCluster::start().unwrap();
+    let target = pgfleet::Target::parse(&cluster.url("postgres")).unwrap();
+    let fleet = Fleet::new();
+    let pool = fleet
+        .pool(&target, &config(&app("listen_first"), 0, 2))
+        .unwrap();
+    // The listener's connection is the first on the server: it reads the
+    // server's limits for the `auto` budget.
+    let mut listener = pool.listener().await.unwrap();
+    listener.listen("first").await.unwrap();
+    let conn = tokio::time::timeout(Duration::from_secs(10), pool.get())
+        .await
+        .expect("a pooled connection while the listener lives")
+        .unwrap();
+    let budget = fleet.stats().servers.into_values().next().unwrap();
+    assert!(budget.budget.is_some(), "derived: {budget:?}");
+    assert_eq!(budget.in_use, 2);
+    drop(conn);
+    // A closed pool ends a waiting listener.
+    pool.close();
+    let ended = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("recv ends when the pool closes");
+    assert!(ended.unwrap_err().is_closed());
+}

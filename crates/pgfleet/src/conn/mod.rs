@@ -17,7 +17,7 @@ mod tap;
 mod tls;
 
 pub(crate) use socket::SocketOptions;
-pub(crate) use tap::TxStatus;
+pub(crate) use tap::{TapState, TxStatus};
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ use tokio_postgres::Client;
 use self::socket::{open_socket, request_tls, Established, Socket};
 pub(crate) use self::statements::{private::SqlRef, Keyword, StatementCache};
 pub use self::statements::{Prepared, Sql};
-use self::tap::{TapState, TapStream};
+use self::tap::TapStream;
 use crate::config::PoolConfig;
 use crate::error::Error;
 use crate::target::{Host, Target};
@@ -115,7 +115,10 @@ pub(crate) fn session_settings(config: &PoolConfig) -> Option<String> {
     }
     let mut sql = String::new();
     for (name, value) in settings(config) {
-        let _ = write!(sql, "SET {name} = '{}'; ", value.replace('\'', "''"));
+        // An E'' literal means the same whatever standard_conforming_strings
+        // says.
+        let quoted = value.replace('\\', "\\\\").replace('\'', "''");
+        let _ = write!(sql, "SET {name} = E'{quoted}'; ");
     }
     (!sql.is_empty()).then_some(sql)
 }

@@ -123,7 +123,19 @@ fn lex(sql: &[u8], mut f: impl FnMut(usize, &[u8]), mut param: impl FnMut(usize)
                 }
             }
             b'\'' => i = skip_quoted(sql, i, b'\'', false),
-            b'"' => i = skip_quoted(sql, i, b'"', false),
+            b'"' => {
+                // A quoted identifier is a word too (`"pg_advisory_lock"(1)`).
+                let end = skip_quoted(sql, i, b'"', false);
+                let inner = &sql[i + 1..end.saturating_sub(1).max(i + 1)];
+                if !inner.is_empty() {
+                    if !statement_has_words {
+                        statement_has_words = true;
+                        count += 1;
+                    }
+                    f(statement, inner);
+                }
+                i = end;
+            }
             b'$' => {
                 // `$tag$ … $tag$` (tag possibly empty); `$1` is a parameter.
                 let tag_end = sql[i + 1..]
@@ -263,6 +275,8 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
         }
         match (position, &head[..head_len]) {
             (0, b"SET") => set_local = Some(false),
+            // An anonymous code block may do anything: every kind.
+            (0, b"DO") => out |= Effects::ALL,
             (0, b"LISTEN") => out |= Effects::LISTEN,
             (0, b"PREPARE") => out |= Effects::PREPARED,
             (0, b"RESET") => out |= Effects::SETTINGS,
@@ -270,7 +284,11 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
             (1, b"SET") if eq(word, "LOCAL") || eq(word, "TRANSACTION") => {
                 set_local = Some(true);
             }
-            (1, b"DISCARD") if eq(word, "ALL") => out |= Effects::DROPPED_STATEMENTS,
+            // DISCARD ALL also resets the settings the pool gave the
+            // session (behind a session pooler, the after_connect hook's).
+            (1, b"DISCARD") if eq(word, "ALL") => {
+                out |= Effects::DROPPED_STATEMENTS | Effects::SETTINGS;
+            }
             (_, b"CREATE" | b"SELECT" | b"WITH") if eq(word, "TEMP") || eq(word, "TEMPORARY") => {
                 out |= Effects::TEMP;
             }
@@ -279,7 +297,8 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
         }
         if eq(word, "pg_temp") {
             out |= Effects::TEMP;
-        } else if eq(word, "set_config") {
+        } else if eq(word, "set_config") || eq(word, "pg_settings") {
+            // `UPDATE pg_settings SET setting = ...` is a SET.
             out |= Effects::SETTINGS;
         } else if word.len() >= 16 && word[..3].eq_ignore_ascii_case(b"pg_") {
             let lower = word.to_ascii_lowercase();
@@ -342,7 +361,19 @@ mod tests {
             of("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
             Effects::CURSOR
         );
-        assert_eq!(of("DISCARD ALL"), Effects::DROPPED_STATEMENTS);
+        assert_eq!(
+            of("DISCARD ALL"),
+            Effects::DROPPED_STATEMENTS | Effects::SETTINGS
+        );
+        assert_eq!(
+            of("DO $$BEGIN PERFORM pg_advisory_lock(1); END$$"),
+            Effects::ALL
+        );
+        assert_eq!(
+            of("UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem'"),
+            Effects::SETTINGS
+        );
+        assert_eq!(of("SELECT \"pg_advisory_lock\"(1)"), Effects::ADVISORY);
         assert_eq!(of("DEALLOCATE ALL"), Effects::DROPPED_STATEMENTS);
     }
 

@@ -90,7 +90,8 @@ impl TapState {
         self.effects.fetch_and(!effects.bits(), Ordering::AcqRel);
     }
 
-    fn add_effects(&self, effects: Effects) {
+    /// Records session state the connection may carry.
+    pub(crate) fn add_effects(&self, effects: Effects) {
         if effects != Effects::NONE {
             self.effects.fetch_or(effects.bits(), Ordering::AcqRel);
         }

@@ -71,7 +71,7 @@ impl PooledConnection {
         let pool = &*self.pool;
         let raw = &mut self.conn.as_mut().expect("present until drop").raw;
         let tx = raw.client.transaction().await?;
-        Ok(Transaction::new(tx, &raw.statements, pool))
+        Ok(Transaction::new(tx, &raw.statements, &raw.tap, pool))
     }
 
     fn session(&self) -> Session<'_> {
@@ -79,6 +79,7 @@ impl PooledConnection {
         Session {
             client: &raw.client,
             statements: &raw.statements,
+            tap: &raw.tap,
             pool: &self.pool,
             shared: false,
         }

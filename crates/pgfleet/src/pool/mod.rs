@@ -82,6 +82,14 @@ impl Pool {
     ) -> Result<Pool> {
         static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
         config.validate()?;
+        if config.pooler.is_some() && target.options().is_some() {
+            return Err(Error::config(format!(
+                "invalid configuration: options in the URL of {target} with pooler = {}: \
+                 poolers refuse start-up options; use server_settings (applied with SET behind \
+                 a session pooler) or set them on the role",
+                config.pooler
+            )));
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config(
                 "pgfleet pools must be created inside a tokio runtime (no runtime is running)",

@@ -22,21 +22,26 @@ use tokio_postgres::{Client, Row, RowStream, SimpleQueryMessage};
 use super::inner::PoolInner;
 use crate::config::Pooler;
 use crate::conn::sql::{self, excerpt, Effects};
-use crate::conn::{Keyword, Prepared, SqlRef, StatementCache};
+use crate::conn::{Keyword, Prepared, SqlRef, StatementCache, TapState, TxStatus};
 use crate::error::{Error, Result};
 
 /// A handle's view of its connection while one call runs.
 pub(crate) struct Session<'a> {
     pub(crate) client: &'a Client,
     pub(crate) statements: &'a StatementCache,
+    /// The connection's tap: a cached statement sends no text for it to
+    /// read, so its session effects are reported here.
+    pub(crate) tap: &'a TapState,
     pub(crate) pool: &'a PoolInner,
     /// Shared mode: other tasks' statements run on the same connection.
     pub(crate) shared: bool,
 }
 
-/// SQLSTATE of "cached plan must not change result type": a cached
-/// statement outlived a schema change.
-const CACHED_PLAN_CHANGED: &str = "0A000";
+/// SQLSTATEs after which a cached statement is prepared again, once:
+/// "cached plan must not change result type" (it outlived a schema change)
+/// and "prepared statement does not exist" (something dropped it on the
+/// server behind the cache's back).
+const STALE_STATEMENT: [&str; 2] = ["0A000", "26000"];
 
 impl Session<'_> {
     fn pooler(&self) -> Pooler {
@@ -98,7 +103,10 @@ impl Session<'_> {
         } else {
             let names: Vec<String> = types
                 .iter()
-                .map(|t| format!("\"{}\".\"{}\"", t.schema(), t.name()))
+                .map(|t| {
+                    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+                    format!("{}.{}", quote(t.schema()), quote(t.name()))
+                })
                 .collect();
             format!("({})", names.join(", "))
         };
@@ -195,12 +203,15 @@ impl Session<'_> {
                 self.check(&prepared)?;
                 match self.run(&prepared, params).await {
                     Err(e)
-                        if e.code() == Some(CACHED_PLAN_CHANGED)
+                        if e.code().is_some_and(|c| STALE_STATEMENT.contains(&c))
                             && prepared.statement().is_some() =>
                     {
-                        // The schema changed under the cached statement:
-                        // prepare it again, once.
                         self.statements.remove(text, &[]);
+                        // Inside a transaction the failure aborted it: a
+                        // retry would only fail with 25P02 and hide why.
+                        if self.shared || self.tap.status() != TxStatus::Idle {
+                            return Err(e);
+                        }
                         let prepared = self.prepare(text, &[]).await?;
                         self.run(&prepared, params).await
                     }
@@ -211,6 +222,9 @@ impl Session<'_> {
     }
 
     async fn run(&self, prepared: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<RowStream> {
+        // A cached statement sends Bind and Execute only, no text for the
+        // tap to read: its session effects are reported before it runs.
+        self.tap.add_effects(prepared.effects());
         let rows = match prepared.statement() {
             Some(statement) => {
                 self.client
@@ -236,8 +250,10 @@ impl Session<'_> {
             }
         };
         if prepared.effects().contains(Effects::DROPPED_STATEMENTS) {
-            // DISCARD ALL / DEALLOCATE dropped the server's statements.
+            // DISCARD ALL / DEALLOCATE dropped the server's statements,
+            // tokio-postgres's own for type lookups too.
             self.statements.clear();
+            self.client.clear_type_cache();
         }
         Ok(rows)
     }

@@ -12,6 +12,7 @@ use tokio::time::timeout;
 
 use super::inner::{Conn, PoolInner};
 use super::session;
+use crate::config::Pooler;
 use crate::conn::sql::Effects;
 use crate::conn::{CancelToken, TxStatus};
 use crate::stats::CloseReason;
@@ -69,14 +70,24 @@ impl PoolInner {
             st.lent = st.lent.saturating_sub(1);
         }
         let tap = &conn.raw.tap;
-        if tap.effects().contains(Effects::DROPPED_STATEMENTS) {
-            // `DISCARD ALL` / `DEALLOCATE` dropped the server's statements.
+        let verdict = self.verdict(&conn, now);
+        // Read after the verdict, which saw the last ReadyForQuery: a
+        // ParameterStatus ahead of it is counted.
+        let effects = tap.effects();
+        if self.config.pooler == Pooler::Transaction {
+            // No session, nothing to reset; the cache holds no named
+            // statement that a DEALLOCATE could have dropped.
+            tap.take_effects();
+        } else if effects.contains(Effects::DROPPED_STATEMENTS) {
+            // `DISCARD ALL` / `DEALLOCATE` dropped the server's statements,
+            // tokio-postgres's own for type lookups too.
             conn.raw.statements.clear();
+            conn.raw.client.clear_type_cache();
             tap.clear_effects(Effects::DROPPED_STATEMENTS);
         }
-        let reset = session::reset_needed(&self.config, tap.effects()).is_some()
+        let reset = session::reset_needed(&self.config, effects).is_some()
             || self.config.hooks.after_release.is_some();
-        match self.verdict(&conn, now) {
+        match verdict {
             Verdict::Reuse if reset => self.send_to_clean(conn, location),
             Verdict::Reuse => {
                 let mut st = self.lock();
@@ -183,8 +194,10 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
         tap.take_effects();
         pool.counters.session_resets.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(pool = %pool.label, reset = ?effects.names(), "session reset");
-        if effects.contains(Effects::SETTINGS) {
-            // RESET ALL undid what the after_connect hook set.
+        if pool.config.hooks.after_connect.is_some() {
+            // The reset may have undone what the after_connect hook set
+            // (RESET ALL its settings, DISCARD TEMP its tables,
+            // DEALLOCATE ALL its statements): it runs again.
             let again = timeout(
                 pool.config.connect_timeout,
                 session::after_connect(&pool.config, &pool.label, &conn.raw),
@@ -207,6 +220,10 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
             return;
         }
     }
+    // Statements dropped from the cache above queue a Close each: let them
+    // be answered before the verdict, or a clean connection would look
+    // busy.
+    let _ = timeout(SETTLE, tap.settled()).await;
     let now = Instant::now();
     match pool.verdict(&conn, now) {
         Verdict::Reuse => pool.hand_off(pool.lock(), conn, now),

@@ -138,7 +138,7 @@ mod tests {
         };
         assert_eq!(
             reset_sql(&config, Effects::SETTINGS),
-            "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET work_mem = '8MB'; "
+            "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET work_mem = E'8MB'; "
         );
     }
 }

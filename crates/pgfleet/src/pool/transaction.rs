@@ -6,7 +6,7 @@ use std::ops::{Deref, DerefMut};
 
 use super::inner::PoolInner;
 use super::query::Session;
-use crate::conn::StatementCache;
+use crate::conn::{StatementCache, TapState};
 use crate::error::Result;
 
 /// A transaction on a [`PooledConnection`](crate::PooledConnection), from
@@ -22,6 +22,7 @@ use crate::error::Result;
 pub struct Transaction<'a> {
     tx: tokio_postgres::Transaction<'a>,
     statements: &'a StatementCache,
+    tap: &'a TapState,
     pool: &'a PoolInner,
 }
 
@@ -29,11 +30,13 @@ impl<'a> Transaction<'a> {
     pub(crate) fn new(
         tx: tokio_postgres::Transaction<'a>,
         statements: &'a StatementCache,
+        tap: &'a TapState,
         pool: &'a PoolInner,
     ) -> Transaction<'a> {
         Transaction {
             tx,
             statements,
+            tap,
             pool,
         }
     }
@@ -61,6 +64,7 @@ impl<'a> Transaction<'a> {
         Session {
             client: self.tx.client(),
             statements: self.statements,
+            tap: self.tap,
             pool: self.pool,
             shared: false,
         }
