@@ -24,7 +24,7 @@ use tokio_postgres::Notification;
 
 use crate::budget::Unit;
 use crate::config::Pooler;
-use crate::conn::{self, RawConn};
+use crate::conn::RawConn;
 use crate::error::{Error, Result, TimeoutStage};
 use crate::pool::inner::PoolInner;
 
@@ -151,17 +151,7 @@ impl Listener {
         };
         let limit = pool.config.connect_timeout;
         let connect = async {
-            let pg = pool.credentials.for_connect(&pool.label).await?;
-            let raw = conn::connect(
-                &pool.target,
-                &pg,
-                &conn::SocketOptions::of(&pool.config),
-                &pool.tls,
-                0,
-                Some(&self.tx),
-            )
-            .await?;
-            crate::pool::session::set_up(&pool.config, &pool.label, &raw).await?;
+            let raw = pool.connect_session(0, Some(&self.tx)).await?;
             // The first connection to an `auto` budget's server reads its
             // limits, or every pool on it would wait for this one's unit.
             if let Some(budget) = pool.budget.as_ref().filter(|b| b.needs_derivation()) {

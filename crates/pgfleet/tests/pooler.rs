@@ -3,10 +3,13 @@
 //! zero errors, the server never holding more than PgBouncer's pool, and
 //! the `auto` budget not derived through the pooler.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Capture;
 use pgfleet::{BudgetSource, Fleet, PoolHandle, PoolSettings, RawValue, Source};
 use pgfleet_testkit::{BackendFilter, PgBouncer, PoolMode, TempCluster};
 
@@ -304,20 +307,6 @@ fn settings_that_need_a_session_are_refused_behind_a_transaction_pooler() {
     assert!(message.contains("ALTER ROLE"), "{message}");
 }
 
-/// Log lines, captured.
-#[derive(Clone, Default)]
-struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn session_state_behind_a_transaction_pooler_is_warned_about_once_per_kind() {
     let capture = Capture::default();
@@ -360,7 +349,7 @@ async fn session_state_behind_a_transaction_pooler_is_warned_about_once_per_kind
     tx.execute("SET LOCAL work_mem = '9MB'", &[]).await.unwrap();
     tx.commit().await.unwrap();
     drop(conn);
-    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let log = capture.text();
     let warnings: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("behind pooler = transaction"))

@@ -4,28 +4,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{app, cluster, config};
+use common::{app, cluster, config, Capture};
 use pgfleet::{Fleet, Target};
 
 const SECRET: &str = "Zebra-Quartz-9931";
-
-/// A writer that appends log output to a shared buffer.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn a_distinctive_password_never_appears_in_any_output() {

@@ -4,9 +4,10 @@
 //! locks, temporary tables, SQL `PREPARE`, `WITH HOLD` cursors).
 //!
 //! A small lexer, not a parser: it skips string literals (`'…'`, `E'…'`),
-//! quoted identifiers, dollar-quoted bodies and comments, and splits
-//! statements at `;`. It errs on the side of "may have session state": a
-//! word such as `pg_advisory_lock` inside a function body counts, which at
+//! dollar-quoted bodies and comments, reads quoted identifiers as words,
+//! and splits statements at `;`. It errs on the side of "may have session state": a
+//! word such as `pg_advisory_lock` outside a literal counts and a `DO` block
+//! counts as every kind, which at
 //! worst costs one reset round trip. What it cannot see is state left by
 //! server-side code (a function that runs `SET` or takes a lock); the
 //! server's ParameterStatus messages cover the settings it reports.

@@ -183,6 +183,30 @@ impl PoolInner {
         }
     }
 
+    /// Opens one session as the pool's connections are opened: the
+    /// credentials in force, the target, TLS and socket options, then the
+    /// session's set-up (settings behind a session pooler, the
+    /// `after_connect` hook). Not bounded here: callers wrap it in
+    /// `connect_timeout`.
+    pub(crate) async fn connect_session(
+        &self,
+        statement_cache_size: usize,
+        notifications: Option<&conn::Notifications>,
+    ) -> Result<RawConn, Error> {
+        let pg = self.credentials.for_connect(&self.label).await?;
+        let raw = conn::connect(
+            &self.target,
+            &pg,
+            &conn::SocketOptions::of(&self.config),
+            &self.tls,
+            statement_cache_size,
+            notifications,
+        )
+        .await?;
+        super::session::set_up(&self.config, &self.label, &raw).await?;
+        Ok(raw)
+    }
+
     /// The warm floor in force.
     pub(crate) fn min_size(&self) -> u32 {
         self.min_size.load(Ordering::Relaxed)
@@ -469,20 +493,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
     pool.lock().connect_started(slot.id, started);
     let limit = pool.config.connect_timeout;
     let generation = pool.generation.load(Ordering::SeqCst);
-    let connect = async {
-        let pg = pool.credentials.for_connect(&pool.label).await?;
-        let raw = conn::connect(
-            &pool.target,
-            &pg,
-            &conn::SocketOptions::of(&pool.config),
-            &pool.tls,
-            pool.config.statement_cache_size,
-            None,
-        )
-        .await?;
-        super::session::set_up(&pool.config, &pool.label, &raw).await?;
-        Ok(raw)
-    };
+    let connect = pool.connect_session(pool.config.statement_cache_size, None);
     let result = match timeout(limit, connect).await {
         Ok(result) => result,
         Err(_) => Err(Error::timeout(
