@@ -74,6 +74,9 @@ impl PoolInner {
         // Read after the verdict, which saw the last ReadyForQuery: a
         // ParameterStatus ahead of it is counted.
         let effects = tap.effects();
+        // Clearing the cache queues a Close per statement: those must be
+        // answered before the connection is handed out again.
+        let mut settle = false;
         if self.config.pooler == Pooler::Transaction {
             // No session, nothing to reset; the cache holds no named
             // statement that a DEALLOCATE could have dropped.
@@ -84,8 +87,10 @@ impl PoolInner {
             conn.raw.statements.clear();
             conn.raw.client.clear_type_cache();
             tap.clear_effects(Effects::DROPPED_STATEMENTS);
+            settle = true;
         }
-        let reset = session::reset_needed(&self.config, effects).is_some()
+        let reset = settle
+            || session::reset_needed(&self.config, effects).is_some()
             || self.config.hooks.after_release.is_some();
         match verdict {
             Verdict::Reuse if reset => self.send_to_clean(conn, location),
