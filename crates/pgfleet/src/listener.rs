@@ -24,6 +24,7 @@ use tokio_postgres::Notification;
 
 use crate::budget::Unit;
 use crate::config::Pooler;
+use crate::conn::sql::quote_ident;
 use crate::conn::RawConn;
 use crate::error::{Error, Result, TimeoutStage};
 use crate::pool::inner::PoolInner;
@@ -161,7 +162,7 @@ impl Listener {
                 let sql: String = self
                     .channels
                     .iter()
-                    .map(|c| format!("LISTEN {}; ", quote(c)))
+                    .map(|c| format!("LISTEN {}; ", quote_ident(c)))
                     .collect();
                 raw.client.batch_execute(&sql).await?;
             }
@@ -187,7 +188,8 @@ impl Listener {
     /// # Errors
     /// `Db` if the server refuses; the channel is not kept then.
     pub async fn listen(&mut self, channel: &str) -> Result<()> {
-        self.run(&format!("LISTEN {}", quote(channel))).await?;
+        self.run(&format!("LISTEN {}", quote_ident(channel)))
+            .await?;
         self.channels.insert(channel.to_owned());
         Ok(())
     }
@@ -198,7 +200,8 @@ impl Listener {
     /// `Db` if the server refuses (the channel is forgotten anyway).
     pub async fn unlisten(&mut self, channel: &str) -> Result<()> {
         self.channels.remove(channel);
-        self.run(&format!("UNLISTEN {}", quote(channel))).await
+        self.run(&format!("UNLISTEN {}", quote_ident(channel)))
+            .await
     }
 
     /// Stops listening to every channel.
@@ -336,11 +339,6 @@ impl Listener {
             }
         })
     }
-}
-
-/// `name` as a quoted identifier.
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 impl fmt::Debug for Listener {

@@ -34,6 +34,16 @@ fn pool(fleet: &Fleet, url: &str, app: &str, max_size: u32) -> PoolHandle {
     fleet.pool(&target, &config).unwrap()
 }
 
+/// A fresh cluster behind a PgBouncer of 2 server connections in `mode`.
+fn cluster_behind(mode: PoolMode) -> (TempCluster, PgBouncer) {
+    let cluster = TempCluster::start().unwrap();
+    let bouncer = PgBouncer::builder(mode)
+        .pool_size(2)
+        .start(&cluster)
+        .unwrap();
+    (cluster, bouncer)
+}
+
 /// One operation of the mix, by number: text queries, `prepare_cached`,
 /// transactions (committed and dropped early), shared mode, updates.
 async fn operation(pool: &PoolHandle, task: usize, i: usize) -> pgfleet::Result<()> {
@@ -252,11 +262,7 @@ async fn ten_thousand_mixed_operations_behind_pgbouncer_in_session_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_reach_the_server_through_a_session_pooler() {
-    let cluster = TempCluster::start().unwrap();
-    let bouncer = PgBouncer::builder(PoolMode::Session)
-        .pool_size(2)
-        .start(&cluster)
-        .unwrap();
+    let (_cluster, bouncer) = cluster_behind(PoolMode::Session);
     let fleet = Fleet::new();
     let url = format!(
         "{}?pooler=session&command_timeout=4s",
@@ -317,11 +323,7 @@ async fn session_state_behind_a_transaction_pooler_is_warned_about_once_per_kind
             .with_writer(move || writer.clone())
             .finish(),
     );
-    let cluster = TempCluster::start().unwrap();
-    let bouncer = PgBouncer::builder(PoolMode::Transaction)
-        .pool_size(2)
-        .start(&cluster)
-        .unwrap();
+    let (_cluster, bouncer) = cluster_behind(PoolMode::Transaction);
     let fleet = Fleet::new();
     let pool = pool(
         &fleet,
@@ -366,11 +368,7 @@ async fn session_state_behind_a_transaction_pooler_is_warned_about_once_per_kind
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_pooler_setting_named_statements_fail_behind_a_transaction_pooler() {
     // The evidence for `pooler`: the same load with `pooler=none` fails.
-    let cluster = TempCluster::start().unwrap();
-    let bouncer = PgBouncer::builder(PoolMode::Transaction)
-        .pool_size(2)
-        .start(&cluster)
-        .unwrap();
+    let (_cluster, bouncer) = cluster_behind(PoolMode::Transaction);
     let fleet = Fleet::new();
     let pool = pool(&fleet, &bouncer.url("postgres"), "pooler-none", 4);
     let mut tasks = tokio::task::JoinSet::new();

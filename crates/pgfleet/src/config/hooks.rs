@@ -22,9 +22,9 @@ type CheckHook = dyn for<'a> Fn(&'a Client) -> HookFuture<'a, bool> + Send + Syn
 ///
 /// * `after_connect` runs on every new physical connection before its
 ///   first borrower, within `connect_timeout` (e.g. `SET search_path`,
-///   registering types). It runs again after a reset of settings
-///   (`RESET ALL`, see the `reset` key), so what it sets holds for every
-///   borrower. An error discards the connection and is reported like a
+///   registering types). It runs again after every session reset (see
+///   the `reset` key: `RESET ALL`, `DISCARD TEMP`, `DEALLOCATE ALL` may
+///   undo what it did), so what it sets holds for every borrower. An error discards the connection and is reported like a
 ///   failed connect (counted in `connect_errors`, in the acquire timeout's
 ///   message, with backoff).
 /// * `before_acquire` runs before a connection is handed to a caller of

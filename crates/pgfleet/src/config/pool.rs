@@ -186,15 +186,18 @@ impl Reset {
 ///   of the guard, [`prepare_cached`](crate::PooledConnection::prepare_cached)
 ///   and shared mode run each statement as an unnamed one (Parse, Bind,
 ///   Execute in one round trip) with parameter types it learnt once per SQL
-///   text. `command_timeout`, `server_settings` and a URL's `options` are
-///   refused (they need a session); session state (`SET`, `LISTEN`,
+///   text. `command_timeout` and `server_settings` are refused (they need
+///   a session); session state (`SET`, `LISTEN`,
 ///   session advisory locks, SQL `PREPARE`, `WITH HOLD` cursors, temporary
 ///   tables) is reported with a warning, since it lands on whichever server
 ///   connection the pooler picked.
 /// * [`Pooler::Session`]: the pooler lends a server connection for as long
 ///   as the client stays connected, so everything works as without one;
 ///   `command_timeout` and `server_settings` are applied with `SET` after
-///   connecting (poolers refuse most start-up parameters).
+///   connecting.
+///
+/// Under either, a URL's `options` are refused: poolers refuse most
+/// start-up parameters.
 ///
 /// Under either, an `auto` server budget is not derived from the backend's
 /// `max_connections`: the pooler, not PostgreSQL, limits this process's

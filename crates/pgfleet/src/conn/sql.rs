@@ -319,6 +319,11 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
     out
 }
 
+/// `name` as a quoted identifier, any `"` in it doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// The start of a statement, for messages.
 pub(crate) fn excerpt(sql: &str) -> String {
     let flat: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");

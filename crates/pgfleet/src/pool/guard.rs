@@ -121,8 +121,9 @@ impl PooledConnection {
     }
 
     /// Forgets this connection's cached statements, after `DISCARD ALL` or
-    /// `DEALLOCATE ALL` removed them on the server, or after a schema change
-    /// made one fail with 0A000.
+    /// `DEALLOCATE ALL` removed them on the server outside the pool's sight,
+    /// or after a schema change made one fail with 0A000 (the query methods
+    /// and the protocol tap handle both by themselves).
     pub fn clear_statement_cache(&self) {
         self.conn().raw.statements.clear();
     }

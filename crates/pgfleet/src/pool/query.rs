@@ -21,7 +21,7 @@ use tokio_postgres::{Client, Row, RowStream, SimpleQueryMessage};
 
 use super::inner::PoolInner;
 use crate::config::Pooler;
-use crate::conn::sql::{self, excerpt, Effects};
+use crate::conn::sql::{self, excerpt, quote_ident, Effects};
 use crate::conn::{Keyword, Prepared, SqlRef, StatementCache, TapState, TxStatus};
 use crate::error::{Error, Result};
 
@@ -103,10 +103,7 @@ impl Session<'_> {
         } else {
             let names: Vec<String> = types
                 .iter()
-                .map(|t| {
-                    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-                    format!("{}.{}", quote(t.schema()), quote(t.name()))
-                })
+                .map(|t| format!("{}.{}", quote_ident(t.schema()), quote_ident(t.name())))
                 .collect();
             format!("({})", names.join(", "))
         };
