@@ -132,7 +132,7 @@ pub use prometheus_client;
 pub use rustls;
 pub use shared::SharedConnection;
 pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};
-pub use target::{Host, Target};
+pub use target::{Endpoint, Host, LoadBalance, Role, SessionAttrs, Target};
 pub use tls::{ChannelBinding, RootCert, SslMode, TlsConfig};
 /// The tokio-postgres this crate is built on, so that callers use the exact
 /// same version (`pgfleet::tokio_postgres::types::ToSql`, ...).

@@ -41,9 +41,10 @@ pub(crate) enum Kind {
     User,
     /// A password: never shown.
     Secret,
-    /// A TLS parameter of the target (libpq's name; see `TlsConfig`),
-    /// with the values it takes as the reference shows them.
-    Tls(&'static str),
+    /// A connection parameter of the target (libpq's name): TLS (see
+    /// `TlsConfig`), `target_session_attrs`, `load_balance_hosts`; with the
+    /// values it takes as the reference shows them.
+    Param(&'static str),
     /// A number of connections in `min..=max`. `max_overflow` has no field:
     /// it is added to the floor to make `max_size`.
     Size {
@@ -106,7 +107,7 @@ impl Kind {
     pub(crate) fn is_target_part(&self) -> bool {
         matches!(
             self,
-            Kind::Host | Kind::Port | Kind::Database | Kind::User | Kind::Secret | Kind::Tls(_)
+            Kind::Host | Kind::Port | Kind::Database | Kind::User | Kind::Secret | Kind::Param(_)
         )
     }
 
@@ -178,7 +179,7 @@ impl Kind {
             | Kind::Database
             | Kind::User
             | Kind::Secret
-            | Kind::Tls(_) => return Ok(false),
+            | Kind::Param(_) => return Ok(false),
         }
         Ok(true)
     }
@@ -257,7 +258,7 @@ impl Kind {
             | Kind::Database
             | Kind::User
             | Kind::Secret
-            | Kind::Tls(_)
+            | Kind::Param(_)
             | Kind::Choice(_) => {}
         }
         Ok(())
@@ -299,7 +300,7 @@ impl Kind {
             | Kind::Database
             | Kind::User
             | Kind::Secret
-            | Kind::Tls(_) => return None,
+            | Kind::Param(_) => return None,
         })
     }
 
@@ -316,7 +317,7 @@ impl Kind {
             }
             Kind::AppName(_) => "1..=63 bytes".to_owned(),
             Kind::Port => "1..=65535".to_owned(),
-            Kind::Tls(values) => (*values).to_owned(),
+            Kind::Param(values) => (*values).to_owned(),
             Kind::Choice(choice) => choice.names.join(", "),
             Kind::Url
             | Kind::Host

@@ -10,8 +10,7 @@ use super::keys::{self, Kind, KEYS, MAX_POOL_SIZE};
 use super::pool::PoolConfig;
 use super::value::{self, RawValue, Source};
 use crate::error::{Error, Result};
-use crate::target::{mask_url_text, Host, Target};
-use crate::tls::TlsConfig;
+use crate::target::{mask_url_text, Target};
 
 /// Raw settings of one pool, merged layer over layer: every key optional,
 /// each with the source that set it. [`PoolSettings::resolve`] applies the
@@ -37,12 +36,14 @@ pub struct PoolSettings {
 struct Parts {
     url: Option<String>,
     host: Option<String>,
-    port: Option<u16>,
+    /// One port, or a comma list of ports (checked when set).
+    port: Option<String>,
     database: Option<String>,
     user: Option<String>,
     password: Option<String>,
-    /// TLS parameters by name (checked when set).
-    tls: BTreeMap<&'static str, String>,
+    /// Connection parameters by name: TLS, `target_session_attrs`,
+    /// `load_balance_hosts` (checked when set).
+    params: BTreeMap<&'static str, String>,
 }
 
 /// Who set a key, and when.
@@ -109,23 +110,21 @@ impl PoolSettings {
                 if host.is_empty() {
                     return Err(fail("the host must not be empty".into()));
                 }
-                if host.contains(',') {
-                    return Err(fail(
-                        "several hosts are not supported; give one host".into(),
-                    ));
+                if host.split(',').any(|h| h.trim().is_empty()) {
+                    return Err(fail("a host of the list is empty".into()));
                 }
                 self.parts.host = Some(host);
             }
-            Kind::Port => self.parts.port = Some(value::port(raw).map_err(fail)?),
+            Kind::Port => self.parts.port = Some(value::ports(raw).map_err(fail)?),
             Kind::User => self.parts.user = Some(value::text(raw).map_err(fail)?),
             Kind::Database => self.parts.database = Some(value::text(raw).map_err(fail)?),
             Kind::Secret => self.parts.password = Some(value::text(raw).map_err(fail)?),
-            Kind::Tls(_) => {
+            Kind::Param(_) => {
                 let text = value::text(raw).map_err(fail)?;
-                TlsConfig::default()
+                Target::from_parts("localhost", 5432, "", "", None)?
                     .set_param(key.name, &text)
                     .map_err(fail)?;
-                self.parts.tls.insert(key.name, text);
+                self.parts.params.insert(key.name, text);
             }
             Kind::Size {
                 min,
@@ -199,36 +198,43 @@ impl PoolSettings {
         let database = part("database", &self.parts.database);
         let user = part("user", &self.parts.user);
         let password = part("password", &self.parts.password);
-        let port = self.parts.port.filter(|_| after_url("port"));
+        let port = self.parts.port.clone().filter(|_| after_url("port"));
         let target = match url {
             Some((text, setting)) => Target::parse(text)
                 .map_err(|e| Error::config(format!("{e} ({})", setting.source)))?
                 .with_parts(
                     host.as_deref(),
-                    port,
+                    port.as_deref(),
                     database.as_deref(),
                     user.as_deref(),
                     password.as_deref(),
                 ),
-            None => Target::from_parts(
-                host.as_deref().unwrap_or("localhost"),
-                port.unwrap_or(5432),
-                database.as_deref().unwrap_or(""),
-                user.as_deref().unwrap_or(""),
-                password.as_deref(),
-            ),
+            None => {
+                let host = host.as_deref().unwrap_or("localhost");
+                let target = Target::from_parts(
+                    host,
+                    5432,
+                    database.as_deref().unwrap_or(""),
+                    user.as_deref().unwrap_or(""),
+                    password.as_deref(),
+                )?;
+                match port {
+                    Some(port) => target.with_hosts(host, &port),
+                    None => Ok(target),
+                }
+            }
         }?;
-        // A TLS key set in any layer holds unless a later URL names the
-        // same parameter (as libpq: a connection string overrides only what
-        // it says).
-        let mut tls = target.tls().clone();
-        for (name, value) in &self.parts.tls {
+        // A connection parameter set in any layer holds unless a later URL
+        // names the same parameter (as libpq: a connection string overrides
+        // only what it says).
+        let mut target = target;
+        for (name, value) in &self.parts.params {
             if after_url(name) || !self.url_names(name) {
                 // Checked when set.
-                let _ = tls.set_param(name, value);
+                let _ = target.set_param(name, value);
             }
         }
-        Ok(target.with_tls(tls))
+        Ok(target)
     }
 
     /// Whether the `url` key's query names the parameter `name`.
@@ -351,19 +357,20 @@ impl PoolSettings {
             (None, Some(_)) => url_source(),
             (None, None) => Source::Default,
         };
+        let list = |items: &mut dyn Iterator<Item = String>| items.collect::<Vec<_>>().join(",");
         let mut rows = Vec::new();
         for key in KEYS {
             let (value, source) = match &key.kind {
                 Kind::Url if url.is_none() => continue,
                 Kind::Url => (target.masked_url(), self.source("url")),
                 Kind::Host => (
-                    match target.host() {
-                        Host::Tcp(h) => h.clone(),
-                        Host::Unix(p) => p.display().to_string(),
-                    },
+                    list(&mut target.endpoints().iter().map(|e| e.host.to_string())),
                     target_source(key.name),
                 ),
-                Kind::Port => (target.port().to_string(), target_source(key.name)),
+                Kind::Port => (
+                    list(&mut target.endpoints().iter().map(|e| e.port.to_string())),
+                    target_source(key.name),
+                ),
                 Kind::User => (target.user().to_owned(), target_source(key.name)),
                 Kind::Database => (target.database().to_owned(), target_source(key.name)),
                 Kind::Secret => (
@@ -375,8 +382,8 @@ impl PoolSettings {
                     .to_owned(),
                     target_source(key.name),
                 ),
-                Kind::Tls(_) => (
-                    target.tls().shown(key.name),
+                Kind::Param(_) => (
+                    target.shown_param(key.name),
                     match (self.setting(key.name), url) {
                         (Some(s), Some(u)) if s.seq < u.seq && self.url_names(key.name) => {
                             url_source()
@@ -421,11 +428,13 @@ impl fmt::Debug for PoolSettings {
                 "url" => self.parts.url.as_deref().map(mask_url_text),
                 "password" => Some("***".to_owned()),
                 "host" => self.parts.host.clone(),
-                "port" => self.parts.port.map(|p| p.to_string()),
+                "port" => self.parts.port.clone(),
                 "database" => self.parts.database.clone(),
                 "user" => self.parts.user.clone(),
                 "max_overflow" => self.max_overflow.map(|n| n.to_string()),
-                name if self.parts.tls.contains_key(name) => self.parts.tls.get(name).cloned(),
+                name if self.parts.params.contains_key(name) => {
+                    self.parts.params.get(name).cloned()
+                }
                 other => keys::key(other).kind.show(&self.config),
             };
             map.entry(

@@ -192,6 +192,22 @@ pub(crate) fn text(raw: &RawValue) -> Result<String, Why> {
 }
 
 /// A port number, 1..=65535.
+/// One port, or a comma list of ports (one per host), as text.
+pub(crate) fn ports(raw: &RawValue) -> Result<String, Why> {
+    match raw {
+        RawValue::Str(s) if s.contains(',') => {
+            for part in s.split(',') {
+                if !part.trim().is_empty() {
+                    port(&RawValue::Str(part.to_owned()))
+                        .map_err(|_| format!("{part:?}: expected port numbers 1..=65535, one per host"))?;
+                }
+            }
+            Ok(s.split(',').map(str::trim).collect::<Vec<_>>().join(","))
+        }
+        other => port(other).map(|p| p.to_string()),
+    }
+}
+
 pub(crate) fn port(raw: &RawValue) -> Result<u16, Why> {
     const EXPECTED: &str = "expected a port number 1..=65535";
     let n = match raw {

@@ -12,44 +12,43 @@
 //!   explicit; the database defaults to the user name, the user to
 //!   `postgres`; percent-encoding is decoded before comparing;
 //! * the password is never part of the key;
-//! * `application_name`, `connect_timeout` and the TLS parameters
-//!   (`sslmode`, `sslrootcert`, ...) are connection behaviour, not identity,
-//!   and are left out (callers sharing a pool must agree on TLS: see
-//!   [`Fleet::pool`](crate::Fleet::pool));
+//! * `application_name`, `connect_timeout`, `load_balance_hosts` and the TLS
+//!   parameters (`sslmode`, `sslrootcert`, ...) are connection behaviour, not
+//!   identity, and are left out (callers sharing a pool must agree on TLS:
+//!   see [`Fleet::pool`](crate::Fleet::pool));
 //! * a different user, or different `options` (e.g. another `search_path`),
 //!   is a different pool;
+//! * several hosts (`h1:5432,h2:5433`) are one database, listed in the key
+//!   in their order, and `target_session_attrs` other than `any` is part of
+//!   the key (`?target_session_attrs=read-write`): a pool for writes and a
+//!   pool for reads on the same hosts are two pools;
 //! * `localhost` and `127.0.0.1` are **not** merged: they can resolve to
 //!   different servers (IPv6, `/etc/hosts`).
 
+mod hosts;
+
+pub use hosts::{Endpoint, Host, LoadBalance, Role, SessionAttrs};
+
 use std::fmt;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use self::hosts::pair_hosts;
 use crate::error::{Error, Result};
 use crate::tls::TlsConfig;
 
-/// Where the server listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Host {
-    /// A TCP host name or IP address (IPv6 without brackets).
-    Tcp(String),
-    /// A directory holding the server's Unix socket (`.s.PGSQL.<port>`).
-    Unix(PathBuf),
-}
-
-/// A database address: host, port, database, user, password and startup
-/// options.
+/// A database address: one or more hosts with their ports, database, user,
+/// password, startup options and which server a session must be on.
 ///
 /// Build one from a URL with [`Target::parse`] or from parts with
 /// [`Target::from_parts`]. `Display` and `Debug` never show the password.
 #[derive(Clone)]
 pub struct Target {
-    pub(crate) host: Host,
-    pub(crate) port: u16,
+    /// The servers, in the order given; never empty.
+    pub(crate) hosts: Vec<Endpoint>,
     pub(crate) database: String,
     pub(crate) user: String,
     pub(crate) password: Option<String>,
@@ -57,6 +56,8 @@ pub struct Target {
     pub(crate) options: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<Duration>,
+    session_attrs: SessionAttrs,
+    load_balance: LoadBalance,
     /// How connections use TLS (shared by clones).
     pub(crate) tls: Arc<TlsConfig>,
     /// The normalised key: see [`Target::key`]. Shared with the clones of
@@ -153,14 +154,17 @@ pub(crate) fn mask_url_text(url: &str) -> String {
 
 impl Target {
     /// Parses a `postgres://` or `postgresql://` URL:
-    /// `postgres://user:password@host:port/database?param=value&...`.
+    /// `postgres://user:password@host:port/database?param=value&...`, with
+    /// libpq's multi-host form `postgres://user@h1:5432,h2:5433/database`.
     ///
     /// Query parameters: `options`, `application_name`, `connect_timeout`
-    /// (seconds), libpq's TLS parameters `sslmode`, `sslrootcert`,
-    /// `sslcert`, `sslkey`, `sslsni`, `channel_binding` (see [`TlsConfig`]),
-    /// and `user`, `password`, `dbname`, `host` (a directory for a Unix
-    /// socket), `port` overriding the URL's parts. A host that is a percent-encoded absolute
-    /// path (`%2Fvar%2Frun%2Fpostgresql`) is a Unix socket directory.
+    /// (seconds), `target_session_attrs`, `load_balance_hosts`, libpq's TLS
+    /// parameters `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `sslsni`,
+    /// `channel_binding` (see [`TlsConfig`]), and `user`, `password`,
+    /// `dbname`, `host` (a host list; a directory for a Unix socket),
+    /// `port` (one port for all hosts or one per host) overriding the URL's
+    /// parts. A host that is a percent-encoded absolute path
+    /// (`%2Fvar%2Frun%2Fpostgresql`) is a Unix socket directory.
     ///
     /// # Errors
     /// A `Config` error naming the problem; the password is masked in it.
@@ -205,27 +209,21 @@ impl Target {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             parts.set_param(k, decode(v, k, url)?, &bad)?;
         }
-        if parts.host.is_empty() {
+        if parts.hosts.iter().all(String::is_empty) {
             return Err(bad("no host".into()));
         }
-        // Checked again here: a `host=` parameter can list several too.
-        if parts.host.contains(',') || parts.port.as_deref().is_some_and(|p| p.contains(',')) {
-            return Err(bad("several hosts are not supported; give one host".into()));
-        }
-        let port = match parts.port.as_deref() {
-            None | Some("") => 5432,
-            Some(p) => parse_port(p).map_err(bad)?,
-        };
-        let mut target = Target::from_parts(
-            &parts.host,
-            port,
+        let hosts = pair_hosts(&parts.hosts, &parts.ports).map_err(bad)?;
+        let mut target = Target::new(
+            hosts,
             &parts.database,
             &parts.user,
             parts.password.as_deref(),
-        )?;
+        );
         target.options = parts.options.filter(|o| !o.is_empty());
         target.application_name = parts.application_name;
         target.connect_timeout = parts.connect_timeout;
+        target.session_attrs = parts.session_attrs;
+        target.load_balance = parts.load_balance;
         target.tls = Arc::new(parts.tls);
         target.rekey();
         Ok(target)
@@ -233,10 +231,11 @@ impl Target {
 
     /// A target from its parts. An empty `user` means `postgres`; an empty
     /// `database` means the user name; a `host` starting with `/` is a Unix
-    /// socket directory.
+    /// socket directory; `host` may be a list (`h1,h2`), every host then on
+    /// `port` (see [`with_hosts`](Self::with_hosts) for a port per host).
     ///
     /// # Errors
-    /// `Config` for an empty host, several hosts (`h1,h2`) or port 0.
+    /// `Config` for an empty host (or an empty one in the list) or port 0.
     pub fn from_parts(
         host: &str,
         port: u16,
@@ -250,16 +249,13 @@ impl Target {
         if port == 0 {
             return Err(Error::config("invalid target: port 0"));
         }
-        if host.contains(',') {
-            return Err(Error::config(format!(
-                "invalid target: host {host:?}: several hosts are not supported; give one host"
-            )));
-        }
-        let host = if host.starts_with('/') {
-            Host::Unix(PathBuf::from(host))
-        } else {
-            Host::Tcp(host.to_ascii_lowercase())
-        };
+        let hosts = split_list(host);
+        let hosts = pair_hosts(&hosts, &[port.to_string()])
+            .map_err(|why| Error::config(format!("invalid target: host {host:?}: {why}")))?;
+        Ok(Target::new(hosts, database, user, password))
+    }
+
+    fn new(hosts: Vec<Endpoint>, database: &str, user: &str, password: Option<&str>) -> Target {
         let user = if user.is_empty() { "postgres" } else { user }.to_owned();
         let database = if database.is_empty() {
             user.clone()
@@ -267,59 +263,103 @@ impl Target {
             database.to_owned()
         };
         let mut target = Target {
-            host,
-            port,
+            hosts,
             database,
             user,
             password: password.map(str::to_owned),
             options: None,
             application_name: None,
             connect_timeout: None,
+            session_attrs: SessionAttrs::Any,
+            load_balance: LoadBalance::Disable,
             tls: Arc::default(),
             key: Arc::from(""),
             key_hash: 0,
         };
         target.rekey();
-        Ok(target)
+        target
     }
 
-    /// A copy with some parts replaced (`None` keeps the part), keeping the
-    /// URL's other parameters.
-    pub(crate) fn with_parts(
-        &self,
-        host: Option<&str>,
-        port: Option<u16>,
-        database: Option<&str>,
-        user: Option<&str>,
-        password: Option<&str>,
-    ) -> Result<Target> {
-        let current_host = match &self.host {
-            Host::Tcp(h) => h.clone(),
-            Host::Unix(p) => p.display().to_string(),
-        };
-        let mut target = Target::from_parts(
-            host.unwrap_or(&current_host),
-            port.unwrap_or(self.port),
-            database.unwrap_or(&self.database),
-            user.unwrap_or(&self.user),
-            password.or(self.password.as_deref()),
-        )?;
-        target.options = self.options.clone();
-        target.application_name = self.application_name.clone();
-        target.connect_timeout = self.connect_timeout;
-        target.tls = self.tls.clone();
+    /// A copy with other hosts: `hosts` a list as libpq takes it (`h1,h2`)
+    /// and `ports` one port for all or one per host (`5432,5433`).
+    ///
+    /// # Errors
+    /// `Config` when the lists do not pair (three ports for two hosts), a
+    /// host is empty or a port is not one.
+    pub fn with_hosts(&self, hosts: &str, ports: &str) -> Result<Target> {
+        let list = pair_hosts(&split_list(hosts), &split_list(ports)).map_err(|why| {
+            Error::config(format!(
+                "invalid target: host {hosts:?} with port {ports:?}: {why}"
+            ))
+        })?;
+        let mut target = self.clone();
+        target.hosts = list;
         target.rekey();
         Ok(target)
     }
 
-    fn host_text(&self) -> String {
-        match &self.host {
-            Host::Tcp(h) if h.contains(':') => {
-                format!("[{}]", utf8_percent_encode(h, IPV6))
+    /// A copy with some parts replaced (`None` keeps the part), keeping the
+    /// URL's other parameters. `host` and `port` may be lists.
+    pub(crate) fn with_parts(
+        &self,
+        host: Option<&str>,
+        port: Option<&str>,
+        database: Option<&str>,
+        user: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Target> {
+        let mut target = match (host, port) {
+            (None, None) => self.clone(),
+            (Some(host), Some(port)) => self.with_hosts(host, port)?,
+            (Some(host), None) => {
+                // The old ports go with a new host list only if they still
+                // pair; else 5432 as libpq's default.
+                let ports = self.port_list();
+                self.with_hosts(host, &ports)
+                    .or_else(|_| self.with_hosts(host, ""))?
             }
-            Host::Tcp(h) => encode(h),
-            Host::Unix(dir) => encode(&dir.display().to_string()),
+            (None, Some(port)) => self.with_hosts(&self.host_list(), port)?,
+        };
+        if let Some(database) = database {
+            target.database = database.to_owned();
         }
+        if let Some(user) = user {
+            target.user = if user.is_empty() { "postgres" } else { user }.to_owned();
+        }
+        if target.database.is_empty() {
+            target.database = target.user.clone();
+        }
+        if let Some(password) = password {
+            target.password = Some(password.to_owned());
+        }
+        target.rekey();
+        Ok(target)
+    }
+
+    /// The hosts as a comma list, as written.
+    fn host_list(&self) -> String {
+        let hosts: Vec<String> = self.hosts.iter().map(|e| e.host.to_string()).collect();
+        hosts.join(",")
+    }
+
+    /// The ports as a comma list, one per host.
+    fn port_list(&self) -> String {
+        let ports: Vec<String> = self.hosts.iter().map(|e| e.port.to_string()).collect();
+        ports.join(",")
+    }
+
+    /// The same target on its host `index` alone: what one connection to
+    /// that server uses.
+    pub(crate) fn for_endpoint(&self, index: usize) -> Target {
+        let mut target = self.clone();
+        target.hosts = vec![self.hosts[index].clone()];
+        target.rekey();
+        target
+    }
+
+    fn hosts_text(&self) -> String {
+        let shown: Vec<String> = self.hosts.iter().map(endpoint_text).collect();
+        shown.join(",")
     }
 
     /// Recomputes the key and its hash after the parts changed.
@@ -330,27 +370,62 @@ impl Target {
 
     fn make_key(&self) -> String {
         let mut key = format!(
-            "postgres://{}@{}:{}/{}",
+            "postgres://{}@{}/{}",
             encode(&self.user),
-            self.host_text(),
-            self.port,
+            self.hosts_text(),
             encode(&self.database)
         );
+        let mut separator = '?';
         if let Some(options) = &self.options {
-            key.push_str("?options=");
+            key.push(separator);
+            key.push_str("options=");
             key.push_str(&encode(options));
+            separator = '&';
+        }
+        if self.session_attrs.checks_role() {
+            key.push(separator);
+            key.push_str("target_session_attrs=");
+            key.push_str(self.session_attrs.as_str());
         }
         key
     }
 
-    /// The host.
+    /// The host (the first, when there are several).
     pub fn host(&self) -> &Host {
-        &self.host
+        &self.hosts[0].host
     }
 
-    /// The port.
+    /// The port (of the first host, when there are several).
     pub fn port(&self) -> u16 {
-        self.port
+        self.hosts[0].port
+    }
+
+    /// Every host with its port, in the order given.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.hosts
+    }
+
+    /// What the server a session lands on must be.
+    pub fn target_session_attrs(&self) -> SessionAttrs {
+        self.session_attrs
+    }
+
+    /// A copy whose sessions must land on a server as `attrs` says.
+    pub fn with_target_session_attrs(mut self, attrs: SessionAttrs) -> Target {
+        self.session_attrs = attrs;
+        self.rekey();
+        self
+    }
+
+    /// The order hosts are tried in.
+    pub fn load_balance_hosts(&self) -> LoadBalance {
+        self.load_balance
+    }
+
+    /// A copy that tries its hosts in the order `balance` says.
+    pub fn with_load_balance_hosts(mut self, balance: LoadBalance) -> Target {
+        self.load_balance = balance;
+        self
     }
 
     /// The database name.
@@ -394,6 +469,31 @@ impl Target {
         self
     }
 
+    /// Sets one libpq connection parameter that is behaviour, not a part
+    /// of the address: the TLS ones, `target_session_attrs`,
+    /// `load_balance_hosts`. `Ok(false)` for a name that is none of them.
+    pub(crate) fn set_param(&mut self, name: &str, value: &str) -> std::result::Result<bool, String> {
+        match name {
+            "target_session_attrs" => {
+                self.session_attrs = value.parse()?;
+                self.rekey();
+            }
+            "load_balance_hosts" => self.load_balance = value.parse()?,
+            _ => return Arc::make_mut(&mut self.tls).set_param(name, value),
+        }
+        Ok(true)
+    }
+
+    /// The value of a parameter [`set_param`](Self::set_param) takes, as
+    /// shown to people.
+    pub(crate) fn shown_param(&self, name: &str) -> String {
+        match name {
+            "target_session_attrs" => self.session_attrs.to_string(),
+            "load_balance_hosts" => self.load_balance.to_string(),
+            _ => self.tls.shown(name),
+        }
+    }
+
     /// `application_name` given in the URL, if any.
     pub fn url_application_name(&self) -> Option<&str> {
         self.application_name.as_deref()
@@ -410,15 +510,41 @@ impl Target {
         &self.key
     }
 
-    /// Identifies the server (host and port, or socket directory and port).
+    /// Identifies the server (host and port, or socket directory and port);
+    /// the first one's when there are several (see
+    /// [`server_keys`](Self::server_keys)).
     pub fn server_key(&self) -> String {
-        format!("{}:{}", self.host_text(), self.port)
+        endpoint_text(&self.hosts[0])
+    }
+
+    /// The server key of every host, in order: each one's connections count
+    /// in that server's budget.
+    pub fn server_keys(&self) -> Vec<String> {
+        self.hosts.iter().map(endpoint_text).collect()
     }
 
     /// The URL with the password shown as `***`.
     pub fn masked_url(&self) -> String {
         self.to_string()
     }
+}
+
+/// `host:port` as the key and the displayed URL write it.
+fn endpoint_text(endpoint: &Endpoint) -> String {
+    let host = match &endpoint.host {
+        Host::Tcp(h) if h.contains(':') => format!("[{}]", utf8_percent_encode(h, IPV6)),
+        Host::Tcp(h) => encode(h),
+        Host::Unix(dir) => encode(&dir.display().to_string()),
+    };
+    format!("{host}:{}", endpoint.port)
+}
+
+/// A comma list, as libpq splits `host` and `port`.
+fn split_list(text: &str) -> Vec<String> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    text.split(',').map(|s| s.trim().to_owned()).collect()
 }
 
 /// Whether the authority of `url` (up to the first `/`, `?` or `#`) has no
@@ -437,24 +563,29 @@ fn userinfo_cut_short(url: &str) -> bool {
 struct UrlParts {
     user: String,
     password: Option<String>,
-    host: String,
-    port: Option<String>,
+    /// The hosts, as written (an entry may be empty: `h1,,h3` is an error).
+    hosts: Vec<String>,
+    /// The ports: none, one for all hosts, or one per host (an empty entry
+    /// is 5432).
+    ports: Vec<String>,
     database: String,
     options: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<Duration>,
+    session_attrs: SessionAttrs,
+    load_balance: LoadBalance,
     tls: TlsConfig,
 }
 
 impl UrlParts {
-    /// `user:password@host:port`, the host possibly a bracketed IPv6
-    /// address.
+    /// `user:password@host:port,host:port`, a host possibly a bracketed
+    /// IPv6 address.
     fn from_authority(
         authority: &str,
         url: &str,
         bad: &dyn Fn(String) -> Error,
     ) -> Result<UrlParts> {
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
+        let (userinfo, hostports) = match authority.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
@@ -468,29 +599,40 @@ impl UrlParts {
                 None => parts.user = decode(info, "the user", url)?,
             }
         }
-        if hostport.contains(',') {
-            return Err(bad("several hosts are not supported; give one host".into()));
+        if hostports.is_empty() {
+            return Ok(parts);
         }
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (addr, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("unterminated [ in the IPv6 host".into()))?;
-            let port = match after {
-                "" => None,
-                p => Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| bad(format!("unexpected {p:?} after the IPv6 host")))?,
-                ),
+        let several = hostports.contains(',');
+        for hostport in hostports.split(',') {
+            let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+                let (addr, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("unterminated [ in the IPv6 host".into()))?;
+                let port = match after {
+                    "" => None,
+                    p => Some(p.strip_prefix(':').ok_or_else(|| {
+                        bad(format!("unexpected {p:?} after the IPv6 host"))
+                    })?),
+                };
+                (decode(addr, "the host", url)?, port)
+            } else {
+                match hostport.rsplit_once(':') {
+                    Some((h, p)) => (decode(h, "the host", url)?, Some(p)),
+                    None => (decode(hostport, "the host", url)?, None),
+                }
             };
-            (decode(addr, "the host", url)?, port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (decode(h, "the host", url)?, Some(p)),
-                None => (decode(hostport, "the host", url)?, None),
+            if several && host.is_empty() {
+                return Err(bad(format!(
+                    "host {} of the list {hostports:?} is empty",
+                    parts.hosts.len() + 1
+                )));
             }
-        };
-        parts.host = host;
-        parts.port = port.map(str::to_owned);
+            parts.hosts.push(host);
+            parts.ports.push(port.unwrap_or("").to_owned());
+        }
+        if parts.ports.iter().all(String::is_empty) {
+            parts.ports.clear();
+        }
         Ok(parts)
     }
 
@@ -515,27 +657,29 @@ impl UrlParts {
             "user" => self.user = value,
             "password" => self.password = Some(value),
             "dbname" => self.database = value,
-            "host" => self.host = value,
-            "port" => self.port = Some(value),
+            "host" => self.hosts = split_list(&value),
+            "port" => self.ports = split_list(&value),
+            "target_session_attrs" => {
+                self.session_attrs = value
+                    .parse()
+                    .map_err(|why| bad(format!("target_session_attrs = {why}")))?;
+            }
+            "load_balance_hosts" => {
+                self.load_balance = value
+                    .parse()
+                    .map_err(|why| bad(format!("load_balance_hosts = {why}")))?;
+            }
             other => match self.tls.set_param(other, &value) {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(bad(format!(
-                        "unknown parameter {other:?} (known: options, application_name, connect_timeout, sslmode, sslrootcert, sslcert, sslkey, sslsni, channel_binding, user, password, dbname, host, port)"
+                        "unknown parameter {other:?} (known: options, application_name, connect_timeout, target_session_attrs, load_balance_hosts, sslmode, sslrootcert, sslcert, sslkey, sslsni, channel_binding, user, password, dbname, host, port)"
                     )))
                 }
                 Err(why) => return Err(bad(format!("{other} = {why}"))),
             },
         }
         Ok(())
-    }
-}
-
-fn parse_port(text: &str) -> std::result::Result<u16, String> {
-    match text.parse::<u32>() {
-        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Ok(p) => Err(format!("port {p} is out of range 1..=65535")),
-        Err(_) => Err(format!("port {text:?} is not a number")),
     }
 }
 
@@ -547,9 +691,12 @@ impl FromStr for Target {
 }
 
 impl PartialEq for Target {
-    /// Same key, same password and the same TLS settings.
+    /// Same key, same password, the same TLS settings and host order.
     fn eq(&self, other: &Target) -> bool {
-        self.key == other.key && self.password == other.password && self.tls == other.tls
+        self.key == other.key
+            && self.password == other.password
+            && self.tls == other.tls
+            && self.load_balance == other.load_balance
     }
 }
 
@@ -559,27 +706,29 @@ impl fmt::Display for Target {
         if self.password.is_some() {
             f.write_str(":***")?;
         }
-        write!(
-            f,
-            "@{}:{}/{}",
-            self.host_text(),
-            self.port,
-            encode(&self.database)
-        )
+        write!(f, "@{}/{}", self.hosts_text(), encode(&self.database))?;
+        if self.session_attrs.checks_role() {
+            write!(f, "?target_session_attrs={}", self.session_attrs)?;
+        }
+        Ok(())
     }
 }
 
 impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Target")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("database", &self.database)
+        let mut s = f.debug_struct("Target");
+        match self.hosts.as_slice() {
+            [one] => s.field("host", &one.host).field("port", &one.port),
+            many => s.field("hosts", &many),
+        };
+        s.field("database", &self.database)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("options", &self.options)
-            .field("tls", &self.tls)
-            .finish()
+            .field("options", &self.options);
+        if self.session_attrs.checks_role() {
+            s.field("target_session_attrs", &self.session_attrs);
+        }
+        s.field("tls", &self.tls).finish()
     }
 }
 
@@ -587,6 +736,7 @@ impl fmt::Debug for Target {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::path::PathBuf;
 
     fn key(url: &str) -> String {
         Target::parse(url).unwrap().key().to_owned()
@@ -671,9 +821,17 @@ mod tests {
             ),
             ("postgres://u:Secret1@h:0/d", "out of range"),
             ("postgres://u:Secret1@h:70000/d", "out of range"),
-            ("postgres://u:Secret1@h1,h2/d", "several hosts"),
-            ("postgres://u:Secret1@/d?host=h1,h2", "several hosts"),
-            ("postgres://u:Secret1@h/d?port=5432,5433", "several hosts"),
+            ("postgres://u:Secret1@h1,,h2/d", "host 2 of the list"),
+            ("postgres://u:Secret1@h1,h2/d?port=1,2,3", "3 ports for 2 hosts"),
+            ("postgres://u:Secret1@h/d?port=5432,5433", "2 ports for 1 hosts"),
+            (
+                "postgres://u:Secret1@h/d?target_session_attrs=writable",
+                "target_session_attrs = \"writable\": expected any, read-write",
+            ),
+            (
+                "postgres://u:Secret1@h/d?load_balance_hosts=yes",
+                "load_balance_hosts = \"yes\": expected disable or random",
+            ),
             (
                 "postgres://u:Secret1@h/d?sslmode=strict",
                 "sslmode = \"strict\": expected disable, allow, prefer, require, verify-ca or verify-full",
@@ -708,6 +866,62 @@ mod tests {
             assert!(!msg.contains("Secret1"), "{msg}");
             assert!(!msg.contains("ret1"), "{msg}");
         }
+    }
+
+    #[test]
+    fn several_hosts_are_one_database_in_the_order_given() {
+        let t = Target::parse(
+            "postgres://app:pw@DB1:5432,db2:5433,[::1]/x?target_session_attrs=read-write&load_balance_hosts=random",
+        )
+        .unwrap();
+        let ports: Vec<u16> = t.endpoints().iter().map(|e| e.port).collect();
+        assert_eq!(ports, [5432, 5433, 5432]);
+        assert_eq!(t.host(), &Host::Tcp("db1".into()));
+        assert_eq!(t.target_session_attrs(), SessionAttrs::ReadWrite);
+        assert_eq!(t.load_balance_hosts(), LoadBalance::Random);
+        assert_eq!(
+            t.key(),
+            "postgres://app@db1:5432,db2:5433,[::1]:5432/x?target_session_attrs=read-write"
+        );
+        assert_eq!(t.server_keys(), ["db1:5432", "db2:5433", "[::1]:5432"]);
+        assert_eq!(
+            t.to_string(),
+            "postgres://app:***@db1:5432,db2:5433,[::1]:5432/x?target_session_attrs=read-write"
+        );
+        // The key and the display parse back to the same database.
+        assert_eq!(Target::parse(t.key()).unwrap().key(), t.key());
+        assert_eq!(Target::parse(&t.to_string()).unwrap().key(), t.key());
+        // libpq's keyword form in the query: a host list and a port list,
+        // or one port for all.
+        let q = Target::parse("postgres:///x?host=db1,db2&port=5432,5433&user=app").unwrap();
+        assert_eq!(q.key(), "postgres://app@db1:5432,db2:5433/x");
+        let q = Target::parse("postgres:///x?host=db1,db2&port=6000").unwrap();
+        assert_eq!(q.server_keys(), ["db1:6000", "db2:6000"]);
+        // One host alone on its server, as one connection uses it.
+        let one = t.for_endpoint(1);
+        assert_eq!(one.endpoints().len(), 1);
+        assert_eq!(one.server_key(), "db2:5433");
+        assert_eq!(one.target_session_attrs(), SessionAttrs::ReadWrite);
+        // Attributes are identity; the order of trying is not.
+        assert_ne!(key("postgres://a@h1,h2/x"), t.key());
+        assert_eq!(
+            key("postgres://a@h1,h2/x?load_balance_hosts=random"),
+            key("postgres://a@h1:5432,h2:5432/x")
+        );
+        assert_ne!(key("postgres://a@h1,h2/x"), key("postgres://a@h2,h1/x"));
+        assert_eq!(
+            key("postgres://a@h1,h2/x?target_session_attrs=any"),
+            key("postgres://a@h1,h2/x")
+        );
+        let parts = Target::from_parts("h1,h2", 7000, "x", "a", None).unwrap();
+        assert_eq!(parts.server_keys(), ["h1:7000", "h2:7000"]);
+        let moved = parts.with_hosts("h3,h4", "1,2").unwrap();
+        assert_eq!(moved.key(), "postgres://a@h3:1,h4:2/x");
+        assert!(parts
+            .with_hosts("h3,h4", "1,2,3")
+            .unwrap_err()
+            .to_string()
+            .contains("3 ports for 2 hosts"));
     }
 
     #[test]
