@@ -29,11 +29,30 @@ pub struct ClusterBuilder {
     tls: Option<ServerTls>,
 }
 
+/// What a cluster that takes part in replication needs: full page writes
+/// and hint bits in the WAL (so that `pg_rewind` can turn a former primary
+/// into a standby), and WAL kept for a standby that falls behind.
+const REPLICATION_SETTINGS: [(&str, &str); 4] = [
+    ("full_page_writes", "on"),
+    ("wal_log_hints", "on"),
+    ("wal_keep_size", "64MB"),
+    ("hot_standby_feedback", "on"),
+];
+
 impl ClusterBuilder {
     /// Sets any server setting (`postgresql.conf` name and value), e.g.
     /// `.setting("max_connections", "20")`.
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Ready for streaming replication: what [`TempCluster::start_standby`]
+    /// and [`TempCluster::rejoin_as_standby_of`] need of a primary.
+    pub fn replication(mut self) -> Self {
+        for (name, value) in REPLICATION_SETTINGS {
+            self.settings.push((name.to_owned(), value.to_owned()));
+        }
         self
     }
 
@@ -53,12 +72,7 @@ impl ClusterBuilder {
     pub fn start(self) -> Result<TempCluster> {
         let bin = find_binaries(&default_candidates())?;
         let template = ensure_template(&bin)?;
-        let dir = std::env::temp_dir().join(format!(
-            "pgfleet-cluster-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos_suffix()
-        ));
+        let dir = cluster_dir();
         run(
             Command::new("cp").arg("-a").arg(&template).arg(&dir),
             "copy the template",
@@ -77,36 +91,59 @@ impl ClusterBuilder {
             }
         }
         chown_to_postgres(&dir)?;
-        let mut last_err = None;
-        // A free port can be taken between our probe and the server's bind:
-        // try a few.
-        for _ in 0..5 {
-            let port = free_port()?;
-            let cluster = TempCluster {
-                bin: bin.clone(),
-                dir: dir.clone(),
-                data: data.clone(),
-                port,
-                running: Mutex::new(false),
-                tls: self.tls.is_some(),
-            };
-            cluster.write_settings(&settings)?;
-            match cluster.pg_ctl_start() {
-                Ok(()) => {
-                    cluster.spawn_watchdog()?;
-                    return Ok(cluster);
-                }
-                Err(e) => {
-                    last_err = Some(e);
-                    // Keep the directory for the next attempt; forget this
-                    // value without running its Drop.
-                    std::mem::forget(cluster);
-                }
+        launch(bin, dir, settings, self.tls.is_some())
+    }
+}
+
+/// A fresh directory name for a cluster.
+fn cluster_dir() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "pgfleet-cluster-{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos_suffix()
+    ))
+}
+
+/// Starts the server of `dir/data` (owned by `postgres`) on a free port
+/// with `settings`; the directory is removed if it does not start.
+fn launch(
+    bin: PathBuf,
+    dir: PathBuf,
+    settings: Vec<(String, String)>,
+    tls: bool,
+) -> Result<TempCluster> {
+    let data = dir.join("data");
+    let mut last_err = None;
+    // A free port can be taken between our probe and the server's bind:
+    // try a few.
+    for _ in 0..5 {
+        let port = free_port()?;
+        let cluster = TempCluster {
+            bin: bin.clone(),
+            dir: dir.clone(),
+            data: data.clone(),
+            port,
+            running: Mutex::new(false),
+            tls,
+            settings: settings.clone(),
+        };
+        cluster.write_settings(&settings)?;
+        match cluster.pg_ctl_start() {
+            Ok(()) => {
+                cluster.spawn_watchdog()?;
+                return Ok(cluster);
+            }
+            Err(e) => {
+                last_err = Some(e);
+                // Keep the directory for the next attempt; forget this
+                // value without running its Drop.
+                std::mem::forget(cluster);
             }
         }
-        let _ = fs::remove_dir_all(&dir);
-        Err(last_err.expect("at least one attempt"))
     }
+    let _ = fs::remove_dir_all(&dir);
+    Err(last_err.expect("at least one attempt"))
 }
 
 /// A running PostgreSQL server in a fresh directory on a free 127.0.0.1
@@ -121,6 +158,9 @@ pub struct TempCluster {
     running: Mutex<bool>,
     /// Started with [`ClusterBuilder::tls`].
     tls: bool,
+    /// The settings it was started with (written again after `pg_rewind`,
+    /// which copies the source's).
+    settings: Vec<(String, String)>,
 }
 
 /// Writes the server's certificate, key, CA and `pg_hba.conf` into the data
@@ -255,6 +295,168 @@ impl TempCluster {
     pub fn restart(&self) -> Result<()> {
         self.stop()?;
         self.resume()
+    }
+
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`): every
+    /// backend is killed at once, nothing is checkpointed. Blocks briefly.
+    ///
+    /// # Errors
+    /// If pg_ctl fails.
+    pub fn kill(&self) -> Result<()> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if *running {
+            self.pg_ctl(
+                &["stop", "-m", "immediate", "-w", "-t", "60"],
+                "kill the server",
+            )?;
+            *running = false;
+        }
+        Ok(())
+    }
+
+    /// Starts a streaming hot standby of this cluster (which must be
+    /// running, best built with [`ClusterBuilder::replication`]): a base
+    /// backup (`pg_basebackup`) in a new directory, on its own free port,
+    /// following this server. Returns when it accepts connections.
+    ///
+    /// # Errors
+    /// If the backup or the start fails (with the end of the log).
+    pub fn start_standby(&self) -> Result<TempCluster> {
+        let dir = cluster_dir();
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create the standby directory", e))?;
+        chown_to_postgres(&dir)?;
+        let backup = self.base_backup(&dir.join("data"));
+        if let Err(e) = backup {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let settings = self.standby_settings(&dir);
+        launch(self.bin.clone(), dir, settings, self.tls)
+    }
+
+    /// Makes this standby a primary (`pg_ctl promote`). Returns when it
+    /// accepts writes.
+    ///
+    /// # Errors
+    /// If pg_ctl fails or it is not a standby.
+    pub fn promote(&self) -> Result<()> {
+        self.pg_ctl(&["promote", "-w", "-t", "60"], "promote the standby")?;
+        let _ = fs::remove_file(self.data.join("standby.signal"));
+        Ok(())
+    }
+
+    /// Turns this stopped former primary into a standby of `primary` (the
+    /// standby promoted in its place) and starts it: `pg_rewind` undoes
+    /// what it wrote after the standby left it, or, if that cannot work, a
+    /// fresh base backup replaces its data. Same port as before.
+    ///
+    /// # Errors
+    /// If it is running, or neither way works.
+    pub fn rejoin_as_standby_of(&self, primary: &TempCluster) -> Result<()> {
+        if self.is_running() {
+            return Err(Error::Io {
+                what: "rejoin a running server as a standby (stop or kill it first)".into(),
+                source: std::io::Error::other("the server is running"),
+            });
+        }
+        let source = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            primary.dir.display(),
+            primary.port
+        );
+        // pg_rewind reads the new timeline from the source's control
+        // file, which a promotion updates at its next checkpoint.
+        run(
+            as_postgres(&self.bin.join("psql"))
+                .arg("-h")
+                .arg(&primary.dir)
+                .arg("-p")
+                .arg(primary.port.to_string())
+                .args([
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-qAt",
+                    "-c",
+                    "CHECKPOINT",
+                ]),
+            "checkpoint the new primary",
+        )?;
+        let mut rewind = as_postgres(&self.bin.join("pg_rewind"));
+        rewind
+            .arg("-D")
+            .arg(&self.data)
+            .arg(format!("--source-server={source}"))
+            .arg("--no-sync");
+        if run(&mut rewind, "rewind the former primary").is_err() {
+            let _ = fs::remove_dir_all(&self.data);
+            primary.base_backup(&self.data)?;
+        }
+        fs::write(self.data.join("standby.signal"), "")
+            .map_err(|e| Error::io("write standby.signal", e))?;
+        chown_to_postgres(&self.data)?;
+        let settings = primary.standby_settings(&self.dir);
+        self.write_settings(&settings)?;
+        self.pg_ctl_start()
+    }
+
+    /// Whether the server is a standby (in recovery) now.
+    ///
+    /// # Errors
+    /// If the admin query fails.
+    pub async fn is_in_recovery(&self) -> Result<bool> {
+        let client = self.admin().await?;
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| Error::query("pg_is_in_recovery()", e))?;
+        Ok(row.get(0))
+    }
+
+    /// A base backup of this server into `data` (which must not exist),
+    /// over its Unix socket.
+    fn base_backup(&self, data: &Path) -> Result<()> {
+        run(
+            as_postgres(&self.bin.join("pg_basebackup"))
+                .arg("-h")
+                .arg(&self.dir)
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args([
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "--no-sync",
+                    "-c",
+                    "fast",
+                    "-R",
+                ])
+                .arg("-D")
+                .arg(data),
+            "take a base backup",
+        )
+    }
+
+    /// The settings of a standby of this server living in `dir`: this
+    /// server's own (replication ones included), and where to stream from.
+    fn standby_settings(&self, dir: &Path) -> Vec<(String, String)> {
+        let mut settings = self.settings.clone();
+        for (name, value) in REPLICATION_SETTINGS {
+            settings.push((name.to_owned(), value.to_owned()));
+        }
+        settings.push((
+            "primary_conninfo".to_owned(),
+            format!(
+                "host={} port={} user=postgres application_name={}",
+                self.dir.display(),
+                self.port,
+                dir.file_name()
+                    .map_or("standby".into(), |n| n.to_string_lossy().replace('-', "_"))
+            ),
+        ));
+        settings
     }
 
     /// Whether the server was started and not stopped.

@@ -33,9 +33,9 @@ use crate::error::{Error, Result};
 /// above its floor, so that the unit it held can go to another pool. The
 /// budget knows its pools through this alone.
 pub(crate) trait Reclaim: Send + Sync {
-    /// Closes the longest-idle connection if the pool is above its floor;
-    /// whether one was closed.
-    fn reclaim_idle(&self) -> bool;
+    /// Closes the longest-idle connection on `server` if the pool is above
+    /// its floor; whether one was closed.
+    fn reclaim_idle(&self, server: &str) -> bool;
 }
 
 /// How an `auto` budget was derived.
@@ -508,7 +508,7 @@ impl ServerBudget {
                 .collect()
         };
         for pool in candidates {
-            if pool.reclaim_idle() {
+            if pool.reclaim_idle(&self.server) {
                 self.reclaims.fetch_add(1, Ordering::Relaxed);
                 return;
             }

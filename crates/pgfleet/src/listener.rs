@@ -124,61 +124,46 @@ impl Listener {
     /// set-up, then `LISTEN` on every channel; within `connect_timeout`.
     async fn connect(&self) -> Result<Live> {
         let pool = &self.pool;
-        let unit = match &pool.budget {
-            Some(budget) => {
-                let wait = pool.config.acquire_timeout;
-                let unit = timeout(wait, budget.acquire(pool.id, || !pool.lock().closed))
-                    .await
-                    .map_err(|_| {
-                        Error::timeout(
-                            TimeoutStage::Acquire,
-                            wait,
-                            format!(
-                                "timed out after {} waiting for a unit of the server budget \
-                                 for a listener on {}",
-                                humantime::format_duration(wait),
-                                pool.label
-                            ),
-                        )
-                    })?;
-                Some(unit.ok_or_else(|| {
-                    Error::closed(format!(
-                        "the pool of this listener ({}) is closed",
-                        pool.label
-                    ))
-                })?)
-            }
-            None => None,
-        };
         let limit = pool.config.connect_timeout;
-        let connect = async {
-            let raw = pool.connect_session(0, Some(&self.tx)).await?;
-            // The first connection to an `auto` budget's server reads its
-            // limits, or every pool on it would wait for this one's unit.
-            if let Some(budget) = pool.budget.as_ref().filter(|b| b.needs_derivation()) {
-                crate::budget::derive_from_server(budget, &raw.client).await;
-            }
-            if !self.channels.is_empty() {
-                let sql: String = self
-                    .channels
-                    .iter()
-                    .map(|c| format!("LISTEN {}; ", quote_ident(c)))
-                    .collect();
-                raw.client.batch_execute(&sql).await?;
-            }
-            Ok::<_, Error>(raw)
-        };
-        let raw = timeout(limit, connect).await.map_err(|_| {
-            Error::timeout(
-                TimeoutStage::Connect,
-                limit,
-                format!(
-                    "timed out after {} connecting a listener to {}",
-                    humantime::format_duration(limit),
-                    pool.label
-                ),
+        let still_needed = || !pool.lock().closed;
+        let connected = pool
+            .connect_session(
+                0,
+                Some(&self.tx),
+                Some(pool.config.acquire_timeout),
+                &still_needed,
+                &|| {},
+                false,
             )
-        })??;
+            .await?
+            .ok_or_else(|| {
+                Error::closed(format!(
+                    "the pool of this listener ({}) is closed",
+                    pool.label
+                ))
+            })?;
+        let raw = connected.raw;
+        if !self.channels.is_empty() {
+            let sql: String = self
+                .channels
+                .iter()
+                .map(|c| format!("LISTEN {}; ", quote_ident(c)))
+                .collect();
+            timeout(limit, raw.client.batch_execute(&sql))
+                .await
+                .map_err(|_| {
+                    Error::timeout(
+                        TimeoutStage::Connect,
+                        limit,
+                        format!(
+                            "timed out after {} listening again on {}",
+                            humantime::format_duration(limit),
+                            pool.label
+                        ),
+                    )
+                })??;
+        }
+        let unit = connected.unit;
         Ok(Live { raw, _unit: unit })
     }
 

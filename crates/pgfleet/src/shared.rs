@@ -386,11 +386,17 @@ impl Lane {
         self.conn.as_ref().expect("present until drop")
     }
 
-    /// Whether the lane may take leases at all: its connection is open and
-    /// in no transaction.
+    /// Whether the lane may take leases at all: its connection is open, in
+    /// no transaction, on a host the pool has not left, and its server said
+    /// nothing about another role (the pool looks when it comes back).
     fn alive(&self) -> bool {
         let conn = self.conn();
-        !conn.raw.is_broken() && conn.raw.tap.status() == TxStatus::Idle
+        let hosts = &self.pool.hosts;
+        let role_changed = hosts.attrs.checks_role() && conn.raw.tap.role_alert();
+        !conn.raw.is_broken()
+            && conn.raw.tap.status() == TxStatus::Idle
+            && !hosts.is_retired(conn.host, conn.host_generation)
+            && !role_changed
     }
 
     /// Whether the lane is within its lifetime, `max_queries` and the

@@ -184,7 +184,8 @@ macro_rules! counters {
 
             /// Connections closed, as (reason, value); the reasons are
             /// `lifetime`, `idle`, `broken`, `dirty`, `max_queries`,
-            /// `shutdown`, `reclaimed`.
+            /// `shutdown`, `reclaimed`, `resized`, `drained`, `hook`,
+            /// `failover`.
             pub fn closed(&self) -> Vec<(&'static str, u64)> {
                 vec![ $( ($label, self.$field), )* ]
             }
@@ -224,6 +225,9 @@ counters! {
         statements_prepared,
         /// `prepare_cached` calls served from a connection's statement cache.
         statement_cache_hits,
+        /// Times the pool moved to another host of its target (the one it
+        /// was on went away or stopped matching `target_session_attrs`).
+        failovers,
     }
     closed {
         /// Connections closed for reaching `max_lifetime`.
@@ -250,6 +254,9 @@ counters! {
         /// Connections a `before_acquire` or `after_release` hook turned
         /// down.
         Hook => connections_closed_hook, "hook";
+        /// Connections on a host the pool left: it went away, or stopped
+        /// matching `target_session_attrs`.
+        Failover => connections_closed_failover, "failover";
     }
 }
 
@@ -327,6 +334,23 @@ pub struct PoolStats {
     pub timings: Timings,
     /// The last connect error, if the most recent connect attempt failed.
     pub last_connect_error: Option<String>,
+    /// The server (`host:port`) new connections go to first: the one the
+    /// last connection landed on; `None` before the first connection and
+    /// after that server was left.
+    pub host: Option<String>,
+    /// Every host of the target with the pool's connections open there now.
+    pub hosts: Vec<HostStats>,
+}
+
+/// One host of a pool's target.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct HostStats {
+    /// `host:port`.
+    pub server: String,
+    /// The pool's connections open on it.
+    pub connections: u32,
 }
 
 #[cfg(test)]

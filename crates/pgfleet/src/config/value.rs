@@ -198,8 +198,9 @@ pub(crate) fn ports(raw: &RawValue) -> Result<String, Why> {
         RawValue::Str(s) if s.contains(',') => {
             for part in s.split(',') {
                 if !part.trim().is_empty() {
-                    port(&RawValue::Str(part.to_owned()))
-                        .map_err(|_| format!("{part:?}: expected port numbers 1..=65535, one per host"))?;
+                    port(&RawValue::Str(part.to_owned())).map_err(|_| {
+                        format!("{part:?}: expected port numbers 1..=65535, one per host")
+                    })?;
                 }
             }
             Ok(s.split(',').map(str::trim).collect::<Vec<_>>().join(","))

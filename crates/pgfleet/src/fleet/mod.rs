@@ -153,22 +153,26 @@ impl Fleet {
             dead.pool.close();
         }
         let key = target.key.clone();
-        let server = target.server_key();
-        let budget = match inner.config.budget.mode_for(&server) {
-            BudgetMode::Off => None,
-            BudgetMode::Auto | BudgetMode::Fixed(_) => Some(
-                inner
-                    .budgets
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(server)
-                    .or_insert_with_key(|server| {
-                        ServerBudget::new(server.clone(), &inner.config.budget)
-                    })
-                    .clone(),
-            ),
-        };
-        let pool = Pool::build(target.clone(), config.clone(), budget)?;
+        // Each host's connections count in that server's budget.
+        let budgets = target
+            .server_keys()
+            .into_iter()
+            .map(|server| match inner.config.budget.mode_for(&server) {
+                BudgetMode::Off => None,
+                BudgetMode::Auto | BudgetMode::Fixed(_) => Some(
+                    inner
+                        .budgets
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry(server)
+                        .or_insert_with_key(|server| {
+                            ServerBudget::new(server.clone(), &inner.config.budget)
+                        })
+                        .clone(),
+                ),
+            })
+            .collect();
+        let pool = Pool::build(target.clone(), config.clone(), budgets)?;
         // When its runtime shuts down, every thread looks again (and finds
         // it gone): the fast path need not check.
         let fleet = Arc::downgrade(inner);

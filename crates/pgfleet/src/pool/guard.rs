@@ -104,7 +104,7 @@ impl PooledConnection {
     /// # }
     /// ```
     pub fn cancel_token(&self) -> CancelToken {
-        CancelToken::new(&self.conn().raw, &self.pool.target, &self.pool.tls)
+        self.pool.cancel_token(self.conn())
     }
 
     /// Round trips this physical connection has made since it was opened,

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
-use tokio::time::timeout;
 
 use super::credentials::Credentials;
+use super::hosts::{Connected, Hosts, Walk};
 use super::leaks::Checkouts;
 use super::state::{ConnectFailure, Plan, State};
-use crate::budget::{self, Reclaim, ServerBudget, Unit};
+use crate::budget::{Reclaim, Unit};
 use crate::config::PoolConfig;
 use crate::conn::{self, RawConn, StatementCache};
 use crate::error::{Error, ErrorKind, TimeoutStage};
@@ -25,9 +25,11 @@ use crate::target::Target;
 
 /// What every handle, guard and task of one pool shares.
 pub(crate) struct PoolInner {
-    /// Identifies the pool in its server budget.
+    /// Identifies the pool in its server budgets.
     pub(crate) id: u64,
-    pub(crate) budget: Option<Arc<ServerBudget>>,
+    /// The servers of the target, each with its budget and TLS client, and
+    /// which one the pool is on.
+    pub(crate) hosts: Hosts,
     pub(crate) target: Target,
     pub(crate) config: PoolConfig,
     /// The warm floor in force: `config.min_size` until a resize.
@@ -36,8 +38,6 @@ pub(crate) struct PoolInner {
     max_size: AtomicU32,
     /// What new connections authenticate with.
     pub(crate) credentials: Credentials,
-    /// The TLS client of new connections (and their cancel requests).
-    pub(crate) tls: conn::TlsClient,
     /// Bumped by `drain`: a connection of an older generation is replaced.
     pub(crate) generation: AtomicU64,
     state: Mutex<State<Conn>>,
@@ -72,6 +72,8 @@ pub(crate) struct Slot {
     id: u64,
     connecting: bool,
     reason: Option<CloseReason>,
+    /// The host of the connection, once open (counted there).
+    host: Option<usize>,
 }
 
 /// A pooled connection, boxed: it moves between the idle queue, waiters and
@@ -86,6 +88,10 @@ pub(crate) struct PoolConn {
     pub(crate) idle_since: Instant,
     /// The pool's generation when it was opened (see `drain`).
     pub(crate) generation: u64,
+    /// The host it is on, and that host's generation when it was opened
+    /// (see `Hosts::retire`).
+    pub(crate) host: usize,
+    pub(crate) host_generation: u64,
     slot: Slot,
     /// The server-budget unit, given back after the slot.
     _unit: Option<Unit>,
@@ -116,6 +122,9 @@ impl Drop for Slot {
         if let Some(reason) = self.reason {
             pool.counters.closed(reason);
         }
+        if let Some(host) = self.host {
+            pool.hosts.count(host, false);
+        }
         let (plan, drained) = {
             let mut st = pool.lock();
             st.size -= 1;
@@ -145,9 +154,8 @@ impl PoolInner {
         id: u64,
         target: Target,
         config: PoolConfig,
-        budget: Option<Arc<ServerBudget>>,
+        hosts: Hosts,
         runtime: tokio::runtime::Handle,
-        tls: conn::TlsClient,
     ) -> PoolInner {
         let runtime_gone = Arc::new(RuntimeGone::default());
         let (watch, ended) = oneshot::channel();
@@ -163,9 +171,8 @@ impl PoolInner {
             runtime_gone,
             _watch: watch,
             id,
-            budget,
+            hosts,
             credentials: Credentials::new(&target, &config),
-            tls,
             generation: AtomicU64::new(0),
             label: target.to_string(),
             target,
@@ -183,28 +190,121 @@ impl PoolInner {
         }
     }
 
-    /// Opens one session as the pool's connections are opened: the
-    /// credentials in force, the target, TLS and socket options, then the
-    /// session's set-up (settings behind a session pooler, the
-    /// `after_connect` hook). Not bounded here: callers wrap it in
-    /// `connect_timeout`.
+    /// Opens one session as the pool's connections are opened: a unit of
+    /// the host's server budget, the credentials in force, the first host
+    /// that matches `target_session_attrs` (each within `connect_timeout`),
+    /// TLS and socket options, then the session's set-up (settings behind a
+    /// session pooler, the `after_connect` hook). `unit_wait` bounds the
+    /// wait for a budget unit; `on_started` is called when the first
+    /// attempt starts talking to a server; `preferred_only` looks only for
+    /// a host the attributes prefer, other than the current one (a
+    /// `prefer-standby` pool on a primary looking for a standby).
+    /// `Ok(None)`: `still_needed` turned false while it waited for a unit.
     pub(crate) async fn connect_session(
-        &self,
+        self: &Arc<Self>,
         statement_cache_size: usize,
         notifications: Option<&conn::Notifications>,
-    ) -> Result<RawConn, Error> {
-        let pg = self.credentials.for_connect(&self.label).await?;
-        let raw = conn::connect(
-            &self.target,
-            &pg,
-            &conn::SocketOptions::of(&self.config),
-            &self.tls,
-            statement_cache_size,
-            notifications,
-        )
-        .await?;
-        super::session::set_up(&self.config, &self.label, &raw).await?;
-        Ok(raw)
+        unit_wait: Option<Duration>,
+        still_needed: &(dyn Fn() -> bool + Send + Sync),
+        on_started: &(dyn Fn() + Send + Sync),
+        preferred_only: bool,
+    ) -> Result<Option<Connected>, Error> {
+        let on_unreachable = |host: usize, generation: u64, why: &str| {
+            self.retire_host(host, generation, &format!("it cannot be reached: {why}"));
+        };
+        let connected = self
+            .hosts
+            .walk(&Walk {
+                pool_id: self.id,
+                label: &self.label,
+                config: &self.config,
+                credentials: &self.credentials,
+                counters: &self.counters,
+                cache_size: statement_cache_size,
+                notifications,
+                unit_wait,
+                still_needed,
+                on_started,
+                on_unreachable: &on_unreachable,
+                preferred_only,
+            })
+            .await?;
+        if let Some(connected) = &connected {
+            self.moved(connected, preferred_only);
+        }
+        Ok(connected)
+    }
+
+    /// Logs and counts a connection that moved the pool to another host,
+    /// and retires the host it left (`back`: for a preferred one).
+    fn moved(self: &Arc<Self>, connected: &Connected, back: bool) {
+        let Some((from, why)) = &connected.moved_from else {
+            return;
+        };
+        self.counters.failovers.fetch_add(1, Ordering::Relaxed);
+        let to = &self.hosts.entry(connected.host).server;
+        let left = &self.hosts.entry(*from).server;
+        tracing::warn!(
+            pool = %self.label,
+            from = %left,
+            to = %to,
+            reason = why.as_deref().unwrap_or(if back {
+                "a server that target_session_attrs prefers accepts again"
+            } else {
+                "its connections were retired"
+            }),
+            "failover: the pool is on another server now"
+        );
+        self.retire_host(
+            *from,
+            self.hosts.generation(*from),
+            &format!("the pool moved to {to}"),
+        );
+    }
+
+    /// Retires `host` (if still at `generation`): its idle connections
+    /// close now, its connections in use when they come back; new ones go
+    /// to the host that matches now. Logged once per retirement.
+    pub(crate) fn retire_host(self: &Arc<Self>, host: usize, generation: u64, why: &str) {
+        if !self.hosts.retire(host, generation) {
+            return;
+        }
+        let open = self.hosts.open_on(host);
+        if open > 0 {
+            tracing::warn!(
+                pool = %self.label,
+                server = %self.hosts.entry(host).server,
+                reason = why,
+                connections = open,
+                "leaving this server: its idle connections close now, the ones in use when returned"
+            );
+        }
+        let victims: Vec<Conn> = {
+            let mut st = self.lock();
+            let (gone, kept) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(|c: &Conn| c.host == host);
+            st.idle = kept;
+            gone.into()
+        };
+        for conn in victims {
+            conn.close(CloseReason::Failover);
+        }
+        self.replan();
+    }
+
+    /// Cancels what runs on `conn`, on the server it is on.
+    pub(crate) fn cancel_token(&self, conn: &PoolConn) -> conn::CancelToken {
+        let host = self.hosts.entry(conn.host);
+        conn::CancelToken::new(&conn.raw, &host.target, &host.tls)
+    }
+
+    /// The server budgets of the pool's hosts (those that have one).
+    pub(crate) fn budgets(&self) -> impl Iterator<Item = &Arc<crate::budget::ServerBudget>> {
+        self.hosts
+            .entries()
+            .iter()
+            .filter_map(|h| h.budget.as_ref())
     }
 
     /// The warm floor in force.
@@ -248,6 +348,7 @@ impl PoolInner {
                 id,
                 connecting: true,
                 reason: None,
+                host: None,
             };
             self.runtime.spawn(open(self.clone(), slot));
         }
@@ -343,7 +444,7 @@ impl PoolInner {
             self.label,
             self.snapshot_line()
         );
-        if let Some(budget) = &self.budget {
+        for budget in self.budgets() {
             message.push_str("; ");
             message.push_str(&budget.summary());
         }
@@ -445,13 +546,18 @@ async fn watch_runtime(mut watch: RuntimeWatch, ended: oneshot::Receiver<()>) {
 }
 
 impl Reclaim for PoolInner {
-    fn reclaim_idle(&self) -> bool {
+    fn reclaim_idle(&self, server: &str) -> bool {
         let victim = {
             let mut st = self.lock();
             if st.size - st.connecting() <= self.min_size() {
                 return false;
             }
-            st.idle.pop_front()
+            // The longest idle on that server.
+            let on_server = |c: &Conn| self.hosts.entry(c.host).server == server;
+            st.idle
+                .iter()
+                .position(on_server)
+                .and_then(|i| st.idle.remove(i))
         };
         match victim {
             Some(conn) => {
@@ -463,54 +569,45 @@ impl Reclaim for PoolInner {
     }
 }
 
-/// The connect task: takes a unit of the server budget (if any), opens one
-/// connection within `connect_timeout`, and hands it to the oldest waiter
-/// (or puts it idle). On failure it records the error, starts the backoff,
-/// fails the waiters at once if waiting will not help, and replans.
+/// The connect task: opens one connection (a unit of the server budget of
+/// its host, the first host that matches, each within `connect_timeout`),
+/// and hands it to the oldest waiter (or puts it idle). On failure it
+/// records the error, starts the backoff, fails the waiters at once if
+/// waiting will not help, and replans.
 async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
-    let unit = match &pool.budget {
-        Some(budget) => {
-            let still_needed = || {
-                let st = pool.lock();
-                // This connect counts in `size`: it is needed while callers
-                // wait, or while it is part of the floor.
-                !st.closed && (st.waiting > 0 || st.size <= pool.min_size())
-            };
-            match budget.acquire(pool.id, still_needed).await {
-                Some(unit) => Some(unit),
-                None => {
-                    // Not needed any more; a caller that queued meanwhile
-                    // may have counted on it.
-                    drop(slot);
-                    pool.replan();
-                    return;
-                }
-            }
-        }
-        None => None,
+    let still_needed = || {
+        let st = pool.lock();
+        // This connect counts in `size`: it is needed while callers wait,
+        // or while it is part of the floor.
+        !st.closed && (st.waiting > 0 || st.size <= pool.min_size())
     };
-    let started = Instant::now();
-    pool.lock().connect_started(slot.id, started);
-    let limit = pool.config.connect_timeout;
+    let started = std::sync::OnceLock::new();
+    let on_started = || {
+        let now = Instant::now();
+        let _ = started.set(now);
+        pool.lock().connect_started(slot.id, now);
+    };
     let generation = pool.generation.load(Ordering::SeqCst);
-    let connect = pool.connect_session(pool.config.statement_cache_size, None);
-    let result = match timeout(limit, connect).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::timeout(
-            TimeoutStage::Connect,
-            limit,
-            format!(
-                "timed out after {} connecting to {}",
-                humantime::format_duration(limit),
-                pool.label
-            ),
-        )),
-    };
+    let result = pool
+        .connect_session(
+            pool.config.statement_cache_size,
+            None,
+            None,
+            &still_needed,
+            &on_started,
+            false,
+        )
+        .await;
+    let started = started.get().copied().unwrap_or_else(Instant::now);
     match result {
-        Ok(raw) => {
-            if let Some(budget) = pool.budget.as_ref().filter(|b| b.needs_derivation()) {
-                budget::derive_from_server(budget, &raw.client).await;
-            }
+        Ok(Some(connected)) => {
+            let Connected {
+                raw,
+                unit,
+                host,
+                generation: host_generation,
+                ..
+            } = connected;
             pool.counters
                 .connections_created
                 .fetch_add(1, Ordering::Relaxed);
@@ -521,6 +618,8 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
                 raw.created + lifetime.mul_f64(1.0 - fastrand::f64() * 0.1)
             });
             let now = Instant::now();
+            pool.hosts.count(host, true);
+            slot.host = Some(host);
             let mut st = pool.lock();
             st.connect_done(slot.id);
             slot.connecting = false;
@@ -532,6 +631,8 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
                 expires,
                 idle_since: now,
                 generation,
+                host,
+                host_generation,
                 slot,
                 _unit: unit,
             });
@@ -541,10 +642,15 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
             // server answers, the rest of what is needed.
             pool.replan();
         }
+        Ok(None) => {
+            // Not needed any more; a caller that queued meanwhile may have
+            // counted on it.
+            drop(slot);
+            pool.replan();
+        }
         Err(err) => {
             connect_failed(&pool, &err);
             drop(slot);
-            drop(unit);
             // Retry after the backoff if callers or the floor still need it.
             pool.replan();
         }
@@ -558,14 +664,6 @@ fn connect_failed(pool: &PoolInner, err: &Error) {
     let message = err.to_string();
     let code = err.code().map(str::to_owned);
     let permanent = err.is_permanent();
-    if code.as_deref() == Some(conn::TOO_MANY_CONNECTIONS) {
-        pool.counters
-            .connections_refused
-            .fetch_add(1, Ordering::Relaxed);
-        if let Some(budget) = &pool.budget {
-            budget.refused();
-        }
-    }
     tracing::warn!(pool = %pool.label, error = %message, "connect failed");
     {
         let mut st = pool.lock();

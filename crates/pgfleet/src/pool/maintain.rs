@@ -69,10 +69,37 @@ async fn maintain(weak: Weak<PoolInner>, tick: Duration) {
             conn.close(reason);
         }
         pool.execute(plan);
+        if pool.hosts.fallback_look_due(now) {
+            pool.runtime.spawn(look_for_preferred(pool.clone()));
+        }
         if let Some(threshold) = pool.config.leak_threshold {
             pool.checkouts
                 .scan(now, threshold, &pool.label, &pool.counters);
         }
+    }
+}
+
+/// A `prefer-standby` pool on a primary looks for a standby: one connection
+/// to each other host, each within `connect_timeout`. When one is a standby,
+/// the pool moves there (`connect_session` retires the primary: its idle
+/// connections close now, the ones in use when they come back); the probe
+/// connection itself is closed.
+async fn look_for_preferred(pool: Arc<PoolInner>) {
+    let still_needed = || !pool.lock().closed;
+    let found = pool
+        .connect_session(
+            0,
+            None,
+            Some(pool.config.connect_timeout),
+            &still_needed,
+            &|| {},
+            true,
+        )
+        .await;
+    match found {
+        Ok(Some(_)) => pool.replan(),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(pool = %pool.label, error = %e, "no standby accepts yet"),
     }
 }
 

@@ -6,6 +6,9 @@
 //!
 //! * `state.rs` — the state behind the pool's mutex and the decisions taken
 //!   under it (`plan`, backoff, waiters), pure and tested without a server;
+//! * `hosts.rs` — the servers of the target: the walk that opens a
+//!   connection on the first host matching `target_session_attrs`, and
+//!   what a failover needs (the current host, retired hosts);
 //! * `inner.rs` — [`PoolInner`](inner::PoolInner), what every handle and task
 //!   shares; the RAII capacity a connection holds (`Slot`); the hand-off to
 //!   the oldest waiter; the connect task `open`;
@@ -23,6 +26,7 @@ mod acquire;
 mod credentials;
 mod estimate;
 mod guard;
+pub(crate) mod hosts;
 pub(crate) mod inner;
 mod leaks;
 pub(crate) mod maintain;
@@ -41,6 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use self::guard::PooledConnection;
+use self::hosts::Hosts;
 use self::inner::PoolInner;
 pub use self::transaction::Transaction;
 use crate::budget::ServerBudget;
@@ -48,7 +53,7 @@ use crate::config::PoolConfig;
 use crate::error::{Error, Result, TimeoutStage};
 use crate::listener::Listener;
 use crate::shared::{self, Lanes, SharedConnection};
-use crate::stats::{PoolStats, Timings};
+use crate::stats::{HostStats, PoolStats, Timings};
 use crate::target::Target;
 
 /// A pool of connections to one database.
@@ -71,14 +76,15 @@ impl Pool {
     /// A `Config` error if the configuration is invalid or if called outside
     /// a tokio runtime.
     pub fn new(target: Target, config: PoolConfig) -> Result<Pool> {
-        Pool::build(target, config, None)
+        Pool::build(target, config, Vec::new())
     }
 
-    /// A pool that takes its connections from a server budget.
+    /// A pool whose connections to each host take a unit of that server's
+    /// budget (`budgets` in the order of the target's hosts).
     pub(crate) fn build(
         target: Target,
         config: PoolConfig,
-        budget: Option<Arc<ServerBudget>>,
+        budgets: Vec<Option<Arc<ServerBudget>>>,
     ) -> Result<Pool> {
         static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
         config.validate()?;
@@ -95,19 +101,28 @@ impl Pool {
                 "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
             )
         })?;
-        let tls = crate::conn::TlsClient::new(&target)?;
+        let hosts = Hosts::new(&target, budgets)?;
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
         let lanes = Arc::new(Lanes::new(&config));
-        let inner = Arc::new(PoolInner::new(id, target, config, budget, runtime, tls));
-        if let Some(budget) = &inner.budget {
-            let member: Arc<dyn crate::budget::Reclaim> = inner.clone();
-            budget.join(
+        let inner = Arc::new(PoolInner::new(id, target, config, hosts, runtime));
+        let member: Arc<dyn crate::budget::Reclaim> = inner.clone();
+        let mut joined: Vec<&Arc<ServerBudget>> = Vec::new();
+        for budget in inner.budgets() {
+            // The floor may land on any host: each one's budget keeps it.
+            let join = budget.join(
                 inner.id,
                 Arc::downgrade(&member),
                 inner.label.clone(),
                 inner.config.min_size,
                 inner.config.pooler,
-            )?;
+            );
+            if let Err(e) = join {
+                for earlier in joined {
+                    earlier.leave(inner.id);
+                }
+                return Err(e);
+            }
+            joined.push(budget);
         }
         inner.replan();
         maintain::start(&inner);
@@ -218,8 +233,16 @@ impl Pool {
             ..PoolConfig::default()
         };
         sized.validate()?;
-        if let Some(budget) = &inner.budget {
-            budget.set_floor(inner.id, min_size)?;
+        let before = inner.min_size();
+        let budgets: Vec<_> = inner.budgets().collect();
+        for (i, budget) in budgets.iter().enumerate() {
+            if let Err(e) = budget.set_floor(inner.id, min_size) {
+                for earlier in &budgets[..i] {
+                    // Set back where it was; it fit before.
+                    let _ = earlier.set_floor(inner.id, before);
+                }
+                return Err(e);
+            }
         }
         inner.set_sizes(min_size, max_size);
         tracing::info!(pool = %inner.label, min_size, max_size, "pool resized");
@@ -333,7 +356,7 @@ impl Pool {
             conn.close(crate::stats::CloseReason::Shutdown);
         }
         self.lanes.close();
-        if let Some(budget) = &inner.budget {
+        for budget in inner.budgets() {
             budget.leave(inner.id);
         }
         if drained {
@@ -423,6 +446,16 @@ impl Pool {
                 connect: inner.counters.connect.snapshot(),
             },
             last_connect_error: last,
+            host: inner
+                .hosts
+                .current()
+                .map(|h| inner.hosts.entry(h).server.clone()),
+            hosts: (0..inner.hosts.entries().len())
+                .map(|h| HostStats {
+                    server: inner.hosts.entry(h).server.clone(),
+                    connections: inner.hosts.open_on(h),
+                })
+                .collect(),
         }
     }
 

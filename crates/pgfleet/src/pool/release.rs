@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
+use super::hosts::query_role;
 use super::inner::{Conn, PoolInner};
 use super::session;
 use crate::config::Pooler;
 use crate::conn::sql::Effects;
-use crate::conn::{CancelToken, TxStatus};
+use crate::conn::TxStatus;
+use crate::error::Error;
 use crate::stats::CloseReason;
 
 /// How long a returned connection may take to receive the answers to
@@ -39,6 +41,12 @@ impl PoolInner {
                 tracing::debug!(pool = %self.label, sqlstate = %code, "connection closed by the server");
             }
             Verdict::Close(CloseReason::Broken)
+        } else if self.hosts.is_retired(conn.host, conn.host_generation) {
+            Verdict::Close(CloseReason::Failover)
+        } else if self.hosts.attrs.checks_role() && conn.raw.tap.role_alert() {
+            // The server reported another role, or a write was refused as
+            // read-only: the clean task looks (see `judge_role`).
+            Verdict::NeedsCleaning
         } else if !conn.raw.tap.is_clean() {
             Verdict::NeedsCleaning
         } else if self
@@ -146,7 +154,7 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
     if !settled && !conn.raw.is_broken() {
         // A statement is still running on the server: cancel it so the
         // connection can come back, rather than leave a busy backend behind.
-        let token = CancelToken::new(&conn.raw, &pool.target, &pool.tls);
+        let token = pool.cancel_token(&conn);
         let sent = timeout(pool.config.connect_timeout, token.cancel_query()).await;
         if sent.is_ok_and(|r| r.is_ok()) {
             settled = timeout(pool.config.connect_timeout, tap.settled())
@@ -229,10 +237,53 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
     // be answered before the verdict, or a clean connection would look
     // busy.
     let _ = timeout(SETTLE, tap.settled()).await;
+    if pool.hosts.attrs.checks_role() && tap.role_alert() && !judge_role(&pool, &conn).await {
+        conn.close(CloseReason::Broken);
+        return;
+    }
     let now = Instant::now();
     match pool.verdict(&conn, now) {
         Verdict::Reuse => pool.hand_off(pool.lock(), conn, now),
         Verdict::Close(reason) => conn.close(reason),
         Verdict::NeedsCleaning => conn.close(CloseReason::Dirty),
     }
+}
+
+/// A connection whose server reported another role, or on which a write
+/// was refused as read-only (25006), after its session was reset (so a
+/// session's own `SET default_transaction_read_only` is gone): when the
+/// server no longer matches `target_session_attrs`, the pool leaves that
+/// host (the verdict then closes this connection with the others). A
+/// server that reports its role (PostgreSQL 14+) is believed; otherwise
+/// one query asks, as libpq asks. `false` when the question failed.
+async fn judge_role(pool: &Arc<PoolInner>, conn: &Conn) -> bool {
+    let tap = &conn.raw.tap;
+    tap.clear_role_alert();
+    let role = match tap.role() {
+        Some(role) => Ok(role),
+        None => timeout(pool.config.connect_timeout, query_role(&conn.raw))
+            .await
+            .unwrap_or_else(|_| Err(Error::connect("the role query timed out"))),
+    };
+    let role = match role {
+        Ok(role) => role,
+        Err(e) => {
+            tracing::warn!(pool = %pool.label, error = %e, "could not read the server's role after a read-only error; connection closed");
+            return false;
+        }
+    };
+    let attrs = pool.hosts.attrs;
+    if !attrs.accepts(role) {
+        let server = &pool.hosts.entry(conn.host).server;
+        pool.retire_host(
+            conn.host,
+            conn.host_generation,
+            &format!("{server} is {role} now, and target_session_attrs = {attrs}"),
+        );
+    } else if !attrs.prefers(role) {
+        // prefer-standby on a standby that was promoted: kept until a
+        // standby accepts again.
+        pool.hosts.on_fallback(true);
+    }
+    true
 }

@@ -472,7 +472,11 @@ impl Target {
     /// Sets one libpq connection parameter that is behaviour, not a part
     /// of the address: the TLS ones, `target_session_attrs`,
     /// `load_balance_hosts`. `Ok(false)` for a name that is none of them.
-    pub(crate) fn set_param(&mut self, name: &str, value: &str) -> std::result::Result<bool, String> {
+    pub(crate) fn set_param(
+        &mut self,
+        name: &str,
+        value: &str,
+    ) -> std::result::Result<bool, String> {
         match name {
             "target_session_attrs" => {
                 self.session_attrs = value.parse()?;
@@ -610,9 +614,10 @@ impl UrlParts {
                     .ok_or_else(|| bad("unterminated [ in the IPv6 host".into()))?;
                 let port = match after {
                     "" => None,
-                    p => Some(p.strip_prefix(':').ok_or_else(|| {
-                        bad(format!("unexpected {p:?} after the IPv6 host"))
-                    })?),
+                    p => Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| bad(format!("unexpected {p:?} after the IPv6 host")))?,
+                    ),
                 };
                 (decode(addr, "the host", url)?, port)
             } else {

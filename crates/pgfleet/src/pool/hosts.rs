@@ -1,0 +1,521 @@
+//! The servers of a pool: one entry per host of its target, the walk that
+//! opens a connection on the first host that matches `target_session_attrs`,
+//! and what the pool needs for a failover (which host it is on, which hosts'
+//! connections are retired, when a `prefer-standby` pool looks for a standby
+//! again).
+//!
+//! A host is *retired* by bumping its generation: a connection opened on it
+//! before carries the old generation and is closed the next time the pool
+//! looks at it (at once when idle, when returned when in use). New
+//! connections try the host the last one landed on first
+//! (`load_balance_hosts=disable`), then the others in order, so a pool that
+//! moved stays where it is without a failed attempt per connect.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::time::timeout;
+
+use super::credentials::Credentials;
+use super::session;
+use crate::budget::{self, ServerBudget, Unit};
+use crate::config::PoolConfig;
+use crate::conn::{self, RawConn, TOO_MANY_CONNECTIONS};
+use crate::error::{Error, Result, TimeoutStage};
+use crate::stats::Counters;
+use crate::target::{LoadBalance, Role, SessionAttrs, Target};
+
+/// No host yet.
+const NONE: usize = usize::MAX;
+
+/// The first wait of a `prefer-standby` pool on a primary before it looks
+/// for a standby again; doubled after each look that finds none.
+const FALLBACK_FIRST_LOOK: Duration = Duration::from_secs(1);
+/// The longest wait between two looks.
+const FALLBACK_LONGEST_WAIT: Duration = Duration::from_secs(10);
+
+/// One server of the pool.
+pub(crate) struct HostEntry {
+    /// The pool's target narrowed to this host.
+    pub(crate) target: Target,
+    /// TLS for this host (its name is the one checked).
+    pub(crate) tls: conn::TlsClient,
+    /// `host:port`, as budgets and stats name it.
+    pub(crate) server: String,
+    /// This server's budget in the fleet, if any.
+    pub(crate) budget: Option<Arc<ServerBudget>>,
+    /// Bumped when the host is retired.
+    generation: AtomicU64,
+    /// The pool's connections open on this host now.
+    open: AtomicU32,
+}
+
+/// The hosts of one pool.
+pub(crate) struct Hosts {
+    entries: Vec<HostEntry>,
+    /// What the server of a session must be.
+    pub(crate) attrs: SessionAttrs,
+    balance: LoadBalance,
+    /// The host the last connection landed on; `NONE` before the first and
+    /// after that host was retired.
+    current: AtomicUsize,
+    /// Set while a `prefer-standby` pool is on a primary for want of a
+    /// standby: when to look for one next.
+    fallback: Mutex<Option<Fallback>>,
+}
+
+#[derive(Clone, Copy)]
+struct Fallback {
+    next_look: Instant,
+    wait: Duration,
+}
+
+/// A connection opened by [`Hosts::walk`].
+pub(crate) struct Connected {
+    pub(crate) raw: RawConn,
+    pub(crate) unit: Option<Unit>,
+    /// The host it is on, and that host's generation when it was opened.
+    pub(crate) host: usize,
+    pub(crate) generation: u64,
+    /// The host the pool was on before, when this connection moved it, and
+    /// why that host was left (its error in this walk, if it was tried).
+    pub(crate) moved_from: Option<(usize, Option<String>)>,
+}
+
+/// What a walk needs from its pool.
+pub(crate) struct Walk<'a> {
+    pub(crate) pool_id: u64,
+    pub(crate) label: &'a str,
+    pub(crate) config: &'a PoolConfig,
+    pub(crate) credentials: &'a Credentials,
+    pub(crate) counters: &'a Counters,
+    pub(crate) cache_size: usize,
+    pub(crate) notifications: Option<&'a conn::Notifications>,
+    /// The longest wait for a unit of a server budget (a listener's);
+    /// `None`: as long as `still_needed` says.
+    pub(crate) unit_wait: Option<Duration>,
+    /// Checked while waiting for a budget unit.
+    pub(crate) still_needed: &'a (dyn Fn() -> bool + Send + Sync),
+    /// Called once, when the first attempt starts talking to a server.
+    pub(crate) on_started: &'a (dyn Fn() + Send + Sync),
+    /// Called for a host with open connections that cannot be reached:
+    /// `(host, generation, why)`.
+    pub(crate) on_unreachable: &'a (dyn Fn(usize, u64, &str) + Send + Sync),
+    /// Only a host whose role is the first choice, other than the current
+    /// one (the look for a standby of `prefer-standby`).
+    pub(crate) preferred_only: bool,
+}
+
+impl Hosts {
+    /// The hosts of `target`, each with its budget (`budgets` in the order
+    /// of the target's endpoints; missing ones have none).
+    ///
+    /// # Errors
+    /// `Config` for TLS settings that cannot work for a host.
+    pub(crate) fn new(target: &Target, budgets: Vec<Option<Arc<ServerBudget>>>) -> Result<Hosts> {
+        let mut budgets = budgets.into_iter();
+        let entries = (0..target.endpoints().len())
+            .map(|i| {
+                let one = target.for_endpoint(i);
+                Ok(HostEntry {
+                    tls: conn::TlsClient::new(&one)?,
+                    server: one.server_key(),
+                    target: one,
+                    budget: budgets.next().flatten(),
+                    generation: AtomicU64::new(0),
+                    open: AtomicU32::new(0),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Hosts {
+            entries,
+            attrs: target.target_session_attrs(),
+            balance: target.load_balance_hosts(),
+            current: AtomicUsize::new(NONE),
+            fallback: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn entry(&self, host: usize) -> &HostEntry {
+        &self.entries[host]
+    }
+
+    pub(crate) fn entries(&self) -> &[HostEntry] {
+        &self.entries
+    }
+
+    /// The host new connections try first, if any.
+    pub(crate) fn current(&self) -> Option<usize> {
+        let current = self.current.load(Ordering::Relaxed);
+        (current != NONE).then_some(current)
+    }
+
+    /// Whether a connection opened on `host` at `generation` belongs to a
+    /// host retired since.
+    pub(crate) fn is_retired(&self, host: usize, generation: u64) -> bool {
+        self.entries[host].generation.load(Ordering::Relaxed) != generation
+    }
+
+    /// Retires `host` if it is still at `generation` (so that the
+    /// connections of one era retire it once); whether this call did.
+    pub(crate) fn retire(&self, host: usize, generation: u64) -> bool {
+        let retired = self.entries[host]
+            .generation
+            .compare_exchange(
+                generation,
+                generation + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok();
+        if retired {
+            let _ = self
+                .current
+                .compare_exchange(host, NONE, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        retired
+    }
+
+    /// The host's current generation.
+    pub(crate) fn generation(&self, host: usize) -> u64 {
+        self.entries[host].generation.load(Ordering::SeqCst)
+    }
+
+    /// A connection on `host` opened (`true`) or closed.
+    pub(crate) fn count(&self, host: usize, opened: bool) {
+        let open = &self.entries[host].open;
+        if opened {
+            open.fetch_add(1, Ordering::Relaxed);
+        } else {
+            open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The pool's connections open on `host`.
+    pub(crate) fn open_on(&self, host: usize) -> u32 {
+        self.entries[host].open.load(Ordering::Relaxed)
+    }
+
+    /// Whether a `prefer-standby` pool on a primary should look for a
+    /// standby now; if so, the next look is scheduled further out.
+    pub(crate) fn fallback_look_due(&self, now: Instant) -> bool {
+        let mut fallback = self.fallback.lock().unwrap_or_else(PoisonError::into_inner);
+        match fallback.as_mut() {
+            Some(f) if f.next_look <= now => {
+                f.next_look = now + f.wait;
+                f.wait = (f.wait * 2).min(FALLBACK_LONGEST_WAIT);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The pool is on a server that its attributes accept but do not
+    /// prefer (`prefer-standby` on a primary), or back on a preferred one.
+    pub(crate) fn on_fallback(&self, fallback: bool) {
+        let mut state = self.fallback.lock().unwrap_or_else(PoisonError::into_inner);
+        match (fallback, state.is_some()) {
+            (true, false) => {
+                *state = Some(Fallback {
+                    next_look: Instant::now() + FALLBACK_FIRST_LOOK,
+                    wait: FALLBACK_FIRST_LOOK * 2,
+                });
+            }
+            (false, true) => *state = None,
+            _ => {}
+        }
+    }
+
+    fn is_on_fallback(&self) -> bool {
+        self.fallback
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The order of this walk: the current host first, then the others in
+    /// order; or a random order per connection.
+    fn order(&self) -> Vec<usize> {
+        let n = self.entries.len();
+        match self.balance {
+            LoadBalance::Random => {
+                let mut order: Vec<usize> = (0..n).collect();
+                fastrand::shuffle(&mut order);
+                order
+            }
+            LoadBalance::Disable => {
+                let current = self.current.load(Ordering::Relaxed);
+                let mut order = Vec::with_capacity(n);
+                if current < n {
+                    order.push(current);
+                }
+                order.extend((0..n).filter(|&i| i != current));
+                order
+            }
+        }
+    }
+
+    /// Opens one connection on the first host (in [`order`](Self::order))
+    /// that accepts it and whose server matches `target_session_attrs`;
+    /// each host within `connect_timeout`, each holding a unit of its
+    /// server's budget while it is tried. `prefer-standby` takes a primary
+    /// only when no host has a standby. `Ok(None)`: no longer needed while
+    /// it waited for a budget unit.
+    ///
+    /// # Errors
+    /// The host's error when there is one host; with several, one error
+    /// naming every host and why it failed (permanent only when every
+    /// host's error is).
+    pub(crate) async fn walk(&self, w: &Walk<'_>) -> Result<Option<Connected>> {
+        let current = self.current();
+        let settle_for_current = self.is_on_fallback();
+        let mut failures: Vec<(usize, Error)> = Vec::new();
+        let mut fallback: Option<(RawConn, Option<Unit>, usize, u64)> = None;
+        let mut started = false;
+        for host in self.order() {
+            if w.preferred_only && Some(host) == current {
+                continue;
+            }
+            let entry = &self.entries[host];
+            let unit = match &entry.budget {
+                Some(budget) => match self.unit(budget, w).await? {
+                    Some(unit) => Some(unit),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            if !started {
+                started = true;
+                (w.on_started)();
+            }
+            let generation = entry.generation.load(Ordering::SeqCst);
+            let limit = w.config.connect_timeout;
+            let attempt = match timeout(limit, self.attempt(entry, w)).await {
+                Ok(attempt) => attempt,
+                Err(_) => Err(Error::timeout(
+                    TimeoutStage::Connect,
+                    limit,
+                    format!(
+                        "timed out after {} connecting to {}",
+                        humantime::format_duration(limit),
+                        entry.target
+                    ),
+                )),
+            };
+            let (raw, role) = match attempt {
+                Ok(found) => found,
+                Err(error) => {
+                    if error.code() == Some(TOO_MANY_CONNECTIONS) {
+                        w.counters
+                            .connections_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        if let Some(budget) = &entry.budget {
+                            budget.refused();
+                        }
+                    } else if !error.is_permanent() && self.open_on(host) > 0 {
+                        (w.on_unreachable)(host, generation, &error.to_string());
+                    }
+                    failures.push((host, error));
+                    continue;
+                }
+            };
+            if let Some(budget) = entry.budget.as_ref().filter(|b| b.needs_derivation()) {
+                budget::derive_from_server(budget, &raw.client).await;
+            }
+            let preferred = role.is_none_or(|r| self.attrs.prefers(r));
+            let accepted = role.is_none_or(|r| self.attrs.accepts(r));
+            if preferred || (accepted && settle_for_current && Some(host) == current) {
+                if let Err(error) = self.set_up(&raw, w).await {
+                    failures.push((host, error));
+                    continue;
+                }
+                return Ok(Some(
+                    self.landed(raw, unit, host, generation, preferred, &failures),
+                ));
+            }
+            let role = role.expect("a role was read");
+            if accepted && !w.preferred_only && fallback.is_none() {
+                fallback = Some((raw, unit, host, generation));
+                continue;
+            }
+            failures.push((
+                host,
+                Error::connect(format!(
+                    "{} is {role}, and target_session_attrs = {} needs {}",
+                    entry.server,
+                    self.attrs,
+                    match self.attrs {
+                        SessionAttrs::ReadWrite => "a server that accepts writes",
+                        SessionAttrs::ReadOnly => "a read-only server",
+                        SessionAttrs::Primary => "a primary",
+                        _ => "a standby",
+                    }
+                )),
+            ));
+        }
+        if let Some((raw, unit, host, generation)) = fallback {
+            self.set_up(&raw, w).await?;
+            return Ok(Some(
+                self.landed(raw, unit, host, generation, false, &failures),
+            ));
+        }
+        Err(self.failed(failures))
+    }
+
+    /// A unit of `budget` for this walk, waiting at most `w.unit_wait`.
+    async fn unit(&self, budget: &Arc<ServerBudget>, w: &Walk<'_>) -> Result<Option<Unit>> {
+        let acquire = budget.acquire(w.pool_id, w.still_needed);
+        match w.unit_wait {
+            None => Ok(acquire.await),
+            Some(wait) => timeout(wait, acquire).await.map_err(|_| {
+                Error::timeout(
+                    TimeoutStage::Acquire,
+                    wait,
+                    format!(
+                        "timed out after {} waiting for a unit of the budget of server {} for {}",
+                        humantime::format_duration(wait),
+                        budget.server(),
+                        w.label
+                    ),
+                )
+            }),
+        }
+    }
+
+    /// One host: the connection, and the server's role when the attributes
+    /// ask about it.
+    async fn attempt(&self, entry: &HostEntry, w: &Walk<'_>) -> Result<(RawConn, Option<Role>)> {
+        let pg = w.credentials.for_connect(w.label).await?;
+        let raw = conn::connect(
+            &entry.target,
+            &pg,
+            &conn::SocketOptions::of(w.config),
+            &entry.tls,
+            w.cache_size,
+            w.notifications,
+        )
+        .await?;
+        let role = match self.attrs.checks_role() {
+            true => Some(role_of(&raw).await.map_err(|e| {
+                Error::connect(format!(
+                    "could not read whether {} is a standby: {e}",
+                    entry.server
+                ))
+                .with_source(e)
+            })?),
+            false => None,
+        };
+        Ok((raw, role))
+    }
+
+    /// The session's set-up, once the host is chosen (the `after_connect`
+    /// hook runs on the server that is kept, not on every one tried).
+    async fn set_up(&self, raw: &RawConn, w: &Walk<'_>) -> Result<()> {
+        let limit = w.config.connect_timeout;
+        timeout(limit, session::set_up(w.config, w.label, raw))
+            .await
+            .map_err(|_| {
+                Error::timeout(
+                    TimeoutStage::Connect,
+                    limit,
+                    format!(
+                        "timed out after {} setting up a session on {}",
+                        humantime::format_duration(limit),
+                        w.label
+                    ),
+                )
+            })?
+    }
+
+    /// Records where a connection landed and whether that moved the pool.
+    fn landed(
+        &self,
+        raw: RawConn,
+        unit: Option<Unit>,
+        host: usize,
+        generation: u64,
+        preferred: bool,
+        failures: &[(usize, Error)],
+    ) -> Connected {
+        if self.attrs == SessionAttrs::PreferStandby {
+            self.on_fallback(!preferred);
+        }
+        let before = self.current.swap(host, Ordering::SeqCst);
+        let moved_from = (self.balance == LoadBalance::Disable && before != NONE && before != host)
+            .then(|| {
+                let why = failures
+                    .iter()
+                    .find(|(h, _)| *h == before)
+                    .map(|(_, e)| e.to_string());
+                (before, why)
+            });
+        Connected {
+            raw,
+            unit,
+            host,
+            generation,
+            moved_from,
+        }
+    }
+
+    /// The error of a walk where no host would do.
+    fn failed(&self, mut failures: Vec<(usize, Error)>) -> Error {
+        if self.entries.len() == 1 && failures.len() == 1 {
+            return failures.pop().expect("one failure").1;
+        }
+        let permanent = !failures.is_empty() && failures.iter().all(|(_, e)| e.is_permanent());
+        let listed: Vec<String> = failures
+            .iter()
+            .map(|(h, e)| format!("{}: {e}", self.entries[*h].server))
+            .collect();
+        let error = Error::connect(format!(
+            "no host of {} would do (target_session_attrs = {}): {}",
+            self.servers(),
+            self.attrs,
+            listed.join("; ")
+        ));
+        if permanent {
+            error.permanent()
+        } else {
+            error
+        }
+    }
+
+    /// The servers, as a comma list.
+    pub(crate) fn servers(&self) -> String {
+        let servers: Vec<&str> = self.entries.iter().map(|e| e.server.as_str()).collect();
+        servers.join(",")
+    }
+}
+
+/// The role of the server `raw` is on: from what it reported at start-up
+/// (PostgreSQL 14+), else asked in one query, as libpq asks.
+pub(crate) async fn role_of(raw: &RawConn) -> Result<Role> {
+    if let Some(role) = raw.tap.role() {
+        return Ok(role);
+    }
+    query_role(raw).await
+}
+
+/// The role of the server `raw` is on, asked in one simple query (which a
+/// pooler in transaction mode runs on one server connection).
+pub(crate) async fn query_role(raw: &RawConn) -> Result<Role> {
+    let messages = raw
+        .client
+        .simple_query(
+            "SELECT pg_catalog.pg_is_in_recovery(), \
+             pg_catalog.current_setting('default_transaction_read_only')",
+        )
+        .await?;
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(Role {
+                standby: row.get(0) == Some("t"),
+                default_read_only: row.get(1) == Some("on"),
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| Error::connect("the server answered the role query with no row"))
+}
