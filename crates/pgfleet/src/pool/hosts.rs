@@ -57,9 +57,12 @@ pub(crate) struct Hosts {
     /// What the server of a session must be.
     pub(crate) attrs: SessionAttrs,
     balance: LoadBalance,
-    /// The host the last connection landed on; `NONE` before the first and
-    /// after that host was retired.
+    /// The host new connections try first: the one the last connection
+    /// landed on; `NONE` before the first and after that host was retired.
     current: AtomicUsize,
+    /// The host the last connection landed on, retired or not: a connection
+    /// that lands elsewhere moved the pool.
+    last: AtomicUsize,
     /// Set while a `prefer-standby` pool is on a primary for want of a
     /// standby: when to look for one next.
     fallback: Mutex<Option<Fallback>>,
@@ -133,6 +136,7 @@ impl Hosts {
             attrs: target.target_session_attrs(),
             balance: target.load_balance_hosts(),
             current: AtomicUsize::new(NONE),
+            last: AtomicUsize::new(NONE),
             fallback: Mutex::new(None),
         })
     }
@@ -441,7 +445,8 @@ impl Hosts {
         if self.attrs == SessionAttrs::PreferStandby {
             self.on_fallback(!preferred);
         }
-        let before = self.current.swap(host, Ordering::SeqCst);
+        self.current.store(host, Ordering::SeqCst);
+        let before = self.last.swap(host, Ordering::SeqCst);
         let moved_from = (self.balance == LoadBalance::Disable && before != NONE && before != host)
             .then(|| {
                 let why = failures
