@@ -111,7 +111,7 @@ pub use activity::{sample as sample_activity, ActivitySample};
 pub use budget::{BudgetSource, BudgetStats, Derivation};
 pub use config::{
     config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, HookError, HookFuture, Hooks,
-    KeyInfo, PoolConfig, PoolSettings, Pooler, RawValue, Reset, Source,
+    KeyInfo, PoolConfig, PoolSettings, Pooler, RawValue, ReadFallback, Reset, Source,
 };
 #[cfg(feature = "yaml")]
 pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};
@@ -131,7 +131,7 @@ pub use prometheus_client;
 #[cfg(feature = "tls-rustls")]
 pub use rustls;
 pub use shared::SharedConnection;
-pub use stats::{CounterStats, Gauges, PoolStats, TimingStats, Timings};
+pub use stats::{CounterStats, Gauges, HostStats, PoolStats, TimingStats, Timings};
 pub use target::{Endpoint, Host, LoadBalance, Role, SessionAttrs, Target};
 pub use tls::{ChannelBinding, RootCert, SslMode, TlsConfig};
 /// The tokio-postgres this crate is built on, so that callers use the exact

@@ -57,6 +57,14 @@ struct ServerLabel {
     server: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabel {
+    pool: String,
+    server: String,
+    /// Whether new connections go there first (`PoolStats::host`).
+    current: String,
+}
+
 /// The prefix of every metric name.
 const PREFIX: &str = "pgfleet";
 
@@ -179,7 +187,25 @@ fn encode_gauges(
     for (name, help, get) in gauges {
         emit(encoder, name, help, &pool_gauge(stats, get))?;
     }
-    Ok(())
+    let hosts = Family::<HostLabel, Gauge>::default();
+    for (url, pool) in &stats.pools {
+        for host in &pool.hosts {
+            let current = pool.host.as_deref() == Some(host.server.as_str());
+            hosts
+                .get_or_create(&HostLabel {
+                    pool: url.clone(),
+                    server: host.server.clone(),
+                    current: current.to_string(),
+                })
+                .set(as_i64(host.connections));
+        }
+    }
+    emit(
+        encoder,
+        "pool_host_connections",
+        "The pool's connections open on each host of its target; current=\"true\" on the host new connections go to first",
+        &hosts,
+    )
 }
 
 /// One family per counter of `CounterStats`, named after it, and the
@@ -332,6 +358,18 @@ mod tests {
         pool.counters.acquires = 42;
         pool.counters.connections_closed_idle = 3;
         pool.counters.statement_cache_hits = 5;
+        pool.counters.failovers = 2;
+        pool.host = Some("db2:5432".into());
+        pool.hosts = vec![
+            crate::stats::HostStats {
+                server: "db:5432".into(),
+                connections: 0,
+            },
+            crate::stats::HostStats {
+                server: "db2:5432".into(),
+                connections: 6,
+            },
+        ];
         stats.pools.insert(pool.url.clone(), pool);
         let mut registry = Registry::default();
         registry
@@ -362,6 +400,12 @@ mod tests {
             text.contains("pgfleet_pool_max_size{pool=\"postgres://app:***@db:5432/x\"} 20"),
             "{text}"
         );
+        assert!(
+            text.contains("pgfleet_failovers_total{pool=\"postgres://app:***@db:5432/x\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("pgfleet_pool_host_connections{pool=\"postgres://app:***@db:5432/x\",server=\"db2:5432\",current=\"true\"} 6"), "{text}");
+        assert!(text.contains("pgfleet_pool_host_connections{pool=\"postgres://app:***@db:5432/x\",server=\"db:5432\",current=\"false\"} 0"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

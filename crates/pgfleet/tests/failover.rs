@@ -382,3 +382,162 @@ async fn a_primary_that_turns_read_only_is_left_for_the_promoted_standby() {
     assert!(tail.iter().all(|o| o.result == Ok(new)), "{tail:?}");
     pool.close();
 }
+
+/// The port of the server a connection is on.
+async fn port_of(conn: &pgfleet::PooledConnection) -> u16 {
+    let row = conn
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap();
+    row.get::<_, i32>(0) as u16
+}
+
+/// Polls `get_read` (at most `within`) until a read lands on `port`;
+/// returns how long it took.
+async fn reads_reach(pool: &Pool, port: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Ok(conn) = pool.get_read().await {
+            if port_of(&conn).await == port {
+                return started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < within,
+            "reads did not reach port {port} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_least_busy_standby_and_fall_back_to_the_primary() {
+    let primary = TempCluster::builder().replication().start().unwrap();
+    let one = primary.start_standby().unwrap();
+    let two = primary.start_standby().unwrap();
+    let app = common::app("reads");
+    let pool = Pool::new(
+        target(&[&primary, &one, &two], "read-write"),
+        config(&app, 8),
+    )
+    .unwrap();
+    let writer = pool.get().await.unwrap();
+    assert_eq!(port_of(&writer).await, primary.port());
+    drop(writer);
+
+    // Eight readers at once: spread over the two standbys, none on the
+    // primary.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(pool.get_read().await.unwrap());
+    }
+    let mut ports = Vec::new();
+    for conn in &held {
+        ports.push(port_of(conn).await);
+    }
+    let on = |c: &TempCluster| ports.iter().filter(|p| **p == c.port()).count();
+    println!(
+        "READS spread: primary={} standby_one={} standby_two={}",
+        on(&primary),
+        on(&one),
+        on(&two)
+    );
+    assert_eq!(on(&primary), 0);
+    assert!(on(&one) >= 2 && on(&two) >= 2, "{ports:?}");
+    drop(held);
+    let reads = pool.reads().unwrap();
+    assert_eq!(
+        reads.target().target_session_attrs(),
+        SessionAttrs::PreferStandby
+    );
+    assert_eq!(reads.stats().hosts[0].connections, 0);
+
+    // No standby: reads go to the primary, and back to a standby when one
+    // returns.
+    let stopped = Instant::now();
+    one.stop().unwrap();
+    two.stop().unwrap();
+    let to_primary = reads_reach(&pool, primary.port(), Duration::from_secs(10)).await;
+    let resumed = Instant::now();
+    one.resume().unwrap();
+    let back = reads_reach(&pool, one.port(), Duration::from_secs(20)).await;
+    println!(
+        "READS fallback_to_primary_after_standbys_stopped={}ms back_to_standby_after_resume={}ms (stopping both took {}ms)",
+        ms(to_primary),
+        ms(back),
+        ms(resumed - stopped) - ms(to_primary)
+    );
+    // Writes stayed on the primary throughout.
+    assert_eq!(port_of(&pool.get().await.unwrap()).await, primary.port());
+
+    // With read_fallback = error, no standby means no read.
+    two.resume().unwrap();
+    one.stop().unwrap();
+    two.stop().unwrap();
+    let strict = Pool::new(
+        target(&[&primary, &one, &two], "read-write"),
+        PoolConfig {
+            read_fallback: pgfleet::ReadFallback::Error,
+            acquire_timeout: Duration::from_secs(1),
+            ..config(&app, 2)
+        },
+    )
+    .unwrap();
+    let refused = strict.get_read().await.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        refused.contains("target_session_attrs = standby"),
+        "{refused}"
+    );
+    assert_eq!(port_of(&strict.get().await.unwrap()).await, primary.port());
+    strict.close();
+    pool.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_standby_takes_no_reads_until_it_catches_up() {
+    let (primary, standby) = pair();
+    primary
+        .execute("CREATE TABLE writes (id bigserial PRIMARY KEY, task int, n int)")
+        .await
+        .unwrap();
+    let app = common::app("lag");
+    let pool = Pool::new(
+        target(&[&primary, &standby], "read-write"),
+        PoolConfig {
+            max_replication_lag: Some(Duration::from_secs(1)),
+            ..config(&app, 4)
+        },
+    )
+    .unwrap();
+    reads_reach(&pool, standby.port(), Duration::from_secs(10)).await;
+    // Replay stops while the primary keeps writing: the standby falls
+    // behind.
+    standby
+        .execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_, writers) = load(&pool, 2, WRITE, &stop);
+    let paused = Instant::now();
+    let left = reads_reach(&pool, primary.port(), Duration::from_secs(15)).await;
+    standby
+        .execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    let back = reads_reach(&pool, standby.port(), Duration::from_secs(20)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in writers {
+        task.await.unwrap();
+    }
+    println!(
+        "LAG reads_left_lagging_standby_after_pause={}ms back_after_resume={}ms",
+        ms(left),
+        ms(back)
+    );
+    assert!(paused.elapsed() >= left);
+    assert!(
+        left >= Duration::from_secs(1),
+        "not before it lags: {left:?}"
+    );
+    pool.close();
+}

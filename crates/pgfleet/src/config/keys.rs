@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::kinds::{choice, field, Choice, Field};
 pub(crate) use super::kinds::{size, Kind};
-use super::pool::{PoolConfig, Pooler, Reset};
+use super::pool::{PoolConfig, Pooler, ReadFallback, Reset};
 use super::value::Source;
 use crate::error::{Error, Result};
 
@@ -363,6 +363,23 @@ pub(crate) const KEYS: &[Key] = &[
         kind: choice!(reset, Reset),
         default: "auto",
         doc: "when a returned connection's session state is reset: auto (what it changed), always, never",
+    },
+    Key {
+        name: "read_fallback",
+        aliases: &[],
+        kind: choice!(read_fallback, ReadFallback),
+        default: "primary",
+        doc: "where get_read goes when no standby accepts: the primary, or an error",
+    },
+    Key {
+        name: "max_replication_lag",
+        aliases: &[],
+        kind: Kind::OptDuration {
+            max: MAX_TIMEOUT,
+            field: field!(max_replication_lag),
+        },
+        default: "off",
+        doc: "a standby further behind than this takes no reads until it catches up",
     },
 ];
 

@@ -33,6 +33,6 @@ pub use hooks::{HookError, HookFuture, Hooks};
 pub use keys::{config_keys, KeyInfo};
 #[cfg(feature = "yaml")]
 pub use layered::{ApplicationValue, Loaded, Loader, WarmupEntry};
-pub use pool::{PoolConfig, Pooler, Reset};
+pub use pool::{PoolConfig, Pooler, ReadFallback, Reset};
 pub use settings::{Effective, PoolSettings};
 pub use value::{RawValue, Source};

@@ -124,10 +124,44 @@ pub struct PoolConfig {
     /// When a returned connection's session state is reset before the next
     /// borrower (`reset`). See [`Reset`].
     pub reset: Reset,
+    /// Where [`Pool::get_read`](crate::Pool::get_read) goes when no
+    /// standby of a multi-host target accepts (`read_fallback`): the
+    /// primary (the default), or an error.
+    pub read_fallback: ReadFallback,
+    /// A standby further behind its primary than this takes no reads
+    /// (`max_replication_lag`): it is checked when a connection opens there
+    /// and every maintenance tick, and the pool leaves it while it lags.
+    /// Default off; at most 7 days.
+    #[cfg_attr(feature = "serde", serde(with = "super::value::duration_text::option"))]
+    pub max_replication_lag: Option<Duration>,
     /// Async callbacks on the pool's connections, set in code: see
     /// [`Hooks`]. Compared by identity.
     #[cfg_attr(feature = "serde", serde(skip))]
     pub hooks: Hooks,
+}
+
+/// Where reads go when no standby accepts: the `read_fallback` key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
+#[non_exhaustive]
+pub enum ReadFallback {
+    /// To the primary (`prefer-standby`), back to a standby when one
+    /// returns.
+    #[default]
+    Primary,
+    /// Nowhere: `get_read` fails while no standby accepts (`standby`).
+    Error,
+}
+
+impl ReadFallback {
+    /// Every value, in the order of [`NAMES`](Self::NAMES).
+    pub const ALL: [ReadFallback; 2] = [ReadFallback::Primary, ReadFallback::Error];
+    /// The values as the `read_fallback` key spells them.
+    pub const NAMES: [&'static str; 2] = ["primary", "error"];
 }
 
 /// When a returned connection's session state is reset: the `reset` key.
@@ -272,6 +306,8 @@ impl Default for PoolConfig {
             statement_cache_size: 256,
             pooler: Pooler::None,
             reset: Reset::Auto,
+            read_fallback: ReadFallback::Primary,
+            max_replication_lag: None,
             hooks: Hooks::default(),
         }
     }
@@ -306,6 +342,8 @@ impl PoolConfig {
             statement_cache_size,
             pooler,
             reset,
+            read_fallback,
+            max_replication_lag,
             hooks,
         } = self;
         *min_size == other.min_size
@@ -328,6 +366,8 @@ impl PoolConfig {
             && *statement_cache_size == other.statement_cache_size
             && *pooler == other.pooler
             && *reset == other.reset
+            && *read_fallback == other.read_fallback
+            && *max_replication_lag == other.max_replication_lag
             && *hooks == other.hooks
             && *application_name == other.application_name
             && *server_settings == other.server_settings

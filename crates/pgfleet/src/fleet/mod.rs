@@ -358,8 +358,9 @@ impl Fleet {
         self.inner.closed.load(Ordering::SeqCst)
     }
 
-    /// Statistics of every pool, keyed by masked URL, and of every server
-    /// budget, keyed by `host:port`.
+    /// Statistics of every pool (and read side, see
+    /// [`Pool::reads`](crate::Pool::reads)), keyed by masked URL, and of
+    /// every server budget, keyed by `host:port`.
     pub fn stats(&self) -> FleetStats {
         let pools = self.inner.pools.load();
         let servers = self
@@ -374,11 +375,14 @@ impl Fleet {
             servers,
             pools: pools
                 .iter()
-                .map(|entry| {
+                .flat_map(|entry| {
                     let mut stats = entry.pool.stats();
                     stats.active_references = entry.refs.look().0;
-                    (stats.url.clone(), stats)
+                    // A read side (`Pool::reads`) is listed beside its pool.
+                    let reads = entry.pool.read_side().map(|r| r.stats());
+                    std::iter::once(stats).chain(reads)
                 })
+                .map(|stats| (stats.url.clone(), stats))
                 .collect(),
         }
     }

@@ -11,7 +11,7 @@
 //! (`load_balance_hosts=disable`), then the others in order, so a pool that
 //! moved stays where it is without a failed attempt per connect.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,10 @@ pub(crate) struct HostEntry {
     generation: AtomicU64,
     /// The pool's connections open on this host now.
     open: AtomicU32,
+    /// Connects trying this host now.
+    trying: AtomicU32,
+    /// The last session opened here found a standby.
+    standby: AtomicBool,
 }
 
 /// The hosts of one pool.
@@ -57,6 +61,9 @@ pub(crate) struct Hosts {
     /// What the server of a session must be.
     pub(crate) attrs: SessionAttrs,
     balance: LoadBalance,
+    /// A read side: new connections try the host with the fewest of the
+    /// pool's connections first.
+    least_busy: bool,
     /// The host new connections try first: the one the last connection
     /// landed on; `NONE` before the first and after that host was retired.
     current: AtomicUsize,
@@ -116,7 +123,11 @@ impl Hosts {
     ///
     /// # Errors
     /// `Config` for TLS settings that cannot work for a host.
-    pub(crate) fn new(target: &Target, budgets: Vec<Option<Arc<ServerBudget>>>) -> Result<Hosts> {
+    pub(crate) fn new(
+        target: &Target,
+        budgets: Vec<Option<Arc<ServerBudget>>>,
+        least_busy: bool,
+    ) -> Result<Hosts> {
         let mut budgets = budgets.into_iter();
         let entries = (0..target.endpoints().len())
             .map(|i| {
@@ -128,6 +139,8 @@ impl Hosts {
                     budget: budgets.next().flatten(),
                     generation: AtomicU64::new(0),
                     open: AtomicU32::new(0),
+                    trying: AtomicU32::new(0),
+                    standby: AtomicBool::new(false),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -135,6 +148,7 @@ impl Hosts {
             entries,
             attrs: target.target_session_attrs(),
             balance: target.load_balance_hosts(),
+            least_busy,
             current: AtomicUsize::new(NONE),
             last: AtomicUsize::new(NONE),
             fallback: Mutex::new(None),
@@ -238,10 +252,30 @@ impl Hosts {
             .is_some()
     }
 
+    /// Whether the last session opened on `host` found a standby.
+    pub(crate) fn is_standby(&self, host: usize) -> bool {
+        self.entries[host].standby.load(Ordering::Relaxed)
+    }
+
     /// The order of this walk: the current host first, then the others in
-    /// order; or a random order per connection.
+    /// order; or a random order per connection; or, for a read side, the
+    /// host with the fewest connections (open or opening) first.
     fn order(&self) -> Vec<usize> {
         let n = self.entries.len();
+        if self.least_busy {
+            let load = |h: usize| {
+                let e = &self.entries[h];
+                e.open.load(Ordering::Relaxed) + e.trying.load(Ordering::Relaxed)
+            };
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by_key(|&h| load(h));
+            if let Some(current) = self.current().filter(|_| self.is_on_fallback()) {
+                // On a fallback, the current host first (see `walk`).
+                order.retain(|&h| h != current);
+                order.insert(0, current);
+            }
+            return order;
+        }
         match self.balance {
             LoadBalance::Random => {
                 let mut order: Vec<usize> = (0..n).collect();
@@ -295,7 +329,10 @@ impl Hosts {
             }
             let generation = entry.generation.load(Ordering::SeqCst);
             let limit = w.config.connect_timeout;
-            let attempt = match timeout(limit, self.attempt(entry, w)).await {
+            let trying = Trying::new(&entry.trying);
+            let attempt = timeout(limit, self.attempt(entry, w)).await;
+            drop(trying);
+            let attempt = match attempt {
                 Ok(attempt) => attempt,
                 Err(_) => Err(Error::timeout(
                     TimeoutStage::Connect,
@@ -326,6 +363,13 @@ impl Hosts {
             };
             if let Some(budget) = entry.budget.as_ref().filter(|b| b.needs_derivation()) {
                 budget::derive_from_server(budget, &raw.client).await;
+            }
+            if let Some(role) = role {
+                entry.standby.store(role.standby, Ordering::Relaxed);
+            }
+            if let Some(why) = self.lagging(&raw, role, w).await {
+                failures.push((host, Error::connect(format!("{}: {why}", entry.server))));
+                continue;
             }
             let preferred = role.is_none_or(|r| self.attrs.prefers(r));
             let accepted = role.is_none_or(|r| self.attrs.accepts(r));
@@ -365,6 +409,21 @@ impl Hosts {
             ));
         }
         Err(self.failed(failures))
+    }
+
+    /// Why a standby is too far behind for `max_replication_lag`, if it is
+    /// (a question that fails counts as too far).
+    async fn lagging(&self, raw: &RawConn, role: Option<Role>, w: &Walk<'_>) -> Option<String> {
+        let max = w.config.max_replication_lag?;
+        if !role.is_some_and(|r| r.standby) {
+            return None;
+        }
+        match timeout(w.config.connect_timeout, replication_lag(raw)).await {
+            Ok(Ok(lag)) if lag <= max => None,
+            Ok(Ok(lag)) => Some(lag_text(lag, max)),
+            Ok(Err(e)) => Some(format!("could not read its replication lag: {e}")),
+            Err(_) => Some("its replication lag could not be read in time".into()),
+        }
     }
 
     /// A unit of `budget` for this walk, waiting at most `w.unit_wait`.
@@ -492,6 +551,59 @@ impl Hosts {
         let servers: Vec<&str> = self.entries.iter().map(|e| e.server.as_str()).collect();
         servers.join(",")
     }
+}
+
+/// A connect trying a host, counted while it lives (also when its future
+/// is dropped half-way).
+struct Trying<'a>(&'a AtomicU32);
+
+impl<'a> Trying<'a> {
+    fn new(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Trying(count)
+    }
+}
+
+impl Drop for Trying<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a standby `lag` behind is left, for `max_replication_lag = max`.
+pub(crate) fn lag_text(lag: Duration, max: Duration) -> String {
+    format!(
+        "it is {:.1} s behind its primary, more than max_replication_lag = {}",
+        lag.as_secs_f64(),
+        humantime::format_duration(max)
+    )
+}
+
+/// How far the standby `raw` is on lags behind its primary: zero when it
+/// has replayed all the WAL it received (or is no standby), else the time
+/// since the last transaction it replayed (a primary with no writes does
+/// not make a caught-up standby look behind).
+pub(crate) async fn replication_lag(raw: &RawConn) -> Result<Duration> {
+    let messages = raw
+        .client
+        .simple_query(
+            "SELECT CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
+                 OR pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() \
+             THEN 0 ELSE coalesce(extract(epoch FROM now() - pg_catalog.pg_last_xact_replay_timestamp()), 0) \
+             END::float8",
+        )
+        .await?;
+    let seconds = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => {
+            row.get(0).and_then(|v| v.parse::<f64>().ok())
+        }
+        _ => None,
+    });
+    seconds
+        .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        .ok_or_else(|| {
+            Error::connect("the server answered the replication lag query with no number")
+        })
 }
 
 /// The role of the server `raw` is on: from what it reported at start-up

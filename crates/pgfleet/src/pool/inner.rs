@@ -62,6 +62,8 @@ pub(crate) struct PoolInner {
     /// Kinds of session state already warned about behind a transaction
     /// pooler (bits of `Effects`): one warning per kind per pool.
     pub(crate) warned_session_state: AtomicU8,
+    /// A check of the standbys' replication lag runs (`max_replication_lag`).
+    pub(crate) lag_check: AtomicBool,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -187,6 +189,7 @@ impl PoolInner {
             checkouts: Checkouts::default(),
             shapes: StatementCache::new(config_cache_size),
             warned_session_state: AtomicU8::new(0),
+            lag_check: AtomicBool::new(false),
         }
     }
 

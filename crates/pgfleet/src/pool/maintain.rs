@@ -4,10 +4,16 @@
 //! reference to the pool and ends when the pool closes.
 
 use std::collections::VecDeque;
+use std::panic::Location;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::time::timeout;
+
+use super::hosts::{lag_text, replication_lag};
 use super::inner::PoolInner;
+use super::release::Verdict;
 use crate::config::PoolConfig;
 use crate::stats::CloseReason;
 
@@ -72,6 +78,10 @@ async fn maintain(weak: Weak<PoolInner>, tick: Duration) {
         if pool.hosts.fallback_look_due(now) {
             pool.runtime.spawn(look_for_preferred(pool.clone()));
         }
+        if pool.config.max_replication_lag.is_some() && !pool.lag_check.swap(true, Ordering::AcqRel)
+        {
+            pool.runtime.spawn(check_lag(pool.clone()));
+        }
         if let Some(threshold) = pool.config.leak_threshold {
             pool.checkouts
                 .scan(now, threshold, &pool.label, &pool.counters);
@@ -101,6 +111,49 @@ async fn look_for_preferred(pool: Arc<PoolInner>) {
         Ok(None) => {}
         Err(e) => tracing::debug!(pool = %pool.label, error = %e, "no standby accepts yet"),
     }
+}
+
+/// Checks how far behind each standby with connections of the pool is, on
+/// one of its idle connections (a standby whose connections are all in use
+/// is checked at a later tick); the pool leaves a standby further behind
+/// than `max_replication_lag` (its connections close: idle now, in use
+/// when returned), and comes back when a connect finds it caught up.
+async fn check_lag(pool: Arc<PoolInner>) {
+    let max = pool.config.max_replication_lag.unwrap_or(Duration::MAX);
+    for host in 0..pool.hosts.entries().len() {
+        if pool.hosts.open_on(host) == 0 || !pool.hosts.is_standby(host) {
+            continue;
+        }
+        let conn = {
+            let mut st = pool.lock();
+            let found = st.idle.iter().rposition(|c| c.host == host);
+            found.and_then(|i| st.idle.remove(i))
+        };
+        let Some(conn) = conn else {
+            continue;
+        };
+        let generation = conn.host_generation;
+        let lag = timeout(pool.config.connect_timeout, replication_lag(&conn.raw)).await;
+        let now = Instant::now();
+        match pool.verdict(&conn, now) {
+            Verdict::Reuse => pool.hand_off(pool.lock(), conn, now),
+            Verdict::Close(reason) => conn.close(reason),
+            Verdict::NeedsCleaning => pool.send_to_clean(conn, Location::caller()),
+        }
+        match lag {
+            Ok(Ok(lag)) if lag > max => {
+                pool.retire_host(host, generation, &lag_text(lag, max));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(pool = %pool.label, server = %pool.hosts.entry(host).server, error = %e, "could not read the replication lag");
+            }
+            Err(_) => {
+                tracing::debug!(pool = %pool.label, server = %pool.hosts.entry(host).server, "the replication lag query timed out");
+            }
+        }
+    }
+    pool.lag_check.store(false, Ordering::Release);
 }
 
 /// The maintenance tick: a quarter of the shortest timed behaviour, between

@@ -41,7 +41,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::Location;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use self::guard::PooledConnection;
@@ -49,12 +49,12 @@ use self::hosts::Hosts;
 use self::inner::PoolInner;
 pub use self::transaction::Transaction;
 use crate::budget::ServerBudget;
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, ReadFallback};
 use crate::error::{Error, Result, TimeoutStage};
 use crate::listener::Listener;
 use crate::shared::{self, Lanes, SharedConnection};
 use crate::stats::{HostStats, PoolStats, Timings};
-use crate::target::Target;
+use crate::target::{SessionAttrs, Target};
 
 /// A pool of connections to one database.
 ///
@@ -66,6 +66,9 @@ pub struct Pool {
     inner: Arc<PoolInner>,
     /// Shared mode's connections ([`Pool::shared`]).
     lanes: Arc<Lanes>,
+    /// The read side of a multi-host target ([`Pool::reads`]), made on
+    /// first use.
+    reads: Arc<Mutex<Option<Pool>>>,
 }
 
 impl Pool {
@@ -86,6 +89,17 @@ impl Pool {
         config: PoolConfig,
         budgets: Vec<Option<Arc<ServerBudget>>>,
     ) -> Result<Pool> {
+        Pool::build_side(target, config, budgets, false)
+    }
+
+    /// [`build`](Self::build), for a read side when `reads` (new
+    /// connections go to the host with the fewest of its connections).
+    fn build_side(
+        target: Target,
+        config: PoolConfig,
+        budgets: Vec<Option<Arc<ServerBudget>>>,
+        reads: bool,
+    ) -> Result<Pool> {
         static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
         config.validate()?;
         if config.pooler.is_some() && target.options().is_some() {
@@ -101,7 +115,7 @@ impl Pool {
                 "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
             )
         })?;
-        let hosts = Hosts::new(&target, budgets)?;
+        let hosts = Hosts::new(&target, budgets, reads)?;
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
         let lanes = Arc::new(Lanes::new(&config));
         let inner = Arc::new(PoolInner::new(id, target, config, hosts, runtime));
@@ -126,7 +140,88 @@ impl Pool {
         }
         inner.replan();
         maintain::start(&inner);
-        Ok(Pool { inner, lanes })
+        Ok(Pool {
+            inner,
+            lanes,
+            reads: Arc::default(),
+        })
+    }
+
+    /// The read side of the pool: for a target with several hosts (and
+    /// `target_session_attrs` other than `standby`, `read-only` or
+    /// `prefer-standby`), a pool of its own on the same hosts and server
+    /// budgets whose connections go to standbys: `prefer-standby` (or
+    /// `standby` with `read_fallback = error`), no warm floor, the same
+    /// `max_size`, and each new connection to the standby with the fewest
+    /// of its connections. Made on first use and closed with this pool.
+    /// For any other target, this pool itself.
+    ///
+    /// # Errors
+    /// `Closed` once the pool is closed; `Config` as [`Pool::new`].
+    pub fn reads(&self) -> Result<Pool> {
+        let target = &self.inner.target;
+        let own = matches!(
+            target.target_session_attrs(),
+            SessionAttrs::Standby | SessionAttrs::ReadOnly | SessionAttrs::PreferStandby
+        );
+        if target.endpoints().len() < 2 || own {
+            return Ok(self.clone());
+        }
+        let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = reads.as_ref() {
+            return Ok(pool.clone());
+        }
+        if self.inner.lock().closed {
+            return Err(self.inner.closed_error());
+        }
+        let attrs = match self.inner.config.read_fallback {
+            ReadFallback::Primary => SessionAttrs::PreferStandby,
+            ReadFallback::Error => SessionAttrs::Standby,
+        };
+        let config = PoolConfig {
+            min_size: 0,
+            max_size: Some(self.inner.max_size()),
+            ..self.inner.config.clone()
+        };
+        let budgets = self
+            .inner
+            .hosts
+            .entries()
+            .iter()
+            .map(|h| h.budget.clone())
+            .collect();
+        let pool = Pool::build_side(
+            target.clone().with_target_session_attrs(attrs),
+            config,
+            budgets,
+            true,
+        )?;
+        *reads = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// The read side, if it was made.
+    pub(crate) fn read_side(&self) -> Option<Pool> {
+        self.reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A connection for reads: from [`reads`](Self::reads), so on a
+    /// standby of a multi-host target (the primary when none accepts,
+    /// unless `read_fallback = error`), else as [`get`](Self::get). Waits
+    /// as `get` does.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    #[track_caller]
+    pub fn get_read(&self) -> impl Future<Output = Result<PooledConnection>> + Send + '_ {
+        let location = Location::caller();
+        async move {
+            let reads = self.reads()?;
+            reads.inner.get(location).await
+        }
     }
 
     /// Takes a connection, waiting (FIFO) up to the acquire timeout.
@@ -356,6 +451,9 @@ impl Pool {
             conn.close(crate::stats::CloseReason::Shutdown);
         }
         self.lanes.close();
+        if let Some(reads) = self.read_side() {
+            reads.close();
+        }
         for budget in inner.budgets() {
             budget.leave(inner.id);
         }
