@@ -803,3 +803,125 @@ async fn a_database_error_is_answered_with_the_servers_words() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_load_needs_no_restart() {
+    let primary = TempCluster::builder().replication().start().unwrap();
+    let standby = primary.start_standby().unwrap();
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        TempCluster::superuser_password(),
+        primary.port(),
+        standby.port()
+    );
+    let mut server = Server::start_url(&url, 10);
+    let client = reqwest::Client::new();
+    server.wait_ready(&client).await;
+    let pid = server.child.id();
+
+    // 20 users write and search without pause; every answer is recorded.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = Arc::new(Mutex::new(Vec::<(Instant, u16)>::new()));
+    let mut tasks = Vec::new();
+    for u in 0..20 {
+        let (client, base, answers, stop) = (
+            client.clone(),
+            server.base.clone(),
+            answers.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let user = format!("failover{u}");
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (path, body) = match i % 2 {
+                    0 => ("facts", json!({"facts": [format!("fact {i} of {user}")]})),
+                    _ => ("query", json!({"query": format!("fact {i}"), "top_k": 3})),
+                };
+                let status = match client
+                    .post(format!("{base}/users/{user}/{path}"))
+                    .json(&body)
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                answers.lock().unwrap().push((Instant::now(), status));
+                if status != 200 && status != 201 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let killed = Instant::now();
+    primary.kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    standby.promote().unwrap();
+    let promoted = Instant::now();
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    let ok = |s: u16| s == 200 || s == 201;
+    let before = answers.iter().filter(|(at, _)| *at < killed).count();
+    let bad: Vec<&(Instant, u16)> = answers.iter().filter(|(_, s)| !ok(*s)).collect();
+    let recovered = answers
+        .iter()
+        .filter(|(at, s)| *at >= promoted && ok(*s) && answers.iter().any(|(b, _)| b > at))
+        .map(|(at, _)| *at)
+        .min()
+        .expect("answers after the promotion");
+    let after = answers
+        .iter()
+        .filter(|(at, _)| *at > promoted + Duration::from_secs(2))
+        .count();
+    println!(
+        "SERVE_FAILOVER requests={} before_kill={before} not_2xx={} first_2xx_after_promote={}ms answered_after_promote_plus_2s={after}",
+        answers.len(),
+        bad.len(),
+        recovered.saturating_duration_since(promoted).as_millis(),
+    );
+    for (at, status) in &bad {
+        assert!(
+            *at >= killed && *at <= promoted + Duration::from_secs(2),
+            "a {status} outside the failover window"
+        );
+    }
+    assert!(after > 0);
+    assert!(recovered.saturating_duration_since(promoted) < Duration::from_secs(2));
+    // The same process, ready, on the new primary.
+    assert_eq!(server.child.id(), pid);
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "serve is running"
+    );
+    let health = client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let (status, body) = post(
+        &client,
+        server.url("/users/failover0/facts"),
+        json!({"facts": ["after the failover"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (db, conn) = tokio_postgres::connect(&standby.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM m2_facts WHERE content = 'after the failover'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 1);
+    assert_eq!(server.terminate(), Some(0));
+}
