@@ -22,7 +22,7 @@ use super::session;
 use crate::budget::{self, ServerBudget, Unit};
 use crate::config::PoolConfig;
 use crate::conn::{self, RawConn, TOO_MANY_CONNECTIONS};
-use crate::error::{Error, Result, TimeoutStage};
+use crate::error::{Error, ErrorKind, Result, TimeoutStage};
 use crate::stats::Counters;
 use crate::target::{LoadBalance, Role, SessionAttrs, Target};
 
@@ -354,7 +354,16 @@ impl Hosts {
                         if let Some(budget) = &entry.budget {
                             budget.refused();
                         }
-                    } else if !error.is_permanent() && self.open_on(host) > 0 {
+                    } else if self.entries.len() > 1
+                        && !error.is_permanent()
+                        && !matches!(error.kind(), ErrorKind::Timeout { .. })
+                        && self.open_on(host) > 0
+                    {
+                        // The server is gone (refused, reset, shutting
+                        // down). Not for a timeout, which a loaded but
+                        // healthy server gives too; and with one host there
+                        // is nowhere to go: its dead connections close as
+                        // broken on their own.
                         (w.on_unreachable)(host, generation, &error.to_string());
                     }
                     failures.push((host, error));

@@ -396,6 +396,12 @@ impl PoolInner {
             conn.close(CloseReason::Drained);
             return;
         }
+        if self.hosts.is_retired(conn.host, conn.host_generation) {
+            // Its host was left while it was opened or held.
+            drop(st);
+            conn.close(CloseReason::Failover);
+            return;
+        }
         while let Some(waiter) = st.waiters.pop_front() {
             if waiter.tx.is_closed() {
                 continue;
