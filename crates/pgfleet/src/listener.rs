@@ -94,6 +94,10 @@ pub struct Listener {
 struct Live {
     raw: RawConn,
     _unit: Option<Unit>,
+    /// The host it is on and that host's generation: when the pool leaves
+    /// the host (a failover), the listener follows.
+    host: usize,
+    generation: u64,
 }
 
 impl Listener {
@@ -164,7 +168,12 @@ impl Listener {
                 })??;
         }
         let unit = connected.unit;
-        Ok(Live { raw, _unit: unit })
+        Ok(Live {
+            raw,
+            _unit: unit,
+            host: connected.host,
+            generation: connected.generation,
+        })
     }
 
     /// Listens to `channel` (any name; quoted as an identifier). Kept
@@ -244,6 +253,13 @@ impl Listener {
                 self.lose("the connection was closed".to_owned());
                 continue;
             }
+            if self.pool.hosts.is_retired(live.host, live.generation) {
+                let server = self.pool.hosts.entry(live.host).server.clone();
+                self.lose(format!(
+                    "the pool left {server} (failover): the listener follows it"
+                ));
+                continue;
+            }
             let tap = live.raw.tap.clone();
             tokio::select! {
                 biased;
@@ -252,7 +268,8 @@ impl Listener {
                         return Ok(Event::Notification(n));
                     }
                 }
-                // Looks at the pool again: a closed pool ends the listener.
+                // Looks at the pool again: a closed pool ends the listener,
+                // a host it left is left (at the top of the loop).
                 () = tokio::time::sleep(CLOSE_CHECK) => {
                     if self.pool.lock().closed {
                         self.live = None;

@@ -61,8 +61,6 @@ struct ServerLabel {
 struct HostLabel {
     pool: String,
     server: String,
-    /// Whether new connections go there first (`PoolStats::host`).
-    current: String,
 }
 
 /// The prefix of every metric name.
@@ -187,24 +185,32 @@ fn encode_gauges(
     for (name, help, get) in gauges {
         emit(encoder, name, help, &pool_gauge(stats, get))?;
     }
-    let hosts = Family::<HostLabel, Gauge>::default();
+    let connections = Family::<HostLabel, Gauge>::default();
+    let current = Family::<HostLabel, Gauge>::default();
     for (url, pool) in &stats.pools {
         for host in &pool.hosts {
-            let current = pool.host.as_deref() == Some(host.server.as_str());
-            hosts
-                .get_or_create(&HostLabel {
-                    pool: url.clone(),
-                    server: host.server.clone(),
-                    current: current.to_string(),
-                })
+            let label = HostLabel {
+                pool: url.clone(),
+                server: host.server.clone(),
+            };
+            connections
+                .get_or_create(&label)
                 .set(as_i64(host.connections));
+            let is_current = pool.host.as_deref() == Some(host.server.as_str());
+            current.get_or_create(&label).set(i64::from(is_current));
         }
     }
     emit(
         encoder,
         "pool_host_connections",
-        "The pool's connections open on each host of its target; current=\"true\" on the host new connections go to first",
-        &hosts,
+        "The pool's connections open on each host of its target",
+        &connections,
+    )?;
+    emit(
+        encoder,
+        "pool_host_current",
+        "1 on the host of its target that the pool's new connections go to first, 0 on the others",
+        &current,
     )
 }
 
@@ -404,8 +410,10 @@ mod tests {
             text.contains("pgfleet_failovers_total{pool=\"postgres://app:***@db:5432/x\"} 2"),
             "{text}"
         );
-        assert!(text.contains("pgfleet_pool_host_connections{pool=\"postgres://app:***@db:5432/x\",server=\"db2:5432\",current=\"true\"} 6"), "{text}");
-        assert!(text.contains("pgfleet_pool_host_connections{pool=\"postgres://app:***@db:5432/x\",server=\"db:5432\",current=\"false\"} 0"), "{text}");
+        assert!(text.contains("pgfleet_pool_host_connections{pool=\"postgres://app:***@db:5432/x\",server=\"db2:5432\"} 6"), "{text}");
+        assert!(text.contains("pgfleet_pool_host_connections{pool=\"postgres://app:***@db:5432/x\",server=\"db:5432\"} 0"), "{text}");
+        assert!(text.contains("pgfleet_pool_host_current{pool=\"postgres://app:***@db:5432/x\",server=\"db2:5432\"} 1"), "{text}");
+        assert!(text.contains("pgfleet_pool_host_current{pool=\"postgres://app:***@db:5432/x\",server=\"db:5432\"} 0"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -446,6 +446,21 @@ async fn reads_go_to_the_least_busy_standby_and_fall_back_to_the_primary() {
     assert!(on(&one) >= 2 && on(&two) >= 2, "{ports:?}");
     drop(held);
     let reads = pool.reads().unwrap();
+    // Spreading over the standbys is no failover: their connections were
+    // kept, and the read side never connected to the primary.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let read_stats = reads.stats();
+    assert_eq!(read_stats.counters.failovers, 0);
+    assert_eq!(read_stats.counters.connections_closed_failover, 0);
+    assert_eq!(read_stats.gauges.idle, 8, "{read_stats:?}");
+    assert_eq!(
+        primary
+            .count_backends(&BackendFilter::all().application_name(&app))
+            .await
+            .unwrap(),
+        1,
+        "on the primary, only the writer's connection"
+    );
     assert_eq!(
         reads.target().target_session_attrs(),
         SessionAttrs::PreferStandby
@@ -510,6 +525,29 @@ async fn a_lagging_standby_takes_no_reads_until_it_catches_up() {
     )
     .unwrap();
     reads_reach(&pool, standby.port(), Duration::from_secs(10)).await;
+    // A fresh transaction replayed just before the pause, so that the lag
+    // counts from the pause.
+    primary
+        .execute("INSERT INTO writes (task, n) VALUES (0, 0)")
+        .await
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(&standby.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let replay_deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM writes", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if rows > 0 {
+            break;
+        }
+        assert!(Instant::now() < replay_deadline, "the standby replays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Replay stops while the primary keeps writing: the standby falls
     // behind.
     standby
@@ -539,5 +577,47 @@ async fn a_lagging_standby_takes_no_reads_until_it_catches_up() {
         left >= Duration::from_secs(1),
         "not before it lags: {left:?}"
     );
+    pool.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_host_is_passed_over_not_left() {
+    // A connect that times out says the server is slow, not gone: the
+    // pool opens its next connection elsewhere but keeps the ones it has
+    // and counts no failover.
+    let cluster = TempCluster::start().unwrap();
+    let proxy = pgfleet_testkit::FaultProxy::start(cluster.port())
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{},127.0.0.1:{}/postgres",
+        TempCluster::superuser_password(),
+        proxy.port(),
+        cluster.port()
+    );
+    let app = common::app("slow");
+    let pool = Pool::new(
+        Target::parse(&url).unwrap(),
+        PoolConfig {
+            connect_timeout: Duration::from_millis(500),
+            ..config(&app, 4)
+        },
+    )
+    .unwrap();
+    let first = pool.get().await.unwrap();
+    let second = pool.get().await.unwrap();
+    assert_eq!(pool.stats().hosts[0].connections, 2);
+    proxy.set(pgfleet_testkit::Fault::HangNew);
+    let third = pool.get().await.unwrap();
+    let stats = pool.stats();
+    assert_eq!(stats.hosts[0].connections, 2, "{stats:?}");
+    assert_eq!(stats.hosts[1].connections, 1, "{stats:?}");
+    assert_eq!(stats.counters.failovers, 0);
+    assert_eq!(stats.counters.connections_closed_failover, 0);
+    // The connections on the slow host still work.
+    first.execute("SELECT 1", &[]).await.unwrap();
+    drop((first, second, third));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(pool.stats().gauges.idle, 3);
     pool.close();
 }

@@ -191,7 +191,6 @@ pub(crate) fn text(raw: &RawValue) -> Result<String, Why> {
     }
 }
 
-/// A port number, 1..=65535.
 /// One port, or a comma list of ports (one per host), as text.
 pub(crate) fn ports(raw: &RawValue) -> Result<String, Why> {
     match raw {
@@ -209,6 +208,7 @@ pub(crate) fn ports(raw: &RawValue) -> Result<String, Why> {
     }
 }
 
+/// A port number, 1..=65535.
 pub(crate) fn port(raw: &RawValue) -> Result<u16, Why> {
     const EXPECTED: &str = "expected a port number 1..=65535";
     let n = match raw {

@@ -11,7 +11,7 @@
 //! (`load_balance_hosts=disable`), then the others in order, so a pool that
 //! moved stays where it is without a failed attempt per connect.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,8 @@ pub(crate) struct HostEntry {
     open: AtomicU32,
     /// Connects trying this host now.
     trying: AtomicU32,
-    /// The last session opened here found a standby.
-    standby: AtomicBool,
+    /// What the last session opened here found: `ROLE_*`.
+    role: AtomicU8,
 }
 
 /// The hosts of one pool.
@@ -88,10 +88,71 @@ pub(crate) struct Connected {
     /// The host it is on, and that host's generation when it was opened.
     pub(crate) host: usize,
     pub(crate) generation: u64,
-    /// The host the pool was on before, when this connection moved it, and
-    /// why that host was left (its error in this walk, if it was tried).
-    pub(crate) moved_from: Option<(usize, Option<String>)>,
+    /// The host the pool was on before, when this connection moved it: its
+    /// generation then, and why it was left (its error in this walk, if it
+    /// was tried).
+    pub(crate) moved_from: Option<(usize, u64, Option<String>)>,
 }
+
+/// What a walk saw when it began.
+struct WalkStart {
+    current: Option<usize>,
+    last: usize,
+}
+
+/// A connection a walk keeps, before `landed` records it.
+struct Landing {
+    raw: RawConn,
+    unit: Option<Unit>,
+    host: usize,
+    generation: u64,
+    preferred: bool,
+}
+
+/// A host a walk tried in vain.
+struct Failure {
+    host: usize,
+    error: Error,
+    /// The host is gone or no longer matches: a pool on it leaves it.
+    leaves: bool,
+}
+
+impl Failure {
+    fn of(host: usize, error: Error) -> Failure {
+        Failure {
+            host,
+            error,
+            leaves: false,
+        }
+    }
+}
+
+/// What one host turned out to be.
+enum Probe {
+    /// A server the attributes accept; `preferred` when it is their first
+    /// choice.
+    Fits { raw: Box<RawConn>, preferred: bool },
+    /// A server they do not accept (or a standby too far behind).
+    Mismatch(Error),
+}
+
+/// Whether a connect error says the server is gone (refused, reset,
+/// shutting down, starting up), rather than slow, full or refusing the
+/// credentials.
+fn is_gone(error: &Error) -> bool {
+    if error.is_permanent() || matches!(error.kind(), ErrorKind::Timeout { .. }) {
+        return false;
+    }
+    match error.code() {
+        None => true,
+        Some(code) => code.starts_with("57P") || code.starts_with("08"),
+    }
+}
+
+/// What the last session opened on a host found (`HostEntry::role`).
+const ROLE_UNKNOWN: u8 = 0;
+const ROLE_PRIMARY: u8 = 1;
+const ROLE_STANDBY: u8 = 2;
 
 /// What a walk needs from its pool.
 pub(crate) struct Walk<'a> {
@@ -140,7 +201,7 @@ impl Hosts {
                     generation: AtomicU64::new(0),
                     open: AtomicU32::new(0),
                     trying: AtomicU32::new(0),
-                    standby: AtomicBool::new(false),
+                    role: AtomicU8::new(ROLE_UNKNOWN),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -252,9 +313,16 @@ impl Hosts {
             .is_some()
     }
 
+    /// Whether the pool is on one host at a time (`load_balance_hosts =
+    /// disable`, not a read side): then its warm floor is reserved in the
+    /// budget of that host alone, and follows it.
+    pub(crate) fn one_at_a_time(&self) -> bool {
+        self.balance == LoadBalance::Disable && !self.least_busy
+    }
+
     /// Whether the last session opened on `host` found a standby.
     pub(crate) fn is_standby(&self, host: usize) -> bool {
-        self.entries[host].standby.load(Ordering::Relaxed)
+        self.entries[host].role.load(Ordering::Relaxed) == ROLE_STANDBY
     }
 
     /// The order of this walk: the current host first, then the others in
@@ -263,12 +331,19 @@ impl Hosts {
     fn order(&self) -> Vec<usize> {
         let n = self.entries.len();
         if self.least_busy {
-            let load = |h: usize| {
+            // Known primaries last (the fallback): once the role of each
+            // host is known, a read does not open a connection on the
+            // primary while a standby accepts. Before them, standbys and
+            // hosts not tried yet, the fewest connections (open or
+            // opening) first.
+            let key = |h: usize| {
                 let e = &self.entries[h];
-                e.open.load(Ordering::Relaxed) + e.trying.load(Ordering::Relaxed)
+                let rank = u8::from(e.role.load(Ordering::Relaxed) == ROLE_PRIMARY);
+                let load = e.open.load(Ordering::Relaxed) + e.trying.load(Ordering::Relaxed);
+                (rank, load)
             };
             let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by_key(|&h| load(h));
+            order.sort_by_key(|&h| key(h));
             if let Some(current) = self.current().filter(|_| self.is_on_fallback()) {
                 // On a fallback, the current host first (see `walk`).
                 order.retain(|&h| h != current);
@@ -296,30 +371,43 @@ impl Hosts {
 
     /// Opens one connection on the first host (in [`order`](Self::order))
     /// that accepts it and whose server matches `target_session_attrs`;
-    /// each host within `connect_timeout`, each holding a unit of its
-    /// server's budget while it is tried. `prefer-standby` takes a primary
-    /// only when no host has a standby. `Ok(None)`: no longer needed while
-    /// it waited for a budget unit.
+    /// each host within one `connect_timeout` (connect, role check, lag
+    /// check, set-up), each holding a unit of its server's budget while it
+    /// is tried. `prefer-standby` takes a primary only when no host has a
+    /// standby. `Ok(None)`: no longer needed while it waited for a budget
+    /// unit.
     ///
     /// # Errors
     /// The host's error when there is one host; with several, one error
     /// naming every host and why it failed (permanent only when every
-    /// host's error is).
+    /// host's error is). A password provider that fails fails the walk
+    /// before any host is tried.
     pub(crate) async fn walk(&self, w: &Walk<'_>) -> Result<Option<Connected>> {
-        let current = self.current();
+        let start = WalkStart {
+            current: self.current(),
+            last: self.last.load(Ordering::SeqCst),
+        };
+        let last_generation = (start.last != NONE).then(|| self.generation(start.last));
         let settle_for_current = self.is_on_fallback();
-        let mut failures: Vec<(usize, Error)> = Vec::new();
+        // Once per walk: a provider is asked for one password, and its
+        // failure is no host's.
+        let pg = w.credentials.for_connect(w.label).await?;
+        let mut failures: Vec<Failure> = Vec::new();
         let mut fallback: Option<(RawConn, Option<Unit>, usize, u64)> = None;
         let mut started = false;
         for host in self.order() {
-            if w.preferred_only && Some(host) == current {
+            if w.preferred_only && Some(host) == start.current {
                 continue;
             }
             let entry = &self.entries[host];
             let unit = match &entry.budget {
-                Some(budget) => match self.unit(budget, w).await? {
-                    Some(unit) => Some(unit),
-                    None => return Ok(None),
+                Some(budget) => match self.unit(budget, w).await {
+                    Ok(Some(unit)) => Some(unit),
+                    Ok(None) => return Ok(None),
+                    Err(error) => {
+                        failures.push(Failure::of(host, error));
+                        continue;
+                    }
                 },
                 None => None,
             };
@@ -328,25 +416,22 @@ impl Hosts {
                 (w.on_started)();
             }
             let generation = entry.generation.load(Ordering::SeqCst);
-            let limit = w.config.connect_timeout;
+            let deadline = tokio::time::Instant::now() + w.config.connect_timeout;
             let trying = Trying::new(&entry.trying);
-            let attempt = timeout(limit, self.attempt(entry, w)).await;
+            let probe = self.attempt(entry, &pg, w, deadline).await;
             drop(trying);
-            let attempt = match attempt {
-                Ok(attempt) => attempt,
-                Err(_) => Err(Error::timeout(
-                    TimeoutStage::Connect,
-                    limit,
-                    format!(
-                        "timed out after {} connecting to {}",
-                        humantime::format_duration(limit),
-                        entry.target
-                    ),
-                )),
-            };
-            let (raw, role) = match attempt {
-                Ok(found) => found,
+            let (raw, preferred) = match probe {
+                Ok(Probe::Fits { raw, preferred }) => (*raw, preferred),
+                Ok(Probe::Mismatch(error)) => {
+                    failures.push(Failure {
+                        host,
+                        error,
+                        leaves: true,
+                    });
+                    continue;
+                }
                 Err(error) => {
+                    let gone = is_gone(&error);
                     if error.code() == Some(TOO_MANY_CONNECTIONS) {
                         w.counters
                             .connections_refused
@@ -354,80 +439,84 @@ impl Hosts {
                         if let Some(budget) = &entry.budget {
                             budget.refused();
                         }
-                    } else if self.entries.len() > 1
-                        && !error.is_permanent()
-                        && !matches!(error.kind(), ErrorKind::Timeout { .. })
+                    } else if gone
+                        && self.entries.len() > 1
+                        && Some(host) == start.current
                         && self.open_on(host) > 0
                     {
-                        // The server is gone (refused, reset, shutting
-                        // down). Not for a timeout, which a loaded but
+                        // The server the pool is on is gone (refused,
+                        // reset, shutting down): its idle connections go
+                        // now. Not for a timeout, which a loaded but
                         // healthy server gives too; and with one host there
                         // is nowhere to go: its dead connections close as
                         // broken on their own.
                         (w.on_unreachable)(host, generation, &error.to_string());
                     }
-                    failures.push((host, error));
+                    failures.push(Failure {
+                        host,
+                        error,
+                        leaves: gone,
+                    });
                     continue;
                 }
             };
-            if let Some(budget) = entry.budget.as_ref().filter(|b| b.needs_derivation()) {
-                budget::derive_from_server(budget, &raw.client).await;
-            }
-            if let Some(role) = role {
-                entry.standby.store(role.standby, Ordering::Relaxed);
-            }
-            if let Some(why) = self.lagging(&raw, role, w).await {
-                failures.push((host, Error::connect(format!("{}: {why}", entry.server))));
-                continue;
-            }
-            let preferred = role.is_none_or(|r| self.attrs.prefers(r));
-            let accepted = role.is_none_or(|r| self.attrs.accepts(r));
-            if preferred || (accepted && settle_for_current && Some(host) == current) {
-                if let Err(error) = self.set_up(&raw, w).await {
-                    failures.push((host, error));
+            if preferred || (settle_for_current && Some(host) == start.current) {
+                if let Err(error) = self.set_up(&raw, w, deadline).await {
+                    failures.push(Failure::of(host, error));
                     continue;
                 }
-                return Ok(Some(
-                    self.landed(raw, unit, host, generation, preferred, &failures),
-                ));
+                return Ok(Some(self.landed(
+                    Landing {
+                        raw,
+                        unit,
+                        host,
+                        generation,
+                        preferred,
+                    },
+                    &start,
+                    last_generation,
+                    &failures,
+                    w.preferred_only,
+                )));
             }
-            let role = role.expect("a role was read");
-            if accepted && !w.preferred_only && fallback.is_none() {
+            if !w.preferred_only && fallback.is_none() {
                 fallback = Some((raw, unit, host, generation));
-                continue;
             }
-            failures.push((
-                host,
-                Error::connect(format!(
-                    "{} is {role}, and target_session_attrs = {} needs {}",
-                    entry.server,
-                    self.attrs,
-                    match self.attrs {
-                        SessionAttrs::ReadWrite => "a server that accepts writes",
-                        SessionAttrs::ReadOnly => "a read-only server",
-                        SessionAttrs::Primary => "a primary",
-                        _ => "a standby",
-                    }
-                )),
-            ));
         }
         if let Some((raw, unit, host, generation)) = fallback {
-            self.set_up(&raw, w).await?;
-            return Ok(Some(
-                self.landed(raw, unit, host, generation, false, &failures),
-            ));
+            let deadline = tokio::time::Instant::now() + w.config.connect_timeout;
+            self.set_up(&raw, w, deadline).await?;
+            return Ok(Some(self.landed(
+                Landing {
+                    raw,
+                    unit,
+                    host,
+                    generation,
+                    preferred: false,
+                },
+                &start,
+                last_generation,
+                &failures,
+                false,
+            )));
         }
         Err(self.failed(failures))
     }
 
     /// Why a standby is too far behind for `max_replication_lag`, if it is
     /// (a question that fails counts as too far).
-    async fn lagging(&self, raw: &RawConn, role: Option<Role>, w: &Walk<'_>) -> Option<String> {
+    async fn lagging(
+        &self,
+        raw: &RawConn,
+        role: Option<Role>,
+        w: &Walk<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Option<String> {
         let max = w.config.max_replication_lag?;
         if !role.is_some_and(|r| r.standby) {
             return None;
         }
-        match timeout(w.config.connect_timeout, replication_lag(raw)).await {
+        match tokio::time::timeout_at(deadline, replication_lag(raw)).await {
             Ok(Ok(lag)) if lag <= max => None,
             Ok(Ok(lag)) => Some(lag_text(lag, max)),
             Ok(Err(e)) => Some(format!("could not read its replication lag: {e}")),
@@ -455,37 +544,107 @@ impl Hosts {
         }
     }
 
-    /// One host: the connection, and the server's role when the attributes
-    /// ask about it.
-    async fn attempt(&self, entry: &HostEntry, w: &Walk<'_>) -> Result<(RawConn, Option<Role>)> {
-        let pg = w.credentials.for_connect(w.label).await?;
-        let raw = conn::connect(
+    /// One host, before `deadline`: the connection, the budget's
+    /// derivation if it needs one, the server's role when the attributes
+    /// ask about it, its replication lag when it matters; and whether the
+    /// server is what the attributes ask for.
+    async fn attempt(
+        &self,
+        entry: &HostEntry,
+        pg: &tokio_postgres::Config,
+        w: &Walk<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Probe> {
+        let limit = w.config.connect_timeout;
+        let late = |what: &str| {
+            Error::timeout(
+                TimeoutStage::Connect,
+                limit,
+                format!(
+                    "timed out after {} {what} {}",
+                    humantime::format_duration(limit),
+                    entry.target
+                ),
+            )
+        };
+        let options = conn::SocketOptions::of(w.config);
+        let connect = conn::connect(
             &entry.target,
-            &pg,
-            &conn::SocketOptions::of(w.config),
+            pg,
+            &options,
             &entry.tls,
             w.cache_size,
             w.notifications,
-        )
-        .await?;
-        let role = match self.attrs.checks_role() {
-            true => Some(role_of(&raw).await.map_err(|e| {
+        );
+        let raw = tokio::time::timeout_at(deadline, connect)
+            .await
+            .map_err(|_| late("connecting to"))??;
+        if let Some(budget) = entry.budget.as_ref().filter(|b| b.needs_derivation()) {
+            let derive = budget::derive_from_server(budget, &raw.client);
+            if tokio::time::timeout_at(deadline, derive).await.is_err() {
+                budget.derivation_failed();
+            }
+        }
+        if !self.attrs.checks_role() {
+            return Ok(Probe::Fits {
+                raw: Box::new(raw),
+                preferred: true,
+            });
+        }
+        let role = tokio::time::timeout_at(deadline, role_of(&raw))
+            .await
+            .map_err(|_| late("reading the role of"))?
+            .map_err(|e| {
                 Error::connect(format!(
                     "could not read whether {} is a standby: {e}",
                     entry.server
                 ))
                 .with_source(e)
-            })?),
-            false => None,
-        };
-        Ok((raw, role))
+            })?;
+        entry.role.store(
+            if role.standby {
+                ROLE_STANDBY
+            } else {
+                ROLE_PRIMARY
+            },
+            Ordering::Relaxed,
+        );
+        if !self.attrs.accepts(role) {
+            return Ok(Probe::Mismatch(Error::connect(format!(
+                "{} is {role}, and target_session_attrs = {} needs {}",
+                entry.server,
+                self.attrs,
+                match self.attrs {
+                    SessionAttrs::ReadWrite => "a server that accepts writes",
+                    SessionAttrs::ReadOnly => "a read-only server",
+                    SessionAttrs::Primary => "a primary",
+                    _ => "a standby",
+                }
+            ))));
+        }
+        if let Some(why) = self.lagging(&raw, Some(role), w, deadline).await {
+            return Ok(Probe::Mismatch(Error::connect(format!(
+                "{}: {why}",
+                entry.server
+            ))));
+        }
+        Ok(Probe::Fits {
+            raw: Box::new(raw),
+            preferred: self.attrs.prefers(role),
+        })
     }
 
     /// The session's set-up, once the host is chosen (the `after_connect`
-    /// hook runs on the server that is kept, not on every one tried).
-    async fn set_up(&self, raw: &RawConn, w: &Walk<'_>) -> Result<()> {
+    /// hook runs on the server that is kept, not on every one tried),
+    /// before `deadline`.
+    async fn set_up(
+        &self,
+        raw: &RawConn,
+        w: &Walk<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
         let limit = w.config.connect_timeout;
-        timeout(limit, session::set_up(w.config, w.label, raw))
+        tokio::time::timeout_at(deadline, session::set_up(w.config, w.label, raw))
             .await
             .map_err(|_| {
                 Error::timeout(
@@ -500,47 +659,81 @@ impl Hosts {
             })?
     }
 
-    /// Records where a connection landed and whether that moved the pool.
+    /// Records where a connection landed and whether that moved the pool:
+    /// it did when the host of the last connection was left, in this walk
+    /// (gone, or no longer matching) or before it (retired), or when the
+    /// look for a preferred server found one (`back`). Only with
+    /// `load_balance_hosts=disable` outside a read side, where the pool is
+    /// on one host at a time; and never for a connection whose host was
+    /// retired while it was opened (it is closed, not handed out).
     fn landed(
         &self,
-        raw: RawConn,
-        unit: Option<Unit>,
-        host: usize,
-        generation: u64,
-        preferred: bool,
-        failures: &[(usize, Error)],
+        landing: Landing,
+        start: &WalkStart,
+        last_generation: Option<u64>,
+        failures: &[Failure],
+        back: bool,
     ) -> Connected {
+        let Landing {
+            raw,
+            unit,
+            host,
+            generation,
+            preferred,
+        } = landing;
+        let mut connected = Connected {
+            raw,
+            unit,
+            host,
+            generation,
+            moved_from: None,
+        };
+        if self.is_retired(host, generation) {
+            return connected;
+        }
         if self.attrs == SessionAttrs::PreferStandby {
             self.on_fallback(!preferred);
         }
         self.current.store(host, Ordering::SeqCst);
         let before = self.last.swap(host, Ordering::SeqCst);
-        let moved_from = (self.balance == LoadBalance::Disable && before != NONE && before != host)
-            .then(|| {
-                let why = failures
-                    .iter()
-                    .find(|(h, _)| *h == before)
-                    .map(|(_, e)| e.to_string());
-                (before, why)
-            });
-        Connected {
-            raw,
-            unit,
-            host,
-            generation,
-            moved_from,
+        if back {
+            // The look for a standby found one: leave the fallback.
+            connected.moved_from = start
+                .current
+                .filter(|&from| from != host)
+                .map(|from| (from, self.generation(from), None));
+            return connected;
         }
+        if self.least_busy || self.balance != LoadBalance::Disable {
+            return connected;
+        }
+        let (Some(from_generation), true) = (last_generation, before == start.last) else {
+            return connected;
+        };
+        if before == host || before == NONE {
+            return connected;
+        }
+        let failure = failures.iter().find(|f| f.host == before && f.leaves);
+        let retired = start.current.is_none() || self.is_retired(before, from_generation);
+        if failure.is_some() || retired {
+            connected.moved_from = Some((
+                before,
+                from_generation,
+                failure.map(|f| f.error.to_string()),
+            ));
+        }
+        connected
     }
 
     /// The error of a walk where no host would do.
-    fn failed(&self, mut failures: Vec<(usize, Error)>) -> Error {
+    fn failed(&self, mut failures: Vec<Failure>) -> Error {
         if self.entries.len() == 1 && failures.len() == 1 {
-            return failures.pop().expect("one failure").1;
+            return failures.pop().expect("one failure").error;
         }
-        let permanent = !failures.is_empty() && failures.iter().all(|(_, e)| e.is_permanent());
+        let permanent = !failures.is_empty() && failures.iter().all(|f| f.error.is_permanent());
         let listed: Vec<String> = failures
             .iter()
-            .map(|(h, e)| format!("{}: {e}", self.entries[*h].server))
+            .map(|f| format!("{}: {}", self.entries[f.host].server, f.error))
             .collect();
         let error = Error::connect(format!(
             "no host of {} would do (target_session_attrs = {}): {}",
@@ -592,7 +785,21 @@ pub(crate) fn lag_text(lag: Duration, max: Duration) -> String {
 /// has replayed all the WAL it received (or is no standby), else the time
 /// since the last transaction it replayed (a primary with no writes does
 /// not make a caught-up standby look behind).
+///
+/// A standby that was idle and has just received WAL looks as far behind
+/// as its idle time for the moment replay takes; a second sample 100 ms
+/// later tells the two apart (the smaller one is taken).
 pub(crate) async fn replication_lag(raw: &RawConn) -> Result<Duration> {
+    let first = lag_sample(raw).await?;
+    if first.is_zero() {
+        return Ok(first);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(lag_sample(raw).await?.min(first))
+}
+
+/// One sample of [`replication_lag`].
+async fn lag_sample(raw: &RawConn) -> Result<Duration> {
     let messages = raw
         .client
         .simple_query(
@@ -625,13 +832,15 @@ pub(crate) async fn role_of(raw: &RawConn) -> Result<Role> {
 }
 
 /// The role of the server `raw` is on, asked in one simple query (which a
-/// pooler in transaction mode runs on one server connection).
+/// pooler in transaction mode runs on one server connection). The
+/// server's `default_transaction_read_only` is its `reset_val`, what the
+/// session would have without a `SET` of its own.
 pub(crate) async fn query_role(raw: &RawConn) -> Result<Role> {
     let messages = raw
         .client
         .simple_query(
-            "SELECT pg_catalog.pg_is_in_recovery(), \
-             pg_catalog.current_setting('default_transaction_read_only')",
+            "SELECT pg_catalog.pg_is_in_recovery(), (SELECT reset_val \
+             FROM pg_catalog.pg_settings WHERE name = 'default_transaction_read_only')",
         )
         .await?;
     messages

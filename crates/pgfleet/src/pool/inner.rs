@@ -36,8 +36,8 @@ pub(crate) struct PoolInner {
     min_size: AtomicU32,
     /// The cap in force: `config.effective_max_size()` until a resize.
     max_size: AtomicU32,
-    /// What new connections authenticate with.
-    pub(crate) credentials: Credentials,
+    /// What new connections authenticate with (shared with the read side).
+    pub(crate) credentials: Arc<Credentials>,
     /// Bumped by `drain`: a connection of an older generation is replaced.
     pub(crate) generation: AtomicU64,
     state: Mutex<State<Conn>>,
@@ -64,6 +64,9 @@ pub(crate) struct PoolInner {
     pub(crate) warned_session_state: AtomicU8,
     /// A check of the standbys' replication lag runs (`max_replication_lag`).
     pub(crate) lag_check: AtomicBool,
+    /// The host whose budget reserves the warm floor, when the pool is on
+    /// one host at a time; `usize::MAX`: every host's.
+    floor_host: std::sync::atomic::AtomicUsize,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -158,6 +161,7 @@ impl PoolInner {
         config: PoolConfig,
         hosts: Hosts,
         runtime: tokio::runtime::Handle,
+        credentials: Option<Arc<Credentials>>,
     ) -> PoolInner {
         let runtime_gone = Arc::new(RuntimeGone::default());
         let (watch, ended) = oneshot::channel();
@@ -169,12 +173,14 @@ impl PoolInner {
             ended,
         ));
         let config_cache_size = config.statement_cache_size;
+        let one_at_a_time = hosts.one_at_a_time();
         PoolInner {
             runtime_gone,
             _watch: watch,
             id,
             hosts,
-            credentials: Credentials::new(&target, &config),
+            credentials: credentials
+                .unwrap_or_else(|| Arc::new(Credentials::new(&target, &config))),
             generation: AtomicU64::new(0),
             label: target.to_string(),
             target,
@@ -190,6 +196,11 @@ impl PoolInner {
             shapes: StatementCache::new(config_cache_size),
             warned_session_state: AtomicU8::new(0),
             lag_check: AtomicBool::new(false),
+            floor_host: std::sync::atomic::AtomicUsize::new(if one_at_a_time {
+                0
+            } else {
+                usize::MAX
+            }),
         }
     }
 
@@ -239,9 +250,11 @@ impl PoolInner {
     }
 
     /// Logs and counts a connection that moved the pool to another host,
-    /// and retires the host it left (`back`: for a preferred one).
+    /// and retires the host it left (`back`: for a preferred one); the
+    /// warm floor follows the pool to the host it landed on.
     fn moved(self: &Arc<Self>, connected: &Connected, back: bool) {
-        let Some((from, why)) = &connected.moved_from else {
+        self.follow_floor(connected.host);
+        let Some((from, generation, why)) = &connected.moved_from else {
             return;
         };
         self.counters.failovers.fetch_add(1, Ordering::Relaxed);
@@ -258,11 +271,45 @@ impl PoolInner {
             }),
             "failover: the pool is on another server now"
         );
-        self.retire_host(
-            *from,
-            self.hosts.generation(*from),
-            &format!("the pool moved to {to}"),
-        );
+        self.retire_host(*from, *generation, &format!("the pool moved to {to}"));
+    }
+
+    /// Moves the warm floor's reservation to the budget of `host` when the
+    /// pool is on one host at a time and it was reserved elsewhere; if
+    /// that budget cannot hold it, it stays where it was (logged).
+    fn follow_floor(&self, host: usize) {
+        let before = self.floor_host.load(Ordering::SeqCst);
+        if before == host || before == usize::MAX {
+            return;
+        }
+        if self
+            .floor_host
+            .compare_exchange(before, host, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        let min_size = self.min_size();
+        let (old, new) = (self.hosts.entry(before), self.hosts.entry(host));
+        if let Some(budget) = &new.budget {
+            if let Err(e) = budget.set_floor(self.id, min_size) {
+                tracing::warn!(pool = %self.label, server = %new.server, error = %e, "the warm floor stays reserved on the server the pool left");
+                self.floor_host.store(before, Ordering::SeqCst);
+                return;
+            }
+        }
+        if let Some(budget) = &old.budget {
+            let _ = budget.set_floor(self.id, 0);
+        }
+    }
+
+    /// The hosts whose budgets reserve the pool's warm floor: the one the
+    /// pool is on when it is on one at a time, else all.
+    pub(crate) fn floor_hosts(&self) -> Vec<usize> {
+        match self.floor_host.load(Ordering::SeqCst) {
+            usize::MAX => (0..self.hosts.entries().len()).collect(),
+            host => vec![host],
+        }
     }
 
     /// Retires `host` (if still at `generation`): its idle connections

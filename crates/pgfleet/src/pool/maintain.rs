@@ -124,9 +124,11 @@ async fn check_lag(pool: Arc<PoolInner>) {
         if pool.hosts.open_on(host) == 0 || !pool.hosts.is_standby(host) {
             continue;
         }
+        // The longest idle one on that host: it goes back to the front of
+        // the queue with its idle time kept (the check is no use).
         let conn = {
             let mut st = pool.lock();
-            let found = st.idle.iter().rposition(|c| c.host == host);
+            let found = st.idle.iter().position(|c| c.host == host);
             found.and_then(|i| st.idle.remove(i))
         };
         let Some(conn) = conn else {
@@ -136,7 +138,14 @@ async fn check_lag(pool: Arc<PoolInner>) {
         let lag = timeout(pool.config.connect_timeout, replication_lag(&conn.raw)).await;
         let now = Instant::now();
         match pool.verdict(&conn, now) {
-            Verdict::Reuse => pool.hand_off(pool.lock(), conn, now),
+            Verdict::Reuse => {
+                let mut st = pool.lock();
+                if st.waiting == 0 && !st.closed {
+                    st.idle.push_front(conn);
+                } else {
+                    pool.hand_off(st, conn, now);
+                }
+            }
             Verdict::Close(reason) => conn.close(reason),
             Verdict::NeedsCleaning => pool.send_to_clean(conn, Location::caller()),
         }

@@ -89,16 +89,18 @@ impl Pool {
         config: PoolConfig,
         budgets: Vec<Option<Arc<ServerBudget>>>,
     ) -> Result<Pool> {
-        Pool::build_side(target, config, budgets, false)
+        Pool::build_side(target, config, budgets, None)
     }
 
-    /// [`build`](Self::build), for a read side when `reads` (new
-    /// connections go to the host with the fewest of its connections).
+    /// [`build`](Self::build), for the read side of `parent` when given:
+    /// new connections go to the host with the fewest of its connections,
+    /// and it authenticates as its parent does (`set_password`, a
+    /// provider).
     fn build_side(
         target: Target,
         config: PoolConfig,
         budgets: Vec<Option<Arc<ServerBudget>>>,
-        reads: bool,
+        parent: Option<&PoolInner>,
     ) -> Result<Pool> {
         static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
         config.validate()?;
@@ -115,19 +117,38 @@ impl Pool {
                 "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
             )
         })?;
-        let hosts = Hosts::new(&target, budgets, reads)?;
+        let hosts = Hosts::new(&target, budgets, parent.is_some())?;
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
         let lanes = Arc::new(Lanes::new(&config));
-        let inner = Arc::new(PoolInner::new(id, target, config, hosts, runtime));
+        let credentials = parent.map(|p| p.credentials.clone());
+        let inner = Arc::new(PoolInner::new(
+            id,
+            target,
+            config,
+            hosts,
+            runtime,
+            credentials,
+        ));
         let member: Arc<dyn crate::budget::Reclaim> = inner.clone();
+        let floor_hosts = inner.floor_hosts();
         let mut joined: Vec<&Arc<ServerBudget>> = Vec::new();
-        for budget in inner.budgets() {
-            // The floor may land on any host: each one's budget keeps it.
+        for (host, entry) in inner.hosts.entries().iter().enumerate() {
+            let Some(budget) = &entry.budget else {
+                continue;
+            };
+            // The warm floor is reserved where the pool's connections can
+            // be: on the host it is on (the first, until it moves), or on
+            // every host when it spreads over them.
+            let floor = if floor_hosts.contains(&host) {
+                inner.config.min_size
+            } else {
+                0
+            };
             let join = budget.join(
                 inner.id,
                 Arc::downgrade(&member),
                 inner.label.clone(),
-                inner.config.min_size,
+                floor,
                 inner.config.pooler,
             );
             if let Err(e) = join {
@@ -167,12 +188,12 @@ impl Pool {
         if target.endpoints().len() < 2 || own {
             return Ok(self.clone());
         }
+        if self.inner.lock().closed {
+            return Err(self.inner.closed_error());
+        }
         let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(pool) = reads.as_ref() {
             return Ok(pool.clone());
-        }
-        if self.inner.lock().closed {
-            return Err(self.inner.closed_error());
         }
         let attrs = match self.inner.config.read_fallback {
             ReadFallback::Primary => SessionAttrs::PreferStandby,
@@ -194,7 +215,7 @@ impl Pool {
             target.clone().with_target_session_attrs(attrs),
             config,
             budgets,
-            true,
+            Some(&self.inner),
         )?;
         *reads = Some(pool.clone());
         Ok(pool)
@@ -329,7 +350,11 @@ impl Pool {
         };
         sized.validate()?;
         let before = inner.min_size();
-        let budgets: Vec<_> = inner.budgets().collect();
+        let budgets: Vec<_> = inner
+            .floor_hosts()
+            .into_iter()
+            .filter_map(|h| inner.hosts.entry(h).budget.clone())
+            .collect();
         for (i, budget) in budgets.iter().enumerate() {
             if let Err(e) = budget.set_floor(inner.id, min_size) {
                 for earlier in &budgets[..i] {
@@ -342,6 +367,10 @@ impl Pool {
         inner.set_sizes(min_size, max_size);
         tracing::info!(pool = %inner.label, min_size, max_size, "pool resized");
         inner.replan();
+        if let Some(reads) = self.read_side() {
+            // The read side keeps no floor and the same cap.
+            reads.resize(0, max_size)?;
+        }
         Ok(())
     }
 
@@ -386,6 +415,9 @@ impl Pool {
             conn.close(crate::stats::CloseReason::Drained);
         }
         inner.replan();
+        if let Some(reads) = self.read_side() {
+            reads.drain();
+        }
     }
 
     /// Waits until the warm floor is open (`min_size` connections), or fails
@@ -474,15 +506,19 @@ impl Pool {
 
     /// [`wait_closed`](Self::wait_closed); `None` waits without a deadline.
     pub(crate) async fn wait_closed_until(&self, deadline: Option<Instant>) -> usize {
+        let reads = match self.read_side() {
+            Some(reads) => Box::pin(reads.wait_closed_until(deadline)).await,
+            None => 0,
+        };
         loop {
             let notified = self.inner.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.inner.lock().size == 0 {
-                return 0;
+                return reads;
             }
             if !until(notified, deadline).await {
-                return self.inner.cut_all();
+                return reads + self.inner.cut_all();
             }
         }
     }

@@ -259,9 +259,12 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
 async fn judge_role(pool: &Arc<PoolInner>, conn: &Conn) -> bool {
     let tap = &conn.raw.tap;
     tap.clear_role_alert();
+    // A reported standby is the server's state alone; a read-only primary
+    // may be the session's own `SET` (kept under `reset = never`): the
+    // query reads the server's value.
     let role = match tap.role() {
-        Some(role) => Ok(role),
-        None => timeout(pool.config.connect_timeout, query_role(&conn.raw))
+        Some(role) if role.standby || !role.default_read_only => Ok(role),
+        _ => timeout(pool.config.connect_timeout, query_role(&conn.raw))
             .await
             .unwrap_or_else(|_| Err(Error::connect("the role query timed out"))),
     };
