@@ -330,6 +330,9 @@ async fn a_primary_that_turns_read_only_is_left_for_the_promoted_standby() {
         .unwrap();
     let app = common::app("readonly");
     let pool = Pool::new(target(&[&primary, &standby], "read-write"), config(&app, 4)).unwrap();
+    // A listener on the primary, which stays up: it must follow the pool.
+    let mut listener = pool.listener().await.unwrap();
+    listener.listen("after_failover").await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, tasks) = load(&pool, 8, WRITE, &stop);
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -380,6 +383,28 @@ async fn a_primary_that_turns_read_only_is_left_for_the_promoted_standby() {
         .filter(|o| o.at > promoted + Duration::from_secs(1))
         .collect();
     assert!(tail.iter().all(|o| o.result == Ok(new)), "{tail:?}");
+    // The listener left the old primary with the pool (a gap), and hears
+    // what is sent on the new one.
+    let gap = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("the listener reports its move")
+        .unwrap();
+    let pgfleet::ListenerEvent::Gap(gap) = gap else {
+        panic!("a gap first, got {gap:?}");
+    };
+    assert!(gap.reason.contains("failover"), "{gap:?}");
+    standby
+        .execute("NOTIFY after_failover, 'on the new primary'")
+        .await
+        .unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    let pgfleet::ListenerEvent::Notification(n) = heard else {
+        panic!("a notification, got {heard:?}");
+    };
+    assert_eq!(n.payload(), "on the new primary");
     pool.close();
 }
 
