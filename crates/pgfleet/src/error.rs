@@ -146,6 +146,18 @@ impl Error {
         Error::new(ErrorKind::Timeout { stage, after }, message)
     }
 
+    /// A connect-stage timeout: "timed out after {limit} {doing}".
+    pub(crate) fn connect_timed_out(limit: Duration, doing: impl std::fmt::Display) -> Self {
+        Error::timeout(
+            TimeoutStage::Connect,
+            limit,
+            format!(
+                "timed out after {} {doing}",
+                humantime::format_duration(limit)
+            ),
+        )
+    }
+
     pub(crate) fn overloaded(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Overloaded, message)
     }

@@ -26,7 +26,7 @@ use crate::budget::Unit;
 use crate::config::Pooler;
 use crate::conn::sql::quote_ident;
 use crate::conn::RawConn;
-use crate::error::{Error, Result, TimeoutStage};
+use crate::error::{Error, Result};
 use crate::pool::inner::PoolInner;
 
 /// What a [`Listener`] receives.
@@ -156,15 +156,7 @@ impl Listener {
             timeout(limit, raw.client.batch_execute(&sql))
                 .await
                 .map_err(|_| {
-                    Error::timeout(
-                        TimeoutStage::Connect,
-                        limit,
-                        format!(
-                            "timed out after {} listening again on {}",
-                            humantime::format_duration(limit),
-                            pool.label
-                        ),
-                    )
+                    Error::connect_timed_out(limit, format!("listening again on {}", pool.label))
                 })??;
         }
         let unit = connected.unit;

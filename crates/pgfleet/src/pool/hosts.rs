@@ -555,17 +555,8 @@ impl Hosts {
         w: &Walk<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<Probe> {
-        let limit = w.config.connect_timeout;
         let late = |what: &str| {
-            Error::timeout(
-                TimeoutStage::Connect,
-                limit,
-                format!(
-                    "timed out after {} {what} {}",
-                    humantime::format_duration(limit),
-                    entry.target
-                ),
-            )
+            Error::connect_timed_out(w.config.connect_timeout, format!("{what} {}", entry.target))
         };
         let options = conn::SocketOptions::of(w.config);
         let connect = conn::connect(
@@ -643,18 +634,12 @@ impl Hosts {
         w: &Walk<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<()> {
-        let limit = w.config.connect_timeout;
         tokio::time::timeout_at(deadline, session::set_up(w.config, w.label, raw))
             .await
             .map_err(|_| {
-                Error::timeout(
-                    TimeoutStage::Connect,
-                    limit,
-                    format!(
-                        "timed out after {} setting up a session on {}",
-                        humantime::format_duration(limit),
-                        w.label
-                    ),
+                Error::connect_timed_out(
+                    w.config.connect_timeout,
+                    format!("setting up a session on {}", w.label),
                 )
             })?
     }
