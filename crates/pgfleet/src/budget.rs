@@ -276,7 +276,9 @@ impl ServerBudget {
         };
         let before = st.members[index].min_size;
         st.members[index].min_size = min_size;
-        if let Some(target) = st.target {
+        // Lowering a floor always fits, even a budget derived below the
+        // floors already there.
+        if let Some(target) = st.target.filter(|_| min_size > before) {
             let floors: u32 = st.members.iter().map(|m| m.min_size).sum();
             if floors > target {
                 let listed = floor_list(&st.members);

@@ -209,7 +209,7 @@ fn encode_gauges(
     emit(
         encoder,
         "pool_host_current",
-        "1 on the host of its target that the pool's new connections go to first, 0 on the others",
+        "1 on the pool's host (PoolStats::host), 0 on the other hosts of its target",
         &current,
     )
 }

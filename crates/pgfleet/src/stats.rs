@@ -334,9 +334,10 @@ pub struct PoolStats {
     pub timings: Timings,
     /// The last connect error, if the most recent connect attempt failed.
     pub last_connect_error: Option<String>,
-    /// The server (`host:port`) new connections go to first: the one the
-    /// last connection landed on; `None` before the first connection and
-    /// after that server was left.
+    /// The pool's server (`host:port`): with `load_balance_hosts =
+    /// disable`, the one new connections go to first; with `random` and for
+    /// a read side, where the last connection landed. `None` before the
+    /// first connection and after that server was left.
     pub host: Option<String>,
     /// Every host of the target with the pool's connections open there now.
     pub hosts: Vec<HostStats>,

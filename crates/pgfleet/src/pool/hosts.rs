@@ -11,7 +11,7 @@
 //! (`load_balance_hosts=disable`), then the others in order, so a pool that
 //! moved stays where it is without a failed attempt per connect.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,8 @@ pub(crate) struct Hosts {
     /// Set while a `prefer-standby` pool is on a primary for want of a
     /// standby: when to look for one next.
     fallback: Mutex<Option<Fallback>>,
+    /// A look for a preferred server runs.
+    looking: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -88,15 +90,17 @@ pub(crate) struct Connected {
     /// The host it is on, and that host's generation when it was opened.
     pub(crate) host: usize,
     pub(crate) generation: u64,
-    /// The host the pool was on before, when this connection moved it: its
-    /// generation then, and why it was left (its error in this walk, if it
-    /// was tried).
-    pub(crate) moved_from: Option<(usize, u64, Option<String>)>,
+    /// The host the pool was on before, when this connection moved it: the
+    /// generation to retire it at (`None`: retired already), and why it was
+    /// left (its error in this walk, if it was tried).
+    pub(crate) moved_from: Option<(usize, Option<u64>, Option<String>)>,
 }
 
 /// What a walk saw when it began.
 struct WalkStart {
     current: Option<usize>,
+    /// `current`'s generation then.
+    current_generation: u64,
     last: usize,
 }
 
@@ -213,6 +217,7 @@ impl Hosts {
             current: AtomicUsize::new(NONE),
             last: AtomicUsize::new(NONE),
             fallback: Mutex::new(None),
+            looking: AtomicBool::new(false),
         })
     }
 
@@ -278,16 +283,25 @@ impl Hosts {
 
     /// Whether a `prefer-standby` pool on a primary should look for a
     /// standby now; if so, the next look is scheduled further out.
+    /// The caller runs the look and calls
+    /// [`fallback_look_done`](Self::fallback_look_done) after it; one look
+    /// at a time.
     pub(crate) fn fallback_look_due(&self, now: Instant) -> bool {
         let mut fallback = self.fallback.lock().unwrap_or_else(PoisonError::into_inner);
         match fallback.as_mut() {
-            Some(f) if f.next_look <= now => {
+            Some(f) if f.next_look <= now && !self.looking.load(Ordering::Acquire) => {
                 f.next_look = now + f.wait;
                 f.wait = (f.wait * 2).min(FALLBACK_LONGEST_WAIT);
+                self.looking.store(true, Ordering::Release);
                 true
             }
             _ => false,
         }
+    }
+
+    /// The look for a preferred server ended.
+    pub(crate) fn fallback_look_done(&self) {
+        self.looking.store(false, Ordering::Release);
     }
 
     /// The pool is on a server that its attributes accept but do not
@@ -318,6 +332,11 @@ impl Hosts {
     /// budget of that host alone, and follows it.
     pub(crate) fn one_at_a_time(&self) -> bool {
         self.balance == LoadBalance::Disable && !self.least_busy
+    }
+
+    /// Whether this is a read side (`Pool::reads`).
+    pub(crate) fn is_read_side(&self) -> bool {
+        self.least_busy
     }
 
     /// Whether the last session opened on `host` found a standby.
@@ -383,15 +402,24 @@ impl Hosts {
     /// host's error is). A password provider that fails fails the walk
     /// before any host is tried.
     pub(crate) async fn walk(&self, w: &Walk<'_>) -> Result<Option<Connected>> {
+        let current = self.current();
         let start = WalkStart {
-            current: self.current(),
+            current,
+            current_generation: current.map_or(0, |h| self.generation(h)),
             last: self.last.load(Ordering::SeqCst),
         };
         let last_generation = (start.last != NONE).then(|| self.generation(start.last));
         let settle_for_current = self.is_on_fallback();
         // Once per walk: a provider is asked for one password, and its
         // failure is no host's.
-        let pg = w.credentials.for_connect(w.label).await?;
+        let pg = timeout(w.config.connect_timeout, w.credentials.for_connect(w.label))
+            .await
+            .map_err(|_| {
+                Error::connect_timed_out(
+                    w.config.connect_timeout,
+                    format!("waiting for the password provider of {}", w.label),
+                )
+            })??;
         let mut failures: Vec<Failure> = Vec::new();
         let mut fallback: Option<(RawConn, Option<Unit>, usize, u64)> = None;
         let mut started = false;
@@ -644,13 +672,21 @@ impl Hosts {
             })?
     }
 
-    /// Records where a connection landed and whether that moved the pool:
-    /// it did when the host of the last connection was left, in this walk
-    /// (gone, or no longer matching) or before it (retired), or when the
-    /// look for a preferred server found one (`back`). Only with
-    /// `load_balance_hosts=disable` outside a read side, where the pool is
-    /// on one host at a time; and never for a connection whose host was
-    /// retired while it was opened (it is closed, not handed out).
+    /// Records where a connection landed and whether that moved the pool.
+    ///
+    /// With `load_balance_hosts=disable` outside a read side, the pool is
+    /// on one host at a time: a connection that lands on another host than
+    /// the pool's moves it when that host was left, in this walk (gone, or
+    /// no longer matching; for `read-write` and `primary` also timed out,
+    /// since a promoted standby answering means the old primary is not
+    /// coming back as one) or before it (retired). A host that only timed
+    /// out otherwise stays the pool's: the connection is kept, and the next
+    /// ones try that host first again. The look for a preferred server
+    /// (`back`) that finds one moves the pool off a host it does not
+    /// prefer, whatever the balance. Elsewhere (`random`, a read side) the
+    /// current host is only where the last connection landed. A connection
+    /// whose host was retired while it was opened moves nothing (it is
+    /// closed at the hand-off).
     fn landed(
         &self,
         landing: Landing,
@@ -676,36 +712,50 @@ impl Hosts {
         if self.is_retired(host, generation) {
             return connected;
         }
+        let spreads = self.least_busy || self.balance != LoadBalance::Disable;
+        let from = start.last;
+        let elsewhere = from != NONE && from != host && Some(from) == start.current;
+        if !back && !spreads && elsewhere {
+            let failure = failures.iter().find(|f| f.host == from);
+            let left = failure.is_some_and(|f| {
+                f.leaves
+                    || (matches!(self.attrs, SessionAttrs::ReadWrite | SessionAttrs::Primary)
+                        && matches!(f.error.kind(), ErrorKind::Timeout { .. }))
+            }) || last_generation.is_some_and(|g| self.is_retired(from, g));
+            if !left {
+                // Passed over (slow, full): the pool stays where it is.
+                return connected;
+            }
+            if self
+                .last
+                .compare_exchange(from, host, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                if self.attrs == SessionAttrs::PreferStandby {
+                    self.on_fallback(!preferred);
+                }
+                self.current.store(host, Ordering::SeqCst);
+                connected.moved_from =
+                    Some((from, last_generation, failure.map(|f| f.error.to_string())));
+            }
+            return connected;
+        }
         if self.attrs == SessionAttrs::PreferStandby {
             self.on_fallback(!preferred);
         }
-        self.current.store(host, Ordering::SeqCst);
         let before = self.last.swap(host, Ordering::SeqCst);
-        if back {
-            // The look for a standby found one: leave the fallback.
+        self.current.store(host, Ordering::SeqCst);
+        if back && before == from {
+            // The look found a preferred server: leave the one the pool
+            // was on, if it is not preferred itself (a read side spreads
+            // over standbys).
             connected.moved_from = start
                 .current
-                .filter(|&from| from != host)
-                .map(|from| (from, self.generation(from), None));
-            return connected;
-        }
-        if self.least_busy || self.balance != LoadBalance::Disable {
-            return connected;
-        }
-        let (Some(from_generation), true) = (last_generation, before == start.last) else {
-            return connected;
-        };
-        if before == host || before == NONE {
-            return connected;
-        }
-        let failure = failures.iter().find(|f| f.host == before && f.leaves);
-        let retired = start.current.is_none() || self.is_retired(before, from_generation);
-        if failure.is_some() || retired {
-            connected.moved_from = Some((
-                before,
-                from_generation,
-                failure.map(|f| f.error.to_string()),
-            ));
+                .filter(|&h| h != host && !self.is_standby(h))
+                .map(|h| (h, Some(start.current_generation), None));
+        } else if !spreads && before != NONE && before != host && start.current.is_none() {
+            // The host the pool was on was retired before this walk.
+            connected.moved_from = Some((before, None, None));
         }
         connected
     }

@@ -67,6 +67,10 @@ pub(crate) struct PoolInner {
     /// The host whose budget reserves the warm floor, when the pool is on
     /// one host at a time; `usize::MAX`: every host's.
     floor_host: std::sync::atomic::AtomicUsize,
+    /// Held while the floor moves or changes (`follow_floor`, `set_floor`).
+    floor_lock: Mutex<()>,
+    /// The floor could not follow the pool once: warned.
+    floor_warned: AtomicBool,
 }
 
 /// One unit of the pool's capacity, held by a connection (or a connect in
@@ -201,6 +205,8 @@ impl PoolInner {
             } else {
                 usize::MAX
             }),
+            floor_lock: Mutex::new(()),
+            floor_warned: AtomicBool::new(false),
         }
     }
 
@@ -253,7 +259,9 @@ impl PoolInner {
     /// and retires the host it left (`back`: for a preferred one); the
     /// warm floor follows the pool to the host it landed on.
     fn moved(self: &Arc<Self>, connected: &Connected, back: bool) {
-        self.follow_floor(connected.host);
+        if let Some(current) = self.hosts.current() {
+            self.follow_floor(current);
+        }
         let Some((from, generation, why)) = &connected.moved_from else {
             return;
         };
@@ -271,7 +279,9 @@ impl PoolInner {
             }),
             "failover: the pool is on another server now"
         );
-        self.retire_host(*from, *generation, &format!("the pool moved to {to}"));
+        if let Some(generation) = generation {
+            self.retire_host(*from, *generation, &format!("the pool moved to {to}"));
+        }
     }
 
     /// Moves the warm floor's reservation to the budget of `host` when the
@@ -282,25 +292,56 @@ impl PoolInner {
         if before == host || before == usize::MAX {
             return;
         }
-        if self
-            .floor_host
-            .compare_exchange(before, host, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
+        // Moves and resizes one at a time, with the floor in force.
+        let _floor = self
+            .floor_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = self.floor_host.load(Ordering::SeqCst);
+        if before == host {
             return;
         }
         let min_size = self.min_size();
         let (old, new) = (self.hosts.entry(before), self.hosts.entry(host));
         if let Some(budget) = &new.budget {
             if let Err(e) = budget.set_floor(self.id, min_size) {
-                tracing::warn!(pool = %self.label, server = %new.server, error = %e, "the warm floor stays reserved on the server the pool left");
-                self.floor_host.store(before, Ordering::SeqCst);
+                if !self.floor_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(pool = %self.label, server = %new.server, error = %e, "the warm floor stays reserved on the server the pool left");
+                }
                 return;
             }
         }
         if let Some(budget) = &old.budget {
+            // Lowering a floor always fits.
             let _ = budget.set_floor(self.id, 0);
         }
+        self.floor_host.store(host, Ordering::SeqCst);
+    }
+
+    /// Sets the warm floor in force and reserves it in the budgets that
+    /// hold it (see `floor_hosts`); nothing changes when one cannot.
+    pub(crate) fn set_floor(&self, min_size: u32, max_size: u32) -> Result<(), Error> {
+        let _floor = self
+            .floor_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = self.min_size();
+        let budgets: Vec<_> = self
+            .floor_hosts()
+            .into_iter()
+            .filter_map(|h| self.hosts.entry(h).budget.clone())
+            .collect();
+        for (i, budget) in budgets.iter().enumerate() {
+            if let Err(e) = budget.set_floor(self.id, min_size) {
+                for earlier in &budgets[..i] {
+                    // Set back where it was; it fit before.
+                    let _ = earlier.set_floor(self.id, before);
+                }
+                return Err(e);
+            }
+        }
+        self.set_sizes(min_size, max_size);
+        Ok(())
     }
 
     /// The hosts whose budgets reserve the pool's warm floor: the one the
@@ -333,7 +374,7 @@ impl PoolInner {
             let mut st = self.lock();
             let (gone, kept) = std::mem::take(&mut st.idle)
                 .into_iter()
-                .partition(|c: &Conn| c.host == host);
+                .partition(|c: &Conn| self.hosts.is_retired(c.host, c.host_generation));
             st.idle = kept;
             gone.into()
         };

@@ -106,6 +106,7 @@ async fn look_for_preferred(pool: Arc<PoolInner>) {
             true,
         )
         .await;
+    pool.hosts.fallback_look_done();
     match found {
         Ok(Some(_)) => pool.replan(),
         Ok(None) => {}
@@ -140,9 +141,13 @@ async fn check_lag(pool: Arc<PoolInner>) {
         match pool.verdict(&conn, now) {
             Verdict::Reuse => {
                 let mut st = pool.lock();
-                if st.waiting == 0 && !st.closed {
+                let current = conn.generation == pool.generation.load(Ordering::SeqCst)
+                    && !pool.hosts.is_retired(conn.host, conn.host_generation);
+                if st.waiting == 0 && !st.closed && current {
                     st.idle.push_front(conn);
                 } else {
+                    // A waiter, or a drain or retirement meanwhile: as any
+                    // connection going back.
                     pool.hand_off(st, conn, now);
                 }
             }

@@ -112,11 +112,15 @@ impl Pool {
                 config.pooler
             )));
         }
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            Error::config(
-                "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
-            )
-        })?;
+        // A read side lives on its pool's runtime, wherever it is made.
+        let runtime = match parent {
+            Some(parent) => parent.runtime.clone(),
+            None => tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::config(
+                    "pgfleet pools must be created inside a tokio runtime (no runtime is running)",
+                )
+            })?,
+        };
         let hosts = Hosts::new(&target, budgets, parent.is_some())?;
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
         let lanes = Arc::new(Lanes::new(&config));
@@ -188,10 +192,12 @@ impl Pool {
         if target.endpoints().len() < 2 || own {
             return Ok(self.clone());
         }
+        // Under the read side's lock, which `close` takes after marking the
+        // pool closed: a read side made here is one `close` will see.
+        let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
         if self.inner.lock().closed {
             return Err(self.inner.closed_error());
         }
-        let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(pool) = reads.as_ref() {
             return Ok(pool.clone());
         }
@@ -349,27 +355,14 @@ impl Pool {
             ..PoolConfig::default()
         };
         sized.validate()?;
-        let before = inner.min_size();
-        let budgets: Vec<_> = inner
-            .floor_hosts()
-            .into_iter()
-            .filter_map(|h| inner.hosts.entry(h).budget.clone())
-            .collect();
-        for (i, budget) in budgets.iter().enumerate() {
-            if let Err(e) = budget.set_floor(inner.id, min_size) {
-                for earlier in &budgets[..i] {
-                    // Set back where it was; it fit before.
-                    let _ = earlier.set_floor(inner.id, before);
-                }
-                return Err(e);
-            }
-        }
-        inner.set_sizes(min_size, max_size);
+        inner.set_floor(min_size, max_size)?;
         tracing::info!(pool = %inner.label, min_size, max_size, "pool resized");
         inner.replan();
         if let Some(reads) = self.read_side() {
-            // The read side keeps no floor and the same cap.
-            reads.resize(0, max_size)?;
+            // The read side keeps no floor, so this cannot fail there; the
+            // same cap.
+            reads.inner.set_sizes(0, max_size);
+            reads.inner.replan();
         }
         Ok(())
     }

@@ -259,11 +259,11 @@ async fn clean(pool: Arc<PoolInner>, conn: Conn, location: &'static Location<'st
 async fn judge_role(pool: &Arc<PoolInner>, conn: &Conn) -> bool {
     let tap = &conn.raw.tap;
     tap.clear_role_alert();
-    // A reported standby is the server's state alone; a read-only primary
-    // may be the session's own `SET` (kept under `reset = never`): the
-    // query reads the server's value.
+    // A reported standby is the server's state alone; a primary's
+    // `default_transaction_read_only` may be the session's own `SET` (kept
+    // under `reset = never`): the query reads the server's value.
     let role = match tap.role() {
-        Some(role) if role.standby || !role.default_read_only => Ok(role),
+        Some(role) if role.standby => Ok(role),
         _ => timeout(pool.config.connect_timeout, query_role(&conn.raw))
             .await
             .unwrap_or_else(|_| Err(Error::connect("the role query timed out"))),
@@ -284,9 +284,20 @@ async fn judge_role(pool: &Arc<PoolInner>, conn: &Conn) -> bool {
             &format!("{server} is {role} now, and target_session_attrs = {attrs}"),
         );
     } else if !attrs.prefers(role) {
-        // prefer-standby on a standby that was promoted: kept until a
-        // standby accepts again.
-        pool.hosts.on_fallback(true);
+        let server = &pool.hosts.entry(conn.host).server;
+        if pool.hosts.is_read_side() {
+            // A standby of the read side was promoted: reads go to the
+            // other standbys, and back to it only as the fallback.
+            pool.retire_host(
+                conn.host,
+                conn.host_generation,
+                &format!("{server} is {role} now, and reads go to standbys"),
+            );
+        } else {
+            // prefer-standby on a standby that was promoted: kept until a
+            // standby accepts again.
+            pool.hosts.on_fallback(true);
+        }
     }
     true
 }

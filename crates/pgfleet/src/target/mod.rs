@@ -235,7 +235,8 @@ impl Target {
     /// `port` (see [`with_hosts`](Self::with_hosts) for a port per host).
     ///
     /// # Errors
-    /// `Config` for an empty host (or an empty one in the list) or port 0.
+    /// `Config` for an empty host (or an empty one in the list), a host
+    /// listed twice, or port 0.
     pub fn from_parts(
         host: &str,
         port: u16,
@@ -285,7 +286,7 @@ impl Target {
     ///
     /// # Errors
     /// `Config` when the lists do not pair (three ports for two hosts), a
-    /// host is empty or a port is not one.
+    /// host is empty, a port is not one, or a server is listed twice.
     pub fn with_hosts(&self, hosts: &str, ports: &str) -> Result<Target> {
         let list = pair_hosts(&split_list(hosts), &split_list(ports)).map_err(|why| {
             Error::config(format!(
