@@ -52,7 +52,18 @@ async fn many_tasks_share_a_few_connections() {
     peak = peak.max(probe.await.unwrap());
     peak = peak.max(backends(&app).await);
     let stats = pool.stats();
-    assert!(peak <= 2, "{peak} backends for 2 shared connections");
+    // The lanes are the only connections in use. On a loaded machine a
+    // connect that runs late gets a replacement (the pool's overdue rule),
+    // which then sits idle: at most one per lane, never in use.
+    let extra = stats.gauges.idle as usize;
+    if extra > 0 {
+        eprintln!("{extra} connect(s) ran late and were replaced; the extra connection(s) stayed idle");
+    }
+    assert!(extra <= 2, "{stats:?}");
+    assert!(
+        peak <= 2 + extra,
+        "{peak} backends for 2 shared connections and {extra} idle"
+    );
     assert_eq!(stats.gauges.shared, 2);
     assert_eq!(stats.counters.shared_leases, 200 * 20);
     assert_eq!(stats.gauges.in_use, 2, "lanes count as in use");
