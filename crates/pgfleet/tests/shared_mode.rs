@@ -57,7 +57,9 @@ async fn many_tasks_share_a_few_connections() {
     // which then sits idle: at most one per lane, never in use.
     let extra = stats.gauges.idle as usize;
     if extra > 0 {
-        eprintln!("{extra} connect(s) ran late and were replaced; the extra connection(s) stayed idle");
+        eprintln!(
+            "{extra} connect(s) ran late and were replaced; the extra connection(s) stayed idle"
+        );
     }
     assert!(extra <= 2, "{stats:?}");
     assert!(
