@@ -90,6 +90,7 @@
 //!   key parser (unknown keys refused).
 
 mod activity;
+mod address;
 mod budget;
 mod config;
 mod conn;
@@ -101,13 +102,13 @@ mod metrics;
 mod pool;
 mod shared;
 mod stats;
-mod target;
 mod tls;
 
 #[doc = include_str!("../docs/configuration.md")]
 pub mod configuration {}
 
 pub use activity::{sample as sample_activity, ActivitySample};
+pub use address::{Endpoint, Host, LoadBalance, Role, SessionAttrs, Target};
 pub use budget::{BudgetSource, BudgetStats, Derivation};
 pub use config::{
     config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, HookError, HookFuture, Hooks,
@@ -132,7 +133,6 @@ pub use prometheus_client;
 pub use rustls;
 pub use shared::SharedConnection;
 pub use stats::{CounterStats, Gauges, HostStats, PoolStats, TimingStats, Timings};
-pub use target::{Endpoint, Host, LoadBalance, Role, SessionAttrs, Target};
 pub use tls::{ChannelBinding, RootCert, SslMode, TlsConfig};
 /// The tokio-postgres this crate is built on, so that callers use the exact
 /// same version (`pgfleet::tokio_postgres::types::ToSql`, ...).

@@ -24,8 +24,8 @@ use super::pool::PoolConfig;
 use super::settings::{Effective, PoolSettings};
 use super::value::{RawValue, Source};
 use super::yaml::{config_error, empty_map, lookup, read_dir, Node, NodeValue};
+use crate::address::{mask_url_text, Target};
 use crate::error::Result;
-use crate::target::{mask_url_text, Target};
 
 /// The sections that hold pool settings, lowest priority first.
 pub(crate) const LAYERS: &[&[&str]] = &[

@@ -9,8 +9,8 @@ use std::fmt;
 use super::keys::{self, Kind, KEYS, MAX_POOL_SIZE};
 use super::pool::PoolConfig;
 use super::value::{self, RawValue, Source};
+use crate::address::{mask_url_text, Target};
 use crate::error::{Error, Result};
-use crate::target::{mask_url_text, Target};
 
 /// Raw settings of one pool, merged layer over layer: every key optional,
 /// each with the source that set it. [`PoolSettings::resolve`] applies the

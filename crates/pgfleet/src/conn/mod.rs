@@ -9,6 +9,7 @@
 //! * `statements.rs` — the per-connection statement cache;
 //! * `sql.rs` — what a statement's text says about the session.
 
+pub(crate) mod role;
 mod socket;
 pub(crate) mod sql;
 mod statements;
@@ -31,9 +32,9 @@ use self::socket::{open_socket, request_tls, Established, Socket};
 pub(crate) use self::statements::{private::SqlRef, Keyword, StatementCache};
 pub use self::statements::{Prepared, Sql};
 use self::tap::TapStream;
+use crate::address::{Host, Target};
 use crate::config::PoolConfig;
 use crate::error::Error;
-use crate::target::{Host, Target};
 use crate::tls::{ChannelBinding, SslMode};
 
 /// An open connection and what the pool needs to watch and stop it.

@@ -19,8 +19,8 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::tls::{ChannelBinding, TlsConnect, TlsStream};
 
 use super::tap::TapStream;
+use crate::address::{Host, Target};
 use crate::config::PoolConfig;
-use crate::target::{Host, Target};
 
 /// A connection's stream.
 #[derive(Debug)]

@@ -19,8 +19,8 @@ use rustls::{
 use tokio::net::TcpStream;
 use tokio_postgres::tls::ChannelBinding;
 
+use crate::address::{Host, Target};
 use crate::error::Error;
-use crate::target::{Host, Target};
 use crate::tls::{RootCert, SslMode, TlsConfig};
 
 /// What a pool's TLS connections are made with.

@@ -35,11 +35,11 @@ pub use self::handles::PoolHandle;
 use self::handles::{stripe_count, Cell, Refs};
 use self::registry::{find_entry, find_live, Entry, FleetInner, Registry, Snapshot, LOCAL};
 pub use self::reports::{CloseReport, FleetStats, WarmupOutcome, WarmupReport};
+use crate::address::Target;
 use crate::budget::ServerBudget;
 use crate::config::{BudgetMode, FleetConfig, PoolConfig};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
-use crate::target::Target;
 
 /// A registry of shared pools, one per database ([`Target::key`]).
 ///

@@ -17,10 +17,10 @@ use arc_swap::ArcSwap;
 use hashbrown::HashTable;
 
 use super::handles::{next_stripe, Cell, PoolHandle, Refs};
+use crate::address::Target;
 use crate::budget::ServerBudget;
 use crate::config::{FleetConfig, PoolConfig};
 use crate::pool::Pool;
-use crate::target::Target;
 
 /// The registry: one entry per key, found by the hash that [`Target`]
 /// computed once when it was built, so a lookup never hashes the key.

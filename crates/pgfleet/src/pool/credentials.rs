@@ -9,10 +9,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::address::Target;
 use crate::config::PoolConfig;
 use crate::conn;
 use crate::error::{BoxError, Error};
-use crate::target::Target;
 
 /// A password provider, boxed.
 pub(crate) type Provider =

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
-use super::hosts::{lag_text, replication_lag};
 use super::inner::PoolInner;
 use super::release::Verdict;
 use crate::config::PoolConfig;
+use crate::conn::role::{lag_text, replication_lag};
 use crate::stats::CloseReason;
 
 /// Starts the maintenance task of `pool`.

@@ -48,13 +48,13 @@ pub use self::guard::PooledConnection;
 use self::hosts::Hosts;
 use self::inner::PoolInner;
 pub use self::transaction::Transaction;
+use crate::address::{SessionAttrs, Target};
 use crate::budget::ServerBudget;
 use crate::config::{PoolConfig, ReadFallback};
 use crate::error::{Error, Result, TimeoutStage};
 use crate::listener::Listener;
 use crate::shared::{self, Lanes, SharedConnection};
 use crate::stats::{HostStats, PoolStats, Timings};
-use crate::target::{SessionAttrs, Target};
 
 /// A pool of connections to one database.
 ///

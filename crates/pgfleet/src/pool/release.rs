@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
-use super::hosts::query_role;
 use super::inner::{Conn, PoolInner};
 use super::session;
 use crate::config::Pooler;
+use crate::conn::role::query_role;
 use crate::conn::sql::Effects;
 use crate::conn::TxStatus;
 use crate::error::Error;
