@@ -21,7 +21,7 @@ pub(super) const REPLICATION_SETTINGS: [(&str, &str); 4] = [
 
 impl TempCluster {
     /// Starts a streaming hot standby of this cluster (which must be
-    /// running, best built with [`ClusterBuilder::replication`]): a base
+    /// running, best built with [`ClusterBuilder::replication`](crate::ClusterBuilder::replication)): a base
     /// backup (`pg_basebackup`) in a new directory, on its own free port,
     /// following this server. Returns when it accepts connections.
     ///
