@@ -47,7 +47,8 @@ struct Args {
     /// Regenerate this markdown report (and an SVG chart beside it).
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
-    /// Run only these scenarios (letters, e.g. `--only a,e`); all by default.
+    /// Run only these scenarios (letters, e.g. `--only a,e`; `l` is the
+    /// lanes-versus-tasks table); all by default.
     /// A partial run cannot regenerate the markdown report.
     #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
     only: Vec<char>,
@@ -76,9 +77,9 @@ struct Args {
 
 fn parse_scenario(s: &str) -> Result<char, String> {
     match s.trim().to_ascii_lowercase().as_str() {
-        one @ ("a" | "b" | "d" | "e" | "f") => Ok(one.chars().next().unwrap_or('a')),
+        one @ ("a" | "b" | "d" | "e" | "f" | "l") => Ok(one.chars().next().unwrap_or('a')),
         other => Err(format!(
-            "unknown scenario {other:?}: expected one of a, b, d, e, f (c runs with b)"
+            "unknown scenario {other:?}: expected one of a, b, d, e, f, l (c runs with b)"
         )),
     }
 }
@@ -280,6 +281,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let dedicated = Subject::build(Kind::Dedicated, &url, size, 0).await?;
     let pipelined = Subject::build(Kind::Pipelined, &url, 1, 0).await?;
     let shared = Subject::build(Kind::PgfleetShared, &url, size, 0).await?;
+    let statements = Subject::build(Kind::PgfleetStmt, &url, size, 0).await?;
+    let mut by_lanes = Vec::new();
+    if wants('l') {
+        for kind in [Kind::StmtLanes1, Kind::StmtLanes2, Kind::StmtLanes4] {
+            by_lanes.push((kind, Subject::build(kind, &url, size, 0).await?));
+        }
+    }
     let over_tls = Subject::build(Kind::PgfleetTls, &tls_url, size, 0).await?;
     over_tls.fill(size as usize).await?;
 
@@ -326,9 +334,22 @@ async fn run(args: Args) -> Result<(), BoxError> {
             with_baselines.push((Kind::Dedicated, dedicated.clone()));
             with_baselines.push((Kind::Pipelined, pipelined.clone()));
             with_baselines.push((Kind::PgfleetShared, shared.clone()));
+            with_baselines.push((Kind::PgfleetStmt, statements.clone()));
             with_baselines.push((Kind::PgfleetTls, over_tls.clone()));
             plan.push(("B/C queries".into(), op, c, with_baselines));
         }
+    }
+    // The lanes table: the statement methods with 1, 2 and 4 lanes against
+    // the number of tasks, beside the dedicated connections.
+    let l_conc: &[usize] = if args.quick {
+        &[16, 256]
+    } else {
+        &[1, 16, 256, 1024]
+    };
+    for &c in l_conc.iter().filter(|_| wants('l')).filter(wants_tasks) {
+        let mut with_lanes = by_lanes.clone();
+        with_lanes.push((Kind::Dedicated, dedicated.clone()));
+        plan.push(("L lanes".into(), Op::Select1Prepared, c, with_lanes));
     }
     for step in &mut plan {
         step.3
@@ -366,7 +387,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
     }
     eprintln!();
-    for s in subjects.into_iter().map(|(_, s)| s).chain([shared]) {
+    let extra = [shared, statements]
+        .into_iter()
+        .chain(by_lanes.into_iter().map(|(_, s)| s));
+    for s in subjects.into_iter().map(|(_, s)| s).chain(extra) {
         s.close().await;
     }
 

@@ -25,6 +25,15 @@ pub enum Kind {
     /// pgfleet's opt-in shared mode (`Pool::shared`): statements pipelined
     /// over `shared_connections` of the pool's connections.
     PgfleetShared,
+    /// pgfleet's statement methods on the pool (`pool.query(...)`): routed
+    /// by pgfleet, pipelined over its lanes (`shared_connections` = auto).
+    PgfleetStmt,
+    /// The statement methods with 1, 2 and 4 lanes (the lanes table).
+    StmtLanes1,
+    /// 2 lanes.
+    StmtLanes2,
+    /// 4 lanes.
+    StmtLanes4,
     /// pgfleet's pool over TLS (`sslmode=verify-full`, rustls), to the same
     /// server: scenario B only, the cost of TLS per statement.
     PgfleetTls,
@@ -47,6 +56,10 @@ impl Kind {
             Kind::Dedicated => "dedicated",
             Kind::Pipelined => "pipelined",
             Kind::PgfleetShared => "pgfleet-shared",
+            Kind::PgfleetStmt => "pgfleet-stmt",
+            Kind::StmtLanes1 => "stmt 1 lane",
+            Kind::StmtLanes2 => "stmt 2 lanes",
+            Kind::StmtLanes4 => "stmt 4 lanes",
             Kind::PgfleetTls => "pgfleet-tls",
             Kind::Noop => "no pool",
         }
@@ -132,6 +145,8 @@ pub enum Subject {
     Pipelined(Arc<RawClient>),
     /// pgfleet in shared mode.
     PgfleetShared(pgfleet::Pool),
+    /// pgfleet's statement methods.
+    PgfleetStmt(pgfleet::Pool),
     /// Nothing.
     Noop,
 }
@@ -175,7 +190,8 @@ impl RawClient {
     }
 }
 
-/// `shared_connections` of the shared-mode subject (the library default).
+/// `shared_connections` of the shared-mode subject (the library default
+/// on this machine's 2 cores, written out so the subject stays the same).
 pub const SHARED_CONNECTIONS: u32 = 2;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -216,13 +232,41 @@ fn sqlx_run(
     })
 }
 
+/// One operation through the statement methods on the pool: one call, as
+/// a user writes it (text, prepared and cached per lane by pgfleet;
+/// `query_typed` caches too, so `extended` is the same as `prepared`
+/// here).
+async fn stmt_run(pool: &pgfleet::Pool, op: Op, key: i32) -> Result<(), BoxError> {
+    match op {
+        Op::AcquireRelease | Op::AcquireYieldRelease => {
+            return Err("the statement methods have no acquire: scenario B only".into());
+        }
+        Op::Select1Prepared => drop(pool.query(SELECT1, &[]).await?),
+        Op::Select1Extended => drop(pool.query_typed(SELECT1, &[]).await?),
+        Op::Select1Simple => drop(pool.simple_query(SELECT1).await?),
+        Op::PointPrepared => drop(pool.query(POINT, &[&key]).await?),
+        Op::PointExtended => {
+            let typed = [(
+                &key as &(dyn tokio_postgres::types::ToSql + Sync),
+                tokio_postgres::types::Type::INT4,
+            )];
+            drop(pool.query_typed(POINT, &typed).await?)
+        }
+        Op::PointSimple => {
+            let sql = format!("SELECT v FROM bench WHERE id = {key}");
+            drop(pool.simple_query(&sql).await?)
+        }
+    }
+    Ok(())
+}
+
 impl Subject {
     /// Builds `kind` with `size` connections (pools: max size; `min` kept
     /// warm where the pool supports it).
     pub async fn build(kind: Kind, url: &str, size: u32, min: u32) -> Result<Subject, BoxError> {
         // tokio-postgres's own parser (the peers'): it knows no sslrootcert.
         let pg = || url.parse::<tokio_postgres::Config>();
-        let pgfleet_pool = |shared_connections: u32| -> Result<pgfleet::Pool, BoxError> {
+        let pgfleet_pool = |shared_connections: Option<u32>| -> Result<pgfleet::Pool, BoxError> {
             Ok(pgfleet::Pool::new(
                 pgfleet::Target::parse(url)?,
                 pgfleet::PoolConfig {
@@ -236,8 +280,14 @@ impl Subject {
             )?)
         };
         Ok(match kind {
-            Kind::Pgfleet | Kind::PgfleetTls => Subject::Pgfleet(pgfleet_pool(SHARED_CONNECTIONS)?),
-            Kind::PgfleetShared => Subject::PgfleetShared(pgfleet_pool(SHARED_CONNECTIONS)?),
+            Kind::Pgfleet | Kind::PgfleetTls => {
+                Subject::Pgfleet(pgfleet_pool(Some(SHARED_CONNECTIONS))?)
+            }
+            Kind::PgfleetShared => Subject::PgfleetShared(pgfleet_pool(Some(SHARED_CONNECTIONS))?),
+            Kind::PgfleetStmt => Subject::PgfleetStmt(pgfleet_pool(None)?),
+            Kind::StmtLanes1 => Subject::PgfleetStmt(pgfleet_pool(Some(1))?),
+            Kind::StmtLanes2 => Subject::PgfleetStmt(pgfleet_pool(Some(2))?),
+            Kind::StmtLanes4 => Subject::PgfleetStmt(pgfleet_pool(Some(4))?),
             Kind::Deadpool => {
                 let manager = deadpool_postgres::Manager::from_config(
                     pg()?,
@@ -317,6 +367,7 @@ impl Subject {
             Subject::Dedicated(_)
             | Subject::Pipelined(_)
             | Subject::PgfleetShared(_)
+            | Subject::PgfleetStmt(_)
             | Subject::Noop => {}
         }
         Ok(())
@@ -390,6 +441,7 @@ impl Subject {
                 let conn = p.shared().await?;
                 on_client!(op, &conn, |sql| conn.prepare_cached(sql));
             }
+            Subject::PgfleetStmt(p) => stmt_run(p, op, key).await?,
             Subject::Sqlx(p) => sqlx_run(p.clone(), op, key).await?,
             Subject::Noop if op == Op::AcquireYieldRelease => tokio::task::yield_now().await,
             Subject::Noop => {}
@@ -400,7 +452,7 @@ impl Subject {
     /// Closes the pool so its connections leave the server.
     pub async fn close(self) {
         match self {
-            Subject::Pgfleet(p) | Subject::PgfleetShared(p) => {
+            Subject::Pgfleet(p) | Subject::PgfleetShared(p) | Subject::PgfleetStmt(p) => {
                 p.close();
                 p.wait_closed(std::time::Instant::now() + Duration::from_secs(5))
                     .await;

@@ -22,6 +22,9 @@ pub enum TimeoutStage {
     Connect,
     /// Waiting for the pools to close (`close_all` deadline).
     Close,
+    /// Running a statement of the statement methods past its per-call
+    /// deadline (`Pool::with_timeout`).
+    Statement,
 }
 
 impl fmt::Display for TimeoutStage {
@@ -30,6 +33,7 @@ impl fmt::Display for TimeoutStage {
             TimeoutStage::Acquire => "acquire",
             TimeoutStage::Connect => "connect",
             TimeoutStage::Close => "close",
+            TimeoutStage::Statement => "statement",
         })
     }
 }

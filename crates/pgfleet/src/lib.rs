@@ -101,6 +101,7 @@ mod listener;
 mod metrics;
 mod pool;
 mod shared;
+mod statement;
 mod stats;
 mod tls;
 
@@ -132,6 +133,7 @@ pub use prometheus_client;
 #[cfg(feature = "tls-rustls")]
 pub use rustls;
 pub use shared::SharedConnection;
+pub use statement::{PoolSql, PoolStatement, Statements};
 pub use stats::{CounterStats, Gauges, HostStats, PoolStats, TimingStats, Timings};
 pub use tls::{ChannelBinding, RootCert, SslMode, TlsConfig};
 /// The tokio-postgres this crate is built on, so that callers use the exact

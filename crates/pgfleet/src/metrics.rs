@@ -153,7 +153,7 @@ fn encode_gauges(
     encoder: &mut DescriptorEncoder<'_>,
 ) -> Result<(), fmt::Error> {
     type PoolGauge = (&'static str, &'static str, fn(&PoolStats) -> i64);
-    let gauges: [PoolGauge; 9] = [
+    let gauges: [PoolGauge; 10] = [
         ("pool_size", "Open plus opening connections", |p| {
             as_i64(p.gauges.size)
         }),
@@ -180,6 +180,11 @@ fn encode_gauges(
             "pool_shared_connections",
             "Connections in service for shared mode",
             |p| as_i64(p.gauges.shared),
+        ),
+        (
+            "pool_statement_lanes",
+            "Connections in service as lanes of the statement methods",
+            |p| as_i64(p.gauges.lanes),
         ),
     ];
     for (name, help, get) in gauges {

@@ -34,6 +34,9 @@
 //! place that lease was taken) and rolled back before its connection is
 //! reused.
 
+mod flights;
+pub(crate) mod statements;
+
 use std::fmt;
 use std::ops::Deref;
 use std::panic::Location;
@@ -49,6 +52,8 @@ use crate::conn::TxStatus;
 use crate::error::{Error, Result};
 use crate::pool::inner::{Conn, PoolInner};
 use crate::pool::maintain::tick_for;
+use crate::pool::query::Session;
+use flights::Flights;
 
 /// Leases a shared connection of `pool` for the caller at `location`: the
 /// body of [`Pool::shared`](crate::Pool::shared).
@@ -57,7 +62,7 @@ pub(crate) async fn lease(
     lanes: &Arc<Lanes>,
     location: &'static Location<'static>,
 ) -> Result<SharedConnection> {
-    let cap = pool.config.shared_connections.min(pool.max_size()) as usize;
+    let cap = lanes.cap(pool);
     let deadline = Instant::now() + pool.config.acquire_timeout;
     loop {
         let changed = lanes.changed.notified();
@@ -103,7 +108,7 @@ pub(crate) async fn lease(
 /// Opens one more lane in the background (the caller that asked for it
 /// already has a lease on another).
 async fn grow(pool: Arc<PoolInner>, growing: Growing, location: &'static Location<'static>) {
-    let cap = pool.config.shared_connections.min(pool.max_size()) as usize;
+    let cap = growing.lanes.cap(&pool);
     match pool.get(location).await {
         Ok(conn) => {
             let lane = Lane::new(conn.into_conn(), &pool, &growing.lanes, location);
@@ -126,6 +131,38 @@ pub(crate) struct Lanes {
     idle: Option<Duration>,
     /// How often the sweep looks (the pool's maintenance tick).
     tick: Duration,
+    /// Whose lanes these are: the statement methods', or shared mode's.
+    use_: Use,
+}
+
+/// The two sets of lanes a pool has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// The statement methods on the pool (`Pool::query`, ...): every
+    /// request on these lanes goes through a [`flights::Flight`].
+    Statements,
+    /// Shared mode's leases (`Pool::shared`), which reach the `Client`.
+    Leases,
+}
+
+/// Statements in flight on every lane before the statement methods open
+/// another. One lane carries one server backend, so it runs at most one
+/// server core's worth; below this depth a second lane only splits the
+/// batches of the first, and on a machine whose cores the server shares it
+/// doubles the threads that preempt each other (measured in BENCHMARKS.md,
+/// the lanes table: at 16 tasks one lane gives more, with a p99 a fifth of
+/// two lanes').
+const STATEMENT_DEPTH: u64 = 32;
+
+impl Use {
+    /// Leases on every lane before another lane is opened: a shared-mode
+    /// lease may be held across several statements, so any lease counts.
+    fn depth(self) -> u64 {
+        match self {
+            Use::Statements => STATEMENT_DEPTH,
+            Use::Leases => 1,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -148,6 +185,8 @@ pub(crate) struct Lane {
     location: &'static Location<'static>,
     /// For the idle sweep: the leases-taken count last seen and since when.
     seen: Mutex<(u64, Instant)>,
+    /// The requests in flight, for the statement methods.
+    flights: Flights,
 }
 
 /// What [`lease`] should do, decided under the lanes lock.
@@ -176,12 +215,27 @@ impl Drop for Growing {
 
 impl Lanes {
     /// No lanes yet, for a pool with `config`.
-    pub(crate) fn new(config: &PoolConfig) -> Lanes {
+    pub(crate) fn new(config: &PoolConfig, use_: Use) -> Lanes {
         Lanes {
             state: Mutex::new(LanesState::default()),
             changed: Notify::new(),
             idle: config.idle_timeout,
             tick: tick_for(config),
+            use_,
+        }
+    }
+
+    /// How many lanes `pool` may have: `shared_connections` (one per core
+    /// by default), at most `max_size` for shared mode and at most half of
+    /// it for the statement methods, which leave the rest to `get()` and to
+    /// the statements that may not be pipelined (0 lanes, all of them on
+    /// connections of their own, when `max_size` is 1).
+    pub(crate) fn cap(&self, pool: &PoolInner) -> usize {
+        let lanes = pool.config.lanes() as usize;
+        let max = pool.max_size() as usize;
+        match self.use_ {
+            Use::Leases => lanes.min(max),
+            Use::Statements => lanes.min(max / 2),
         }
     }
 
@@ -224,11 +278,26 @@ impl Lanes {
             let least = st
                 .lanes
                 .iter()
-                .min_by_key(|lane| (!lane.fresh(now), lane.live_leases()))
+                .min_by_key(|lane| (!lane.fresh(now), lane.flights.fenced(), lane.live_leases()))
                 .cloned();
-            let all_busy = least.as_ref().is_none_or(|lane| lane.live_leases() > 0);
-            let wanted = all_busy || fresh < st.lanes.len();
-            let grow = (wanted && fresh + st.growing < cap).then(|| {
+            // A fenced lane (a statement whose caller left is being
+            // cancelled on it) takes statements only when no other can.
+            let depth = self.use_.depth();
+            let all_busy = least
+                .as_ref()
+                .is_none_or(|lane| lane.live_leases() >= depth || lane.flights.fenced());
+            // With no lane yet, the first one is opened alone: the callers
+            // that come meanwhile wait for it, and the load decides on more.
+            // Then: one more while every lane is busy, and one replacement
+            // per lane past its time (not counting those being opened).
+            let wanted = match &least {
+                None => st.growing == 0,
+                Some(_) => {
+                    (all_busy && fresh + st.growing < cap)
+                        || fresh + st.growing < st.lanes.len().min(cap)
+                }
+            };
+            let grow = wanted.then(|| {
                 st.growing += 1;
                 Growing {
                     lanes: self.clone(),
@@ -256,9 +325,16 @@ impl Lanes {
             return false;
         }
         let runtime = lane.pool.runtime.clone();
-        st.lanes.push(lane);
         let now = Instant::now();
         let mut retired = Vec::new();
+        // A lane past its time is replaced by the first fresh lane added
+        // after it (the load may not need it beside the old one).
+        if lane.fresh(now) {
+            if let Some(i) = st.lanes.iter().position(|l| !l.fresh(now)) {
+                retired.push(st.lanes.swap_remove(i));
+            }
+        }
+        st.lanes.push(lane);
         while st.lanes.len() > cap {
             match st.lanes.iter().position(|l| !l.fresh(now)) {
                 Some(i) => retired.push(st.lanes.remove(i)),
@@ -280,17 +356,22 @@ impl Lanes {
     fn sweep(&self, now: Instant) -> bool {
         let idle = self.idle;
         let mut retired = Vec::new();
+        // Callers wait in `get()`: a lane without a statement on it gives
+        // its connection back now rather than after `idle_timeout`. (The
+        // pool's lock is never taken under the lanes lock.)
+        let pool = self.lock().lanes.first().map(|lane| lane.pool.clone());
+        let wanted_back = pool.as_ref().is_some_and(|pool| pool.has_waiters());
         let left = {
             let mut st = self.lock();
             // The pool may have been resized below its lanes.
-            if let Some(pool) = st.lanes.first().map(|lane| lane.pool.clone()) {
-                let cap = pool.config.shared_connections.min(pool.max_size()) as usize;
-                trim(&mut st.lanes, cap, &mut retired);
+            if let Some(pool) = &pool {
+                trim(&mut st.lanes, self.cap(pool), &mut retired);
             }
             let mut i = 0;
             while i < st.lanes.len() {
                 let lane = &st.lanes[i];
-                let unused = idle.is_some_and(|idle| lane.unused_for(idle, now));
+                let unused = idle.is_some_and(|idle| lane.unused_for(idle, now))
+                    || (wanted_back && lane.live_leases() == 0 && lane.flights.open() == 0);
                 if unused || !lane.alive() {
                     retired.push(st.lanes.swap_remove(i));
                 } else {
@@ -379,11 +460,24 @@ impl Lane {
             leases: UseCount::default(),
             location,
             seen: Mutex::new((0, Instant::now())),
+            flights: Flights::new(),
         })
     }
 
     fn conn(&self) -> &Conn {
         self.conn.as_ref().expect("present until drop")
+    }
+
+    /// The query machinery's view of this lane's connection.
+    fn session(&self) -> Session<'_> {
+        let raw = &self.conn().raw;
+        Session {
+            client: &raw.client,
+            statements: &raw.statements,
+            tap: &raw.tap,
+            pool: &self.pool,
+            shared: true,
+        }
     }
 
     /// Whether the lane may take leases at all: its connection is open, in
@@ -485,15 +579,8 @@ impl SharedConnection {
         Err(copy_refused())
     }
 
-    fn session(&self) -> crate::pool::query::Session<'_> {
-        let raw = &self.lane.conn().raw;
-        crate::pool::query::Session {
-            client: &raw.client,
-            statements: &raw.statements,
-            tap: &raw.tap,
-            pool: &self.lane.pool,
-            shared: true,
-        }
+    fn session(&self) -> Session<'_> {
+        self.lane.session()
     }
 
     /// Statements cached on this lease's connection.

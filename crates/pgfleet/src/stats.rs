@@ -225,6 +225,19 @@ counters! {
         statements_prepared,
         /// `prepare_cached` calls served from a connection's statement cache.
         statement_cache_hits,
+        /// Statements run by the statement methods on the pool
+        /// (`Pool::query` and the rest) on a lane, pipelined with others.
+        statements_pipelined,
+        /// Statements run by the statement methods on a connection of their
+        /// own, because they may not be pipelined (transaction control,
+        /// session state, COPY, several statements in one text).
+        statements_exclusive,
+        /// CancelRequests sent for statements whose caller left (a per-call
+        /// timeout, a dropped future) while they ran on a lane.
+        statements_cancelled,
+        /// Statements of the statement methods run again because a cancel
+        /// meant for another statement on their lane aborted them.
+        statements_retried,
         /// Times the pool moved to another host of its target (the one it
         /// was on went away or stopped matching `target_session_attrs`).
         failovers,
@@ -285,6 +298,9 @@ pub struct Gauges {
     /// Connections in service for shared mode (`Pool::shared`); they count
     /// in `in_use`.
     pub shared: u32,
+    /// Lanes in service for the statement methods on the pool
+    /// (`Pool::query` and the rest); they count in `in_use` too.
+    pub lanes: u32,
 }
 
 /// Timings of one pool.

@@ -229,7 +229,7 @@ async fn the_pool_survives_chaos_and_leaks_nothing() {
         acquire_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(1),
         health_check_after: Duration::from_millis(200),
-        shared_connections: 2,
+        shared_connections: Some(2),
         application_name: app.clone(),
         ..PoolConfig::default()
     };

@@ -45,10 +45,11 @@ fn cluster_behind(mode: PoolMode) -> (TempCluster, PgBouncer) {
 }
 
 /// One operation of the mix, by number: text queries, `prepare_cached`,
-/// transactions (committed and dropped early), shared mode, updates.
+/// transactions (committed and dropped early), shared mode, updates, the
+/// statement methods on the pool.
 async fn operation(pool: &PoolHandle, task: usize, i: usize) -> pgfleet::Result<()> {
     let n = (task * OPS_PER_TASK + i) as i32;
-    match i % 6 {
+    match i % 7 {
         0 => {
             let conn = pool.get().await?;
             let row = conn.query_one("SELECT $1::int + 1", &[&n]).await?;
@@ -101,6 +102,16 @@ async fn operation(pool: &PoolHandle, task: usize, i: usize) -> pgfleet::Result<
                 .query_opt("SELECT 1 WHERE $1::bool", &[&false])
                 .await?
                 .is_none());
+        }
+        5 => {
+            // The statement methods on the pool: pipelined on a lane in the
+            // pooler-safe form, and a SET on a connection of its own.
+            let row = pool
+                .query_one("SELECT $1::int * 3, $2::text", &[&n, &"x"])
+                .await?;
+            assert_eq!(row.get::<_, i32>(0), n * 3);
+            assert!(pool.query_opt("SELECT 1 WHERE false", &[]).await?.is_none());
+            pool.execute("SET statement_timeout = '7s'", &[]).await?;
         }
         _ => {
             // An early return from a transaction: dropped, rolled back.
@@ -178,7 +189,7 @@ async fn mixed_load(mode: PoolMode, pooler: &str) {
             let mut errors = Vec::new();
             for i in 0..OPS_PER_TASK {
                 if let Err(e) = operation(&pool, task, i).await {
-                    errors.push(format!("op {}: {e}", i % 6));
+                    errors.push(format!("op {}: {e}", i % 7));
                 }
             }
             errors
@@ -233,7 +244,7 @@ async fn mixed_load(mode: PoolMode, pooler: &str) {
         )
         .await
         .unwrap();
-    let committed = (0..OPS_PER_TASK).filter(|i| i % 6 == 2).count() * TASKS;
+    let committed = (0..OPS_PER_TASK).filter(|i| i % 7 == 2).count() * TASKS;
     assert_eq!(row.get::<_, i64>(0) as usize, committed);
     assert_eq!(row.get::<_, i64>(1), 0);
     drop(conn);

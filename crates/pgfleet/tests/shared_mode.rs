@@ -15,7 +15,7 @@ use pgfleet::Pool;
 async fn many_tasks_share_a_few_connections() {
     let app = app("shared_many");
     let mut cfg = config(&app, 0, 8);
-    cfg.shared_connections = 2;
+    cfg.shared_connections = Some(2);
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     let mut tasks = Vec::new();
     for i in 0..200i32 {
@@ -78,7 +78,7 @@ async fn many_tasks_share_a_few_connections() {
 async fn lane_left_in_a_transaction_is_taken_out_and_rolled_back() {
     let app = app("shared_tx");
     let mut cfg = config(&app, 0, 4);
-    cfg.shared_connections = 1;
+    cfg.shared_connections = Some(1);
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     let table = format!("shared_{}", app.replace('-', "_"));
     pool.shared()
@@ -121,7 +121,7 @@ async fn lane_left_in_a_transaction_is_taken_out_and_rolled_back() {
 async fn unused_lanes_go_back_to_the_pool_and_close_with_it() {
     let app = app("shared_idle");
     let mut cfg = config(&app, 0, 4);
-    cfg.shared_connections = 2;
+    cfg.shared_connections = Some(2);
     cfg.idle_timeout = Some(Duration::from_millis(200));
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     let (a, b) = (pool.shared().await.unwrap(), pool.shared().await.unwrap());
@@ -161,7 +161,7 @@ async fn unused_lanes_go_back_to_the_pool_and_close_with_it() {
 async fn lanes_past_max_queries_are_replaced_without_failing_anyone() {
     let app = app("shared_recycle");
     let mut cfg = config(&app, 0, 4);
-    cfg.shared_connections = 1;
+    cfg.shared_connections = Some(1);
     cfg.max_queries = Some(50);
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     let mut tasks = Vec::new();
@@ -198,7 +198,7 @@ async fn lanes_past_max_queries_are_replaced_without_failing_anyone() {
 async fn cancelled_shared_calls_lose_nothing() {
     let app = app("shared_cancel");
     let mut cfg = config(&app, 0, 3);
-    cfg.shared_connections = 2;
+    cfg.shared_connections = Some(2);
     let pool = Arc::new(Pool::new(target(cluster()), cfg).unwrap());
     let mut tasks = Vec::new();
     for i in 0..300u64 {
@@ -279,7 +279,7 @@ async fn shared_callers_time_out_within_their_own_deadline_and_are_counted() {
 async fn resizing_below_the_lanes_trims_them_and_the_pool_shrinks() {
     let app = app("shared_resize");
     let mut cfg = config(&app, 0, 4);
-    cfg.shared_connections = 3;
+    cfg.shared_connections = Some(3);
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     // Three leases at once open three lanes.
     let leases = [

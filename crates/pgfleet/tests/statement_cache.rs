@@ -132,7 +132,7 @@ async fn clearing_the_cache_follows_deallocate_all() {
 async fn shared_leases_share_their_connections_statements() {
     let app = app("stmt_shared");
     let mut cfg = config(&app, 0, 4);
-    cfg.shared_connections = 2;
+    cfg.shared_connections = Some(2);
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     let sql = "SELECT $1::int4 * 2";
     let (tasks, rounds) = (50i32, 20i32);
@@ -175,7 +175,7 @@ async fn shared_leases_share_their_connections_statements() {
 async fn statements_evicted_while_in_use_still_run_and_are_closed_after() {
     let app = app("stmt_thrash");
     let mut cfg = config(&app, 0, 4);
-    cfg.shared_connections = 2;
+    cfg.shared_connections = Some(2);
     cfg.statement_cache_size = 1;
     let pool = Pool::new(target(cluster()), cfg).unwrap();
     // Three texts through a cache of one: nearly every call evicts a

@@ -491,7 +491,7 @@ async fn over_tls_max_queries_shared_mode_and_the_statement_cache_work() {
     let app = app("tls_shared");
     let mut config = config(&app, 0, 2);
     config.max_queries = Some(3);
-    config.shared_connections = 1;
+    config.shared_connections = Some(1);
     let pool = Pool::new(Target::parse(&verified_url()).unwrap(), config).unwrap();
     // max_queries counts statements the tap sees in the decrypted stream.
     let first: i32 = {

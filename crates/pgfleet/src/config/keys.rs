@@ -281,13 +281,12 @@ pub(crate) const KEYS: &[Key] = &[
     Key {
         name: "shared_connections",
         aliases: &[],
-        kind: Kind::Size {
-            min: 1,
+        kind: Kind::Auto {
             max: MAX_POOL_SIZE,
-            field: Some(field!(shared_connections)),
+            field: field!(shared_connections),
         },
-        default: "2",
-        doc: "connections that shared mode pipelines statements over",
+        default: "auto",
+        doc: "lanes (connections) that statements are pipelined over; auto: one per core, at least 2",
     },
     Key {
         name: "keepalives_idle",

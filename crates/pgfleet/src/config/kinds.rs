@@ -61,6 +61,8 @@ pub(crate) enum Kind {
     Limit { min: u64, field: Field<Option<u64>> },
     /// A number of callers in `0..=max`, or `off`.
     Callers { max: u32, field: Field<Option<u32>> },
+    /// A number of connections in `1..=max`, or `auto` (`None`).
+    Auto { max: u32, field: Field<Option<u32>> },
     /// A duration up to `max`, always on.
     Duration {
         max: Duration,
@@ -147,6 +149,13 @@ impl Kind {
                     Some(size(raw, 0, *max)?)
                 };
             }
+            Kind::Auto { max, field } => {
+                *(field.set)(config) = if value::is_auto(raw) {
+                    None
+                } else {
+                    Some(size(raw, 1, *max)?)
+                };
+            }
             Kind::Duration { max, field } => {
                 *(field.set)(config) = value::duration(raw, *max, false)?;
             }
@@ -214,6 +223,11 @@ impl Kind {
                     return fail(format!("expected 0..={max}, or None / `off`"));
                 }
             }
+            Kind::Auto { max, field } => {
+                if (field.get)(config).is_some_and(|n| n < 1 || n > *max) {
+                    return fail(format!("expected 1..={max}, or None / `auto`"));
+                }
+            }
             Kind::Limit { min, field } => {
                 if (field.get)(config).is_some_and(|n| n < *min) {
                     return fail(format!(
@@ -279,6 +293,9 @@ impl Kind {
             Kind::Callers { field, .. } => {
                 (field.get)(config).map_or("off".to_owned(), |n| n.to_string())
             }
+            Kind::Auto { field, .. } => {
+                (field.get)(config).map_or("auto".to_owned(), |n| n.to_string())
+            }
             Kind::Duration { field, .. } => value::show_duration(Some(*(field.get)(config))),
             Kind::OptDuration { field, .. } => value::show_duration(*(field.get)(config)),
             Kind::AppName(field) => (field.get)(config).clone(),
@@ -312,6 +329,7 @@ impl Kind {
             Kind::Len { max, .. } => format!("0..={max}"),
             Kind::Limit { min, .. } => format!("≥ {min}"),
             Kind::Callers { max, .. } => format!("0..={max}"),
+            Kind::Auto { max, .. } => format!("1..={max}, auto"),
             Kind::Duration { max, .. } | Kind::OptDuration { max, .. } => {
                 format!("> 0, ≤ {}", days(max))
             }

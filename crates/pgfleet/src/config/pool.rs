@@ -83,11 +83,20 @@ pub struct PoolConfig {
     /// (`server_settings`), e.g. `search_path`, `work_mem`. Names like
     /// `work_mem` or `app.tenant`.
     pub server_settings: BTreeMap<String, String>,
-    /// Connections the opt-in shared mode ([`Pool::shared`](crate::Pool::shared))
-    /// pipelines statements over, taken from the pool when first needed
-    /// (`shared_connections`). Default 2, range 1..=10000; at most the
-    /// `max_size` are used.
-    pub shared_connections: u32,
+    /// Connections that statements are pipelined over, per kind of use:
+    /// the statement methods on the pool ([`Pool::query`](crate::Pool::query)
+    /// and the rest) and the opt-in shared mode
+    /// ([`Pool::shared`](crate::Pool::shared)) each open up to this many
+    /// *lanes*, taken from the pool as the load asks for them
+    /// (`shared_connections`). `None` (`auto`, the default) is the number of
+    /// cores the process may use, at least 2 ([`Self::lanes`]); range
+    /// 1..=10000. The statement methods use at most half of `max_size`,
+    /// shared mode at most `max_size`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(serialize_with = "super::value::auto_count::serialize")
+    )]
+    pub shared_connections: Option<u32>,
     /// Idle time of a connection's TCP socket before the first keepalive
     /// probe (`keepalives_idle`), so that a dead network or server is
     /// noticed on idle connections. Default 60s; at most 7 days; `None`
@@ -297,7 +306,7 @@ impl Default for PoolConfig {
             leak_threshold: None,
             application_name: "pgfleet".to_owned(),
             server_settings: BTreeMap::new(),
-            shared_connections: 2,
+            shared_connections: None,
             max_waiting: None,
             keepalives_idle: Some(Duration::from_secs(60)),
             keepalives_interval: Duration::from_secs(10),
@@ -371,6 +380,23 @@ impl PoolConfig {
             && *hooks == other.hooks
             && *application_name == other.application_name
             && *server_settings == other.server_settings
+    }
+
+    /// The lanes in force (`shared_connections`): the value set, or for
+    /// `auto` the number of cores this process may use, at least 2. Each
+    /// lane is one connection driven by its own task, and one server
+    /// backend: with fewer lanes than cores, the pipelines of the busiest
+    /// lanes are the bottleneck, on the client and on the server.
+    pub fn lanes(&self) -> u32 {
+        // Read once: the standard library reads the cgroup files each time.
+        static CORES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        self.shared_connections.unwrap_or_else(|| {
+            *CORES.get_or_init(|| {
+                std::thread::available_parallelism()
+                    .map_or(2, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                    .clamp(2, 64)
+            })
+        })
     }
 
     /// The cap in force: `max_size`, or when it is `None`, 10 or `min_size`

@@ -105,6 +105,15 @@ pub(crate) fn is_off(raw: &RawValue) -> bool {
     }
 }
 
+/// Whether `raw` asks for the value to be worked out (`auto`, or null).
+pub(crate) fn is_auto(raw: &RawValue) -> bool {
+    match raw {
+        RawValue::Null => true,
+        RawValue::Str(s) => s.trim().eq_ignore_ascii_case("auto"),
+        _ => false,
+    }
+}
+
 /// A whole number in `min..=max` (`10`, `10.0` and `"10"` are accepted).
 pub(crate) fn count(raw: &RawValue, min: u64, max: u64) -> Result<u64, Why> {
     let expected = || {
@@ -280,6 +289,19 @@ pub(crate) fn show_duration(d: Option<Duration>) -> String {
     d.map_or("off".to_owned(), |d| {
         humantime::format_duration(d).to_string()
     })
+}
+
+/// A count or `auto` serialises as the number or `"auto"`.
+#[cfg(feature = "serde")]
+pub(crate) mod auto_count {
+    use serde::Serializer;
+
+    pub(crate) fn serialize<S: Serializer>(n: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match n {
+            Some(n) => s.serialize_u32(*n),
+            None => s.serialize_str("auto"),
+        }
+    }
 }
 
 /// Durations serialise as humantime strings (`"30s"`).

@@ -244,6 +244,71 @@ pub(crate) fn statement_count(sql: &str) -> usize {
     words(sql.as_bytes(), |_, _| {})
 }
 
+/// Why a text may not be pipelined with other callers' statements on one
+/// connection (the statement methods on the pool run it on a connection of
+/// its own instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exclusive {
+    /// Several statements in one text: a failure would skip the rest, and
+    /// they share one implicit transaction.
+    Several,
+    /// `COPY ... FROM STDIN` / `TO STDOUT`: a stream, which one call cannot
+    /// carry.
+    CopyStream,
+    /// `COPY` to or from a file or program: it holds the connection for its
+    /// whole transfer.
+    Copy,
+    /// `BEGIN`, `COMMIT`, `SAVEPOINT` and the like: the other callers'
+    /// statements would run inside the transaction.
+    Transaction,
+    /// Cursors, `LOCK`, SQL `EXECUTE`, `LOAD`, `DISCARD`: they belong to one
+    /// session (or one transaction block).
+    Session,
+    /// Session state the text may leave behind (`SET`, `LISTEN`, advisory
+    /// locks, temporary tables, `PREPARE`, `DEALLOCATE`).
+    State(Effects),
+}
+
+/// Whether `sql` may be pipelined with other callers' statements: `None`
+/// when it is one statement in autocommit that leaves nothing behind.
+pub(crate) fn exclusive(sql: &str) -> Option<Exclusive> {
+    let mut head = [0u8; 12];
+    let mut head_len = usize::MAX;
+    let mut stream = false;
+    let count = words(sql.as_bytes(), |statement, word| {
+        if statement != 0 {
+            return;
+        }
+        if head_len == usize::MAX {
+            head_len = if word.len() > head.len() {
+                0
+            } else {
+                word.len()
+            };
+            head[..head_len].copy_from_slice(&word[..head_len]);
+            head[..head_len].make_ascii_uppercase();
+        } else if &head[..head_len] == b"COPY"
+            && (word.eq_ignore_ascii_case(b"STDIN") || word.eq_ignore_ascii_case(b"STDOUT"))
+        {
+            stream = true;
+        }
+    });
+    if count > 1 {
+        return Some(Exclusive::Several);
+    }
+    match head.get(..head_len).unwrap_or_default() {
+        b"COPY" if stream => return Some(Exclusive::CopyStream),
+        b"COPY" => return Some(Exclusive::Copy),
+        b"BEGIN" | b"START" | b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT" | b"SAVEPOINT"
+        | b"RELEASE" => return Some(Exclusive::Transaction),
+        b"DECLARE" | b"FETCH" | b"MOVE" | b"CLOSE" | b"LOCK" | b"EXECUTE" | b"LOAD"
+        | b"DISCARD" => return Some(Exclusive::Session),
+        _ => {}
+    }
+    let effects = effects(sql.as_bytes());
+    (effects != Effects::NONE).then_some(Exclusive::State(effects))
+}
+
 /// The session state `sql` may leave behind.
 pub(crate) fn effects(sql: &[u8]) -> Effects {
     let mut out = Effects::NONE;
@@ -336,6 +401,56 @@ pub(crate) fn excerpt(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_single_statements_without_state_are_pipelined() {
+        for sql in [
+            "SELECT 1",
+            "select $1::int + 1",
+            "INSERT INTO t VALUES ($1) RETURNING id",
+            "UPDATE t SET x = 1 WHERE id = $1",
+            "SELECT 'BEGIN; SET x = 1' AS text",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT count(*) FROM d",
+            "NOTIFY ch, 'x'",
+            "SELECT 1;",
+            "",
+        ] {
+            assert_eq!(exclusive(sql), None, "{sql}");
+        }
+        let cases = [
+            ("SELECT 1; SELECT 2", Exclusive::Several),
+            ("BEGIN", Exclusive::Transaction),
+            ("commit", Exclusive::Transaction),
+            ("SAVEPOINT a", Exclusive::Transaction),
+            ("COPY t FROM STDIN", Exclusive::CopyStream),
+            ("copy (select 1) to stdout", Exclusive::CopyStream),
+            ("COPY t TO '/tmp/t.csv'", Exclusive::Copy),
+            ("DECLARE c CURSOR FOR SELECT 1", Exclusive::Session),
+            ("LOCK TABLE t", Exclusive::Session),
+            ("DISCARD PLANS", Exclusive::Session),
+            ("SET search_path = x", Exclusive::State(Effects::SETTINGS)),
+            (
+                "SELECT set_config('a.b', '1', false)",
+                Exclusive::State(Effects::SETTINGS),
+            ),
+            ("LISTEN ch", Exclusive::State(Effects::LISTEN)),
+            (
+                "CREATE TEMP TABLE x (a int)",
+                Exclusive::State(Effects::TEMP),
+            ),
+            (
+                "SELECT pg_advisory_lock(1)",
+                Exclusive::State(Effects::ADVISORY),
+            ),
+            (
+                "DEALLOCATE ALL",
+                Exclusive::State(Effects::DROPPED_STATEMENTS),
+            ),
+        ];
+        for (sql, why) in cases {
+            assert_eq!(exclusive(sql), Some(why), "{sql}");
+        }
+    }
 
     fn of(sql: &str) -> Effects {
         effects(sql.as_bytes())

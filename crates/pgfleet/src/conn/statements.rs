@@ -54,7 +54,8 @@ pub(crate) enum Keyword {
 }
 
 impl Keyword {
-    fn of(sql: &str) -> Keyword {
+    /// What the first keyword of `sql` says.
+    pub(crate) fn of(sql: &str) -> Keyword {
         match sql::first_keyword(sql).as_deref() {
             Some("COPY") => Keyword::Copy,
             Some(

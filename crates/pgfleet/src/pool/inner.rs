@@ -287,6 +287,11 @@ impl PoolInner {
         self.max_size.store(max_size, Ordering::Relaxed);
     }
 
+    /// Whether callers wait in `get()` now.
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.lock().waiting > 0
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<Conn>> {
         // The state is consistent between statements; a panic elsewhere
         // while holding the lock cannot leave it half-updated.

@@ -63,9 +63,11 @@ use crate::stats::{HostStats, PoolStats, Timings};
 /// built directly with [`Pool::new`].
 #[derive(Clone)]
 pub struct Pool {
-    inner: Arc<PoolInner>,
+    pub(crate) inner: Arc<PoolInner>,
     /// Shared mode's connections ([`Pool::shared`]).
     lanes: Arc<Lanes>,
+    /// The statement methods' connections ([`Pool::query`] and the rest).
+    pub(crate) statement_lanes: Arc<Lanes>,
     /// The read side of a multi-host target ([`Pool::reads`]), made on
     /// first use.
     reads: Arc<Mutex<Option<Pool>>>,
@@ -123,7 +125,8 @@ impl Pool {
         };
         let hosts = Hosts::new(&target, budgets, parent.is_some())?;
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
-        let lanes = Arc::new(Lanes::new(&config));
+        let lanes = Arc::new(Lanes::new(&config, shared::Use::Leases));
+        let statement_lanes = Arc::new(Lanes::new(&config, shared::Use::Statements));
         let credentials = parent.map(|p| p.credentials.clone());
         let inner = Arc::new(PoolInner::new(
             id,
@@ -168,6 +171,7 @@ impl Pool {
         Ok(Pool {
             inner,
             lanes,
+            statement_lanes,
             reads: Arc::default(),
         })
     }
@@ -476,6 +480,7 @@ impl Pool {
             conn.close(crate::stats::CloseReason::Shutdown);
         }
         self.lanes.close();
+        self.statement_lanes.close();
         if let Some(reads) = self.read_side() {
             reads.close();
         }
@@ -556,6 +561,7 @@ impl Pool {
             )
         };
         gauges.shared = u32::try_from(self.lanes.count()).unwrap_or(u32::MAX);
+        gauges.lanes = u32::try_from(self.statement_lanes.count()).unwrap_or(u32::MAX);
         let config = &inner.config;
         PoolStats {
             url: inner.label.clone(),

@@ -41,7 +41,7 @@ pub(crate) struct Session<'a> {
 /// "cached plan must not change result type" (it outlived a schema change)
 /// and "prepared statement does not exist" (something dropped it on the
 /// server behind the cache's back).
-const STALE_STATEMENT: [&str; 2] = ["0A000", "26000"];
+pub(crate) const STALE_STATEMENT: [&str; 2] = ["0A000", "26000"];
 
 impl Session<'_> {
     fn pooler(&self) -> Pooler {
@@ -272,9 +272,7 @@ impl Session<'_> {
         let stream = self.query_raw(sql, params).await?;
         let (mut rows, more) = collect(stream, 1).await?;
         if more {
-            return Err(Error::statement(
-                "the query returned more than one row, at most one was expected",
-            ));
+            return Err(more_than_one_row());
         }
         Ok(rows.pop())
     }
@@ -284,9 +282,7 @@ impl Session<'_> {
         sql: SqlRef<'_>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row> {
-        self.query_opt(sql, params)
-            .await?
-            .ok_or_else(|| Error::statement("the query returned no rows, one was expected"))
+        self.query_opt(sql, params).await?.ok_or_else(no_row)
     }
 
     pub(crate) async fn execute(
@@ -320,9 +316,19 @@ fn warn_pooler_session_state(pool: &PoolInner, effects: Effects, sql: &str) {
     }
 }
 
+/// `query_opt` found a second row.
+pub(crate) fn more_than_one_row() -> Error {
+    Error::statement("the query returned more than one row, at most one was expected")
+}
+
+/// `query_one` found none.
+pub(crate) fn no_row() -> Error {
+    Error::statement("the query returned no rows, one was expected")
+}
+
 /// Up to `limit` rows of `stream`, and whether there were more (the rest
 /// is read and dropped, so that the connection is ready again).
-async fn collect(stream: RowStream, limit: usize) -> Result<(Vec<Row>, bool)> {
+pub(crate) async fn collect(stream: RowStream, limit: usize) -> Result<(Vec<Row>, bool)> {
     let mut stream = std::pin::pin!(stream);
     let mut rows = Vec::new();
     let mut more = false;

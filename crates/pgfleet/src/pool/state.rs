@@ -161,6 +161,7 @@ impl<C> State<C> {
             waiting: self.waiting,
             connecting,
             shared: 0,
+            lanes: 0,
         }
     }
 

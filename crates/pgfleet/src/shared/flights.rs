@@ -1,0 +1,387 @@
+//! The requests in flight on one lane, in the order the server runs them,
+//! so that a statement whose caller gave up is cancelled on the server
+//! without cancelling anyone else's.
+//!
+//! PostgreSQL's CancelRequest names a backend, not a statement: it stops
+//! whatever that backend runs when the request arrives. On a lane, several
+//! callers' statements queue on one backend, so a careless cancel hits a
+//! neighbour. Three rules keep it on target:
+//!
+//! * **Every request has a place.** A [`Flight`] takes the next number under
+//!   the lane's lock in the same poll that hands its request to the
+//!   connection (tokio-postgres writes requests in the order they are
+//!   handed over), so the numbers are the server's order.
+//! * **A request whose caller left is still watched.** When a flight's
+//!   future is dropped before its answer is in (a per-call timeout, a
+//!   cancelled task), its request future, which owns everything it needs,
+//!   moves to a drain task that reads the answer to its end. So pgfleet
+//!   knows when every request is finished, the abandoned ones too.
+//! * **Cancel the head only.** The lane stops taking new statements
+//!   (*fenced*) while it carries an abandoned request, and its settle task
+//!   sends a CancelRequest only when the oldest unfinished request is an
+//!   abandoned one: every request before it has finished, so the server is
+//!   running it. It first gives it [`GRACE`] to finish by itself, since a
+//!   CancelRequest costs the server more than a short statement does.
+//!
+//! One race is left: the abandoned statement may finish on the server just
+//! as the CancelRequest travels, and the cancel then lands on the next
+//! request (the backend also keeps a signal that arrives between two
+//! statements for the next one). That request fails with SQLSTATE 57014
+//! ("canceling statement due to user request") close in time to a cancel
+//! pgfleet sent on its lane: it was aborted, so nothing of it took effect,
+//! and the statement methods run it again (see [`Flights::hit_by_cancel`]).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::Lane;
+use crate::error::Error;
+
+/// How long the settle task waits between looks, and between two cancels
+/// of the same statement.
+const LOOK: Duration = Duration::from_millis(250);
+/// How long an abandoned statement at the head of the queue may run before
+/// it is cancelled: a CancelRequest costs the server a process of its own,
+/// more than a short statement left to finish.
+const GRACE: Duration = Duration::from_millis(20);
+/// Cancels sent for one abandoned statement before the lane is given up.
+const CANCELS: u32 = 4;
+/// How long the settle task waits behind a live request that makes no
+/// progress before it cancels anyway (a prepare whose type lookups queued
+/// behind the abandoned statement waits for it, and it for them).
+const STUCK: Duration = Duration::from_secs(10);
+
+/// How close in time to a cancel of its lane a statement's own 57014 is
+/// taken for that cancel's work.
+const CANCEL_REACH: Duration = Duration::from_secs(1);
+
+/// The book of one lane's requests.
+pub(crate) struct Flights {
+    log: Mutex<Log>,
+    /// Some request's caller left before its answer was in: no new
+    /// statements go to this lane while any is unfinished.
+    fenced: AtomicBool,
+    /// CancelRequests being sent on this lane now.
+    cancelling: AtomicU64,
+    /// When a CancelRequest was last begun or finished: nanoseconds since
+    /// `base`, 0 for never.
+    last_cancel: AtomicU64,
+    base: Instant,
+    /// Woken when a request finishes.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct Log {
+    next: u64,
+    /// Unfinished requests, oldest first.
+    open: VecDeque<Entry>,
+    /// The settle task runs.
+    settling: bool,
+}
+
+struct Entry {
+    seq: u64,
+    /// The caller left; the drain task reads the answer.
+    abandoned: bool,
+    /// Cancels sent for it, and when the last one was.
+    cancels: u32,
+    last_cancel: Option<Instant>,
+    /// Since when the settle task has seen it at the head, abandoned.
+    head_since: Option<Instant>,
+}
+
+/// A request future that owns what it uses, so that it can outlive its
+/// caller.
+pub(crate) type Request<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl Flights {
+    pub(crate) fn new() -> Flights {
+        Flights {
+            log: Mutex::default(),
+            fenced: AtomicBool::new(false),
+            cancelling: AtomicU64::new(0),
+            last_cancel: AtomicU64::new(0),
+            base: Instant::now(),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the lane carries a request whose caller left.
+    pub(crate) fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Marks a CancelRequest begun or finished.
+    fn cancel_mark(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_cancel.store(nanos.max(1), Ordering::Release);
+    }
+
+    /// Requests unfinished now.
+    pub(crate) fn open(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Whether `error`, from a call that began on this lane at `began`, is
+    /// the work of a CancelRequest pgfleet sent for someone else's
+    /// statement: SQLSTATE 57014 "due to user request" while a cancel was
+    /// being sent on the lane, or within [`CANCEL_REACH`] of one since
+    /// shortly before the call began. Such a statement was aborted, so
+    /// nothing of it took effect and it may run again.
+    pub(crate) fn hit_by_cancel(&self, error: &Error, began: Instant) -> bool {
+        let user_request = error.code() == Some("57014")
+            && error
+                .as_db_error()
+                .is_some_and(|db| db.message().contains("user request"));
+        if !user_request {
+            return false;
+        }
+        if self.cancelling.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        let last = self.last_cancel.load(Ordering::Acquire);
+        let since = began.saturating_duration_since(self.base);
+        let from = since.saturating_sub(CANCEL_REACH).as_nanos();
+        last != 0 && u128::from(last) >= from
+    }
+
+    fn finish(&self, seq: u64) {
+        let mut log = self.lock();
+        if let Some(i) = log.open.iter().position(|e| e.seq == seq) {
+            log.open.remove(i);
+        }
+        if !log.open.iter().any(|e| e.abandoned) {
+            self.fenced.store(false, Ordering::Release);
+        }
+        drop(log);
+        self.changed.notify_waiters();
+    }
+}
+
+/// One request on a lane: numbered and handed to the connection in one
+/// poll, finished when its answer is read; dropped early, it is handed to a
+/// drain task and the lane's settle task cancels it on the server.
+pub(crate) struct Flight<T: Send + 'static> {
+    lane: Arc<Lane>,
+    request: Option<Request<T>>,
+    /// Its number, once sent.
+    seq: Option<u64>,
+}
+
+impl<T: Send + 'static> Flight<T> {
+    pub(crate) fn new(lane: Arc<Lane>, request: Request<T>) -> Flight<T> {
+        Flight {
+            lane,
+            request: Some(request),
+            seq: None,
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Flight<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        let request = this.request.as_mut().expect("polled after completion");
+        let flights = &this.lane.flights;
+        let polled = match this.seq {
+            Some(_) => request.as_mut().poll(cx),
+            None => {
+                // The first poll hands the request to the connection: its
+                // number and its place in the connection's queue are taken
+                // under one lock.
+                let mut log = flights.lock();
+                let seq = log.next;
+                log.next += 1;
+                log.open.push_back(Entry {
+                    seq,
+                    abandoned: false,
+                    cancels: 0,
+                    last_cancel: None,
+                    head_since: None,
+                });
+                this.seq = Some(seq);
+                let polled = request.as_mut().poll(cx);
+                drop(log);
+                polled
+            }
+        };
+        match polled {
+            Poll::Ready(out) => {
+                this.request = None;
+                if let Some(seq) = this.seq {
+                    flights.finish(seq);
+                }
+                Poll::Ready(out)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Flight<T> {
+    fn drop(&mut self) {
+        let (Some(request), Some(seq)) = (self.request.take(), self.seq) else {
+            // Finished, or never sent.
+            return;
+        };
+        let lane = self.lane.clone();
+        let start_settle = {
+            let mut log = lane.flights.lock();
+            if let Some(entry) = log.open.iter_mut().find(|e| e.seq == seq) {
+                entry.abandoned = true;
+            }
+            lane.flights.fenced.store(true, Ordering::Release);
+            !std::mem::replace(&mut log.settling, true)
+        };
+        let runtime = lane.pool.runtime.clone();
+        if start_settle {
+            runtime.spawn(settle(Arc::downgrade(&lane)));
+        }
+        runtime.spawn(drain(lane, seq, request));
+    }
+}
+
+/// Reads the answer of a request whose caller left, to its end.
+async fn drain<T: Send + 'static>(lane: Arc<Lane>, seq: u64, request: Request<T>) {
+    // Bounded: a server that answers neither the statement nor the
+    // CancelRequests gets the settle task's time to do so, then its
+    // connection is cut (which ends this request too).
+    let bound = LOOK * (CANCELS + 2) + STUCK;
+    let mut request = std::pin::pin!(request);
+    loop {
+        match tokio::time::timeout(bound, request.as_mut()).await {
+            Ok(_) => break,
+            Err(_) if lane.conn().raw.is_broken() => break,
+            Err(_) => {
+                tracing::warn!(
+                    pool = %lane.pool.label,
+                    "a statement whose caller left does not finish, even when cancelled: its \
+                     shared connection is closed"
+                );
+                lane.conn().raw.driver.abort();
+            }
+        }
+    }
+    lane.flights.finish(seq);
+}
+
+/// What the settle task does next.
+enum Step {
+    /// Nothing abandoned is left: the lane takes statements again.
+    Done,
+    /// Cancel what the server runs now.
+    Cancel,
+    /// The abandoned statement ignored every cancel: take the lane out of
+    /// service (its connection is closed by the drain task's bound).
+    GiveUp,
+    /// The abandoned statement at the head may still finish by itself
+    /// within this time.
+    Grace(Duration),
+    Wait,
+}
+
+/// The settle task of one lane: while it carries abandoned requests,
+/// cancels the oldest when it is at the head of the server's queue.
+async fn settle(lane: Weak<Lane>) {
+    let mut progress = (u64::MAX, Instant::now());
+    loop {
+        let Some(lane) = lane.upgrade() else {
+            return;
+        };
+        let flights = &lane.flights;
+        let changed = flights.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let now = Instant::now();
+        // Answers read by the connection: a live request at the head that
+        // makes none for STUCK is waiting for the abandoned one.
+        let answered = lane.conn().raw.tap.answered();
+        if answered != progress.0 {
+            progress = (answered, now);
+        }
+        let step = {
+            let mut log = flights.lock();
+            let stuck = now.duration_since(progress.1) >= STUCK;
+            let Some(head_is_abandoned) = log.open.front().map(|e| e.abandoned) else {
+                log.settling = false;
+                drop(log);
+                flights.fenced.store(false, Ordering::Release);
+                return;
+            };
+            if !log.open.iter().any(|e| e.abandoned) {
+                log.settling = false;
+                Step::Done
+            } else if head_is_abandoned || stuck {
+                let entry = log.open.front_mut().expect("looked at above");
+                let since = *entry.head_since.get_or_insert(now);
+                if head_is_abandoned && now.duration_since(since) < GRACE {
+                    Step::Grace(GRACE - now.duration_since(since))
+                } else if entry.cancels >= CANCELS {
+                    Step::GiveUp
+                } else if entry
+                    .last_cancel
+                    .is_none_or(|t| now.duration_since(t) >= LOOK)
+                {
+                    entry.cancels += 1;
+                    entry.last_cancel = Some(now);
+                    progress.1 = now;
+                    Step::Cancel
+                } else {
+                    Step::Wait
+                }
+            } else {
+                Step::Wait
+            }
+        };
+        match step {
+            Step::Done => {
+                flights.fenced.store(false, Ordering::Release);
+                return;
+            }
+            Step::Cancel => {
+                flights.cancelling.fetch_add(1, Ordering::AcqRel);
+                flights.cancel_mark();
+                lane.pool
+                    .counters
+                    .statements_cancelled
+                    .fetch_add(1, Ordering::Relaxed);
+                let token = lane.pool.cancel_token(lane.conn());
+                let sent =
+                    tokio::time::timeout(lane.pool.config.connect_timeout, token.cancel_query())
+                        .await;
+                flights.cancel_mark();
+                flights.cancelling.fetch_sub(1, Ordering::AcqRel);
+                if !sent.is_ok_and(|r| r.is_ok()) {
+                    tracing::debug!(pool = %lane.pool.label, "could not send a CancelRequest for an abandoned statement");
+                }
+            }
+            Step::GiveUp => {
+                if let Some(lanes) = lane.lanes.upgrade() {
+                    lanes.remove(&lane);
+                }
+            }
+            Step::Grace(left) => {
+                let _ = tokio::time::timeout(left, changed).await;
+                continue;
+            }
+            Step::Wait => {}
+        }
+        // Holding the lane meanwhile is no extension of its life: the
+        // abandoned requests' drain tasks hold it too.
+        let _ = tokio::time::timeout(LOOK, changed).await;
+    }
+}
