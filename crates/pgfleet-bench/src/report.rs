@@ -177,7 +177,11 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
          sqlx `PgPool` with its defaults (it checks a connection before handing it out). `dedicated` is 16 \
          tokio-postgres connections, one per task (at most 16 tasks); `pipelined` is one tokio-postgres \
          connection shared by every task; `pgfleet-shared` is pgfleet's opt-in shared mode (`Pool::shared`, \
-         statements of all tasks pipelined over `shared_connections` = 2 pool connections); `pgfleet-tls` \
+         statements of all tasks pipelined over `shared_connections` = 2 pool connections); `pgfleet-stmt` is \
+         pgfleet's statement methods on the pool (`pool.query(sql, params)`, one call per statement, text \
+         prepared and cached per lane by pgfleet; its `extended` rows use `pool.query_typed`, which caches \
+         too; lanes `auto`: one opened per 32 statements in flight, at most 2 on this machine's 2 cores); \
+         `stmt N lanes` (table L) are the statement methods with `shared_connections` = N; `pgfleet-tls` \
          (scenario B) is pgfleet's pool over TLS (rustls, `sslmode=verify-full`, TLS 1.3) to the same server, every \
          other subject in plaintext (`sslmode=disable`); `no pool` (scenario \
          A) is the harness loop alone, which shows how evenly the tokio scheduler itself spreads work over tasks. \
@@ -364,7 +368,28 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
             );
         }
     }
+    for op in select1.map(Op::name) {
+        for conc in [16usize, 256, 1024] {
+            let Some((ours, ratio)) = against_dedicated(r, op, "pgfleet-stmt", conc) else {
+                continue;
+            };
+            let want = if conc == 16 { 2.0 } else { 3.0 };
+            let spread = ours.p99_us / ours.p50_us.max(f64::MIN_POSITIVE);
+            let _ = writeln!(
+                md,
+                "| (statement methods) {op} at {conc} tasks >= {want}x 16 dedicated connections, Jain >= 0.99, p99 <= 3x p50 | {ratio}, Jain {:.3}, p99/p50 {spread:.2}; CPU per statement: client {:.1} us, server {:.1} us (dedicated: {:.1} us, {:.1} us) | {} |",
+                ours.jain,
+                per_statement_us(ours.client_cpu, ours.ops_per_s),
+                per_statement_us(ours.server_cpu, ours.ops_per_s),
+                find(r, op, "dedicated", conc).map_or(0.0, |d| per_statement_us(d.client_cpu, d.ops_per_s)),
+                find(r, op, "dedicated", conc).map_or(0.0, |d| per_statement_us(d.server_cpu, d.ops_per_s)),
+                verdict(ratio.median >= want && ours.jain >= 0.99 && spread <= 3.0)
+            );
+        }
+    }
     let _ = writeln!(md);
+
+    lanes_table(r, &mut md);
 
     let _ = writeln!(md, "## A-C: operations through the pool\n");
     let _ = writeln!(
@@ -410,6 +435,63 @@ pub fn markdown(r: &Results, path: &Path) -> std::io::Result<()> {
     std::fs::write(svg_path, svg(r, Op::Select1Prepared.name()))
 }
 
+/// Microseconds of CPU per statement, from cores busy and statements per
+/// second.
+fn per_statement_us(cores: f64, ops_per_s: f64) -> f64 {
+    if ops_per_s > 0.0 {
+        cores / ops_per_s * 1e6
+    } else {
+        0.0
+    }
+}
+
+/// Table L: the statement methods with 1, 2 and 4 lanes against the number
+/// of tasks, as ratios to the dedicated connections of the same step.
+fn lanes_table(r: &Results, md: &mut String) {
+    let lanes = ["stmt 1 lane", "stmt 2 lanes", "stmt 4 lanes"];
+    let rows: Vec<&Row> = r.rows.iter().filter(|x| x.scenario == "L lanes").collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## L: lanes against tasks (the statement methods, `SELECT 1` prepared)\n\n\
+         Throughput as a multiple of the 16 dedicated connections measured in the same step, then \
+         p99/p50 and the client and server CPU per statement (us). The default (`auto`) opens a second \
+         lane only past 32 statements in flight on the first.\n"
+    );
+    let _ = writeln!(md, "| tasks | {} |\n|---|---|---|---|", lanes.join(" | "));
+    let mut tasks: Vec<usize> = rows.iter().map(|x| x.concurrency).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    for conc in tasks {
+        let cells: Vec<String> = lanes
+            .iter()
+            .map(|subject| {
+                let Some(ours) = rows
+                    .iter()
+                    .find(|x| x.subject == *subject && x.concurrency == conc)
+                else {
+                    return "-".to_owned();
+                };
+                let dedicated = rows
+                    .iter()
+                    .find(|x| x.subject == "dedicated" && x.concurrency == conc);
+                let ratio = dedicated.map_or(String::from("?"), |d| Ratio::of(ours, d).to_string());
+                format!(
+                    "{:.0}/s, {ratio}; p99/p50 {:.1}; cpu {:.1} / {:.1}",
+                    ours.ops_per_s,
+                    ours.p99_us / ours.p50_us.max(f64::MIN_POSITIVE),
+                    per_statement_us(ours.client_cpu, ours.ops_per_s),
+                    per_statement_us(ours.server_cpu, ours.ops_per_s)
+                )
+            })
+            .collect();
+        let _ = writeln!(md, "| {conc} | {} |", cells.join(" | "));
+    }
+    let _ = writeln!(md);
+}
+
 /// Two panels: throughput and p99 by concurrency, one line per subject.
 fn svg(r: &Results, op: &str) -> String {
     let subjects = [
@@ -420,9 +502,10 @@ fn svg(r: &Results, op: &str) -> String {
         "dedicated",
         "pipelined",
         "pgfleet-shared",
+        "pgfleet-stmt",
     ];
     let colors = [
-        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#ff7f0e", "#8c564b",
+        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#ff7f0e", "#8c564b", "#e377c2",
     ];
     let mut concs: Vec<usize> = r
         .rows

@@ -157,14 +157,14 @@ impl UserServices {
     /// # Errors
     /// The pool's or the server's error.
     pub async fn add_facts(&self, facts: &[String]) -> Result<u64, MemoryError> {
-        let conn = self.m2.pool().get().await?;
-        let insert_facts = conn
-            .prepare_cached(
-                "INSERT INTO m2_facts (user_id, content, source) SELECT $1, f, 'given' FROM unnest($2::text[]) f \
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?;
-        Ok(conn.execute(&insert_facts, &[&self.user, &facts]).await?)
+        // One statement in autocommit: the statement methods pipeline it.
+        let insert_facts = "INSERT INTO m2_facts (user_id, content, source) \
+             SELECT $1, f, 'given' FROM unnest($2::text[]) f ON CONFLICT DO NOTHING";
+        Ok(self
+            .m2
+            .pool()
+            .execute(insert_facts, &[&self.user, &facts])
+            .await?)
     }
 
     /// Memory service: searches the three layers concurrently and ranks the

@@ -44,12 +44,23 @@ pub struct Hit {
 pub struct Store {
     layer: Layer,
     pool: PoolHandle,
+    /// The search of this layer's table (built once).
+    search: String,
 }
 
 impl Store {
     /// The store of `layer`, on `pool`.
     pub fn new(layer: Layer, pool: PoolHandle) -> Store {
-        Store { layer, pool }
+        let search = format!(
+            "SELECT id, content, ts_rank(tsv, q) AS score FROM {}, to_tsquery('simple', $2) q \
+             WHERE user_id = $1 AND tsv @@ q ORDER BY score DESC, id DESC LIMIT $3",
+            layer.table()
+        );
+        Store {
+            layer,
+            pool,
+            search,
+        }
     }
 
     /// The store's handle to the pool.
@@ -67,16 +78,13 @@ impl Store {
         tsquery: &str,
         top_k: i64,
     ) -> Result<Vec<Hit>, MemoryError> {
-        let conn = self.pool.get().await?;
-        let sql = format!(
-            "SELECT id, content, ts_rank(tsv, q) AS score FROM {}, to_tsquery('simple', $2) q \
-             WHERE user_id = $1 AND tsv @@ q ORDER BY score DESC, id DESC LIMIT $3",
-            self.layer.table()
-        );
-        // Prepared once per connection: later searches skip the parse and
-        // plan, and the round trip that preparing takes.
-        let search = conn.prepare_cached(&sql).await?;
-        let rows = conn.query(&search, &[&user, &tsquery, &top_k]).await?;
+        // One statement in autocommit: the pool's statement methods pipeline
+        // it with the other users' searches on a few shared connections,
+        // prepared once per connection.
+        let rows = self
+            .pool
+            .query(&self.search, &[&user, &tsquery, &top_k])
+            .await?;
         Ok(rows
             .iter()
             .map(|r| Hit {

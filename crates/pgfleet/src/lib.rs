@@ -19,15 +19,54 @@
 //! let m1 = Fleet::global().pool(&target, &config)?;
 //! assert_eq!(m0.active_references(), 2);
 //!
-//! let conn = m0.get().await?; // its own query methods, and Deref to tokio_postgres::Client
-//! // Prepared once per connection, reused by whoever gets it next.
-//! let plus_one = conn.prepare_cached("SELECT $1::int + 1").await?;
-//! let row = conn.query_one(&plus_one, &[&41i32]).await?; // `?` takes both errors
+//! // One statement, one call: pgfleet pipelines it with other tasks'
+//! // statements on a few shared connections when that is safe (prepared
+//! // once per connection), or runs it on a connection of its own.
+//! let row = m0.query_one("SELECT $1::int + 1", &[&41i32]).await?;
 //! assert_eq!(row.get::<_, i32>(0), 42);
-//! # drop((m1, plus_one, conn));
+//! let stored = m0
+//!     .execute("INSERT INTO m0_messages (user_id, content) VALUES ($1, $2)", &[&"alice", &"hi"])
+//!     .await?;
+//!
+//! // A deadline for one call: past it, the statement is cancelled on the
+//! // server, and no other statement is.
+//! let slow = m0.with_timeout(std::time::Duration::from_secs(2));
+//! let rows = slow.query("SELECT * FROM m0_messages WHERE user_id = $1", &[&"alice"]).await?;
+//!
+//! // A transaction, or several statements that share a session: a
+//! // connection of your own.
+//! let mut conn = m1.get().await?;
+//! let tx = conn.transaction().await?;
+//! tx.execute("UPDATE m2_facts SET content = $1 WHERE id = $2", &[&"tea", &7i64]).await?;
+//! tx.commit().await?;
+//! # drop((stored, rows));
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Which method
+//!
+//! * **The statement methods on the pool** ([`Pool::query`],
+//!   [`query_one`](Pool::query_one), [`query_opt`](Pool::query_opt),
+//!   [`execute`](Pool::execute), [`query_typed`](Pool::query_typed),
+//!   [`simple_query`](Pool::simple_query), [`prepare_cached`](Pool::prepare_cached),
+//!   and [`with_timeout`](Pool::with_timeout) for a per-call deadline):
+//!   the default. pgfleet decides from the text, without a round trip,
+//!   where each runs. One statement with no transaction control, COPY,
+//!   cursor, lock or session state is pipelined on a *lane*: one of a few
+//!   connections (`shared_connections`, one per core by default) that many
+//!   tasks' statements share, which does more per server connection than
+//!   exclusive checkout (see `BENCHMARKS.md`). Anything else (`BEGIN`,
+//!   `SET`, `LISTEN`, temporary tables, advisory locks, `COPY` to a file,
+//!   scripts of several statements) runs on a connection of its own, reset
+//!   when it comes back. An error, a timeout or a dropped future concerns
+//!   its own statement only.
+//! * **[`Pool::get`]**: a connection of your own, for transactions and
+//!   for statements that must share a session; its query methods keep
+//!   prepared statements per connection, and it derefs to
+//!   `tokio_postgres::Client`.
+//! * **[`Pool::shared`]**: a lease on a lane, reaching the `Client` itself,
+//!   for code that wants to drive the pipelining by hand.
 //!
 //! # What is in it
 //!

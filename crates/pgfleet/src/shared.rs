@@ -1,5 +1,7 @@
-//! Shared mode: autocommit statements from many tasks pipelined over a few
-//! connections of the pool.
+//! Lanes: a few connections of the pool on which many tasks' autocommit
+//! statements are pipelined, for the statement methods on the pool
+//! ([`Pool::query`](crate::Pool::query) and its kin, see `statement.rs`)
+//! and for the opt-in shared mode, each with a set of its own ([`Use`]).
 //!
 //! A tokio-postgres `Client` takes requests from any number of tasks at once
 //! and writes them back to back on its one socket; the server answers in
@@ -18,7 +20,9 @@
 //! `max_queries` is replaced the same way and keeps serving until its
 //! replacement is in, so recycling never stalls the callers (and both limits
 //! are soft in shared mode: a lane may run past them for the time of one
-//! connect).
+//! connect). The statement methods' lanes work the same way, except that
+//! another opens only past [`STATEMENT_DEPTH`] statements in flight on every
+//! lane, and that they carry only [`flights::Flight`]s.
 //!
 //! What may run in shared mode: single autocommit statements with no session
 //! state — queries, inserts, updates, deletes, each on its own. What may not:

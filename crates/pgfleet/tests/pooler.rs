@@ -170,9 +170,17 @@ async fn mixed_load(mode: PoolMode, pooler: &str) {
                     peak.fetch_max(n, Ordering::Relaxed);
                 }
                 if let Ok(servers) = bouncer.show("SHOW SERVERS").await {
+                    // PgBouncer (1.18+) lists the connection it opens to
+                    // forward a CancelRequest (the pool cancels a statement
+                    // still running when its connection came back) among
+                    // its servers; that is not a server connection held.
                     let held = servers
                         .iter()
                         .filter(|row| row.iter().any(|(k, v)| k == "database" && v == "pooled"))
+                        .filter(|row| {
+                            !row.iter()
+                                .any(|(k, v)| (k == "state" || k == "type") && v.contains("cancel"))
+                        })
                         .count();
                     peak_bouncer.fetch_max(held, Ordering::Relaxed);
                 }
