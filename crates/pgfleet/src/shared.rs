@@ -15,8 +15,8 @@
 //! counts in `max_size` and the server budget) and given back after
 //! `idle_timeout` without a lease, or broken. A lease goes to the lane with
 //! the fewest leases; while every lane has a lease out and fewer than
-//! `shared_connections` exist, another lane is opened in the background (only
-//! the very first caller waits for a connection). A lane past its lifetime or
+//! `shared_connections` exist, another lane is opened in the background
+//! (only the callers that come before the first lane is in wait for it). A lane past its lifetime or
 //! `max_queries` is replaced the same way and keeps serving until its
 //! replacement is in, so recycling never stalls the callers (and both limits
 //! are soft in shared mode: a lane may run past them for the time of one
@@ -229,17 +229,19 @@ impl Lanes {
         }
     }
 
-    /// How many lanes `pool` may have: `shared_connections` (one per core
-    /// by default), at most `max_size` for shared mode and at most half of
-    /// it for the statement methods, which leave the rest to `get()` and to
-    /// the statements that may not be pipelined (0 lanes, all of them on
-    /// connections of their own, when `max_size` is 1).
+    /// How many lanes `pool` may have: for the statement methods
+    /// `shared_connections` (one per core by default) and at most half of
+    /// `max_size`, which leaves the rest to `get()` and to the statements
+    /// that may not be pipelined (0 lanes, all of them on connections of
+    /// their own, when `max_size` is 1); for shared mode
+    /// `shared_connections` (2 by default), at most `max_size`.
     pub(crate) fn cap(&self, pool: &PoolInner) -> usize {
-        let lanes = pool.config.lanes() as usize;
         let max = pool.max_size() as usize;
         match self.use_ {
-            Use::Leases => lanes.min(max),
-            Use::Statements => lanes.min(max / 2),
+            // A shared-mode lease may be held for long: one lane per lease
+            // up to the cap, so `auto` keeps shared mode's 2.
+            Use::Leases => (pool.config.shared_connections.unwrap_or(2) as usize).min(max),
+            Use::Statements => (pool.config.lanes() as usize).min(max / 2),
         }
     }
 
@@ -279,14 +281,29 @@ impl Lanes {
             // their replacement is in: a new lane is opened now, and `add`
             // retires the old one.
             let fresh = st.lanes.iter().filter(|lane| lane.fresh(now)).count();
-            let least = st
-                .lanes
-                .iter()
-                .min_by_key(|lane| (!lane.fresh(now), lane.flights.fenced(), lane.live_leases()))
-                .cloned();
             // A fenced lane (a statement whose caller left is being
             // cancelled on it) takes statements only when no other can.
             let depth = self.use_.depth();
+            let least = st
+                .lanes
+                .iter()
+                .min_by_key(|lane| (lane.flights.fenced(), !lane.fresh(now), lane.live_leases()))
+                .cloned();
+            // The statement methods pack: the busiest lane below the depth
+            // takes the statement, so a load that one lane carries leaves
+            // the others idle (their backends asleep, and given back after
+            // `idle_timeout`) instead of spreading thin.
+            let packed = (self.use_ == Use::Statements)
+                .then(|| {
+                    st.lanes
+                        .iter()
+                        .filter(|lane| {
+                            !lane.flights.fenced() && lane.fresh(now) && lane.live_leases() < depth
+                        })
+                        .max_by_key(|lane| lane.live_leases())
+                        .cloned()
+                })
+                .flatten();
             let all_busy = least
                 .as_ref()
                 .is_none_or(|lane| lane.live_leases() >= depth || lane.flights.fenced());
@@ -295,7 +312,7 @@ impl Lanes {
             // Then: one more while every lane is busy, and one replacement
             // per lane past its time (not counting those being opened).
             let wanted = match &least {
-                None => st.growing == 0,
+                None => cap > 0 && st.growing == 0,
                 Some(_) => {
                     (all_busy && fresh + st.growing < cap)
                         || fresh + st.growing < st.lanes.len().min(cap)
@@ -307,7 +324,7 @@ impl Lanes {
                     lanes: self.clone(),
                 }
             });
-            match (least, grow) {
+            match (packed.or(least), grow) {
                 // Never wait for a new lane while one can take the statement.
                 (Some(lane), grow) => Decision::Lease(SharedConnection::new(lane, location), grow),
                 (None, Some(grow)) => Decision::Grow(grow),

@@ -19,8 +19,10 @@
 //!
 //! A call's deadline ([`Pool::with_timeout`]) covers the whole call; past
 //! it, or when the caller's future is dropped, the statement is cancelled
-//! on the server if it still runs there, and no other caller's statement is
-//! (see `shared/flights.rs`).
+//! on the server if it runs there. A cancel is sent only while that
+//! statement is the one its lane's backend runs; the one race left (it
+//! finishes as the cancel travels) aborts the next statement, which then
+//! runs again, so its caller sees its own result (see `shared/flights.rs`).
 
 use std::fmt;
 use std::future::Future;
@@ -182,8 +184,9 @@ impl<'a> Statements<'a> {
                     TimeoutStage::Statement,
                     limit,
                     format!(
-                        "the statement did not finish within {} (per-call timeout); it is \
-                         cancelled on the server if it still runs: {}",
+                        "the statement did not finish within {} (per-call timeout, waiting \
+                         for a connection included); it is cancelled on the server if it \
+                         runs there: {}",
                         humantime::format_duration(limit),
                         sql::excerpt(text)
                     ),
@@ -222,17 +225,32 @@ impl<'a> Statements<'a> {
         if call.simple {
             return Ok(Output::Messages(conn.simple_query(call.sql).await?));
         }
+        if call.types.is_empty() {
+            // The text itself: the guard prepares it again once if its
+            // cached form went stale (a schema change).
+            let sql = call.sql;
+            return Ok(match call.want {
+                Want::Rows => Output::Rows(conn.query(sql, call.params).await?),
+                Want::AtMostOne => Output::Rows(
+                    conn.query_opt(sql, call.params)
+                        .await?
+                        .into_iter()
+                        .collect(),
+                ),
+                Want::Count => Output::Count(conn.execute(sql, call.params).await?),
+            });
+        }
         let prepared = conn.prepare_typed_cached(call.sql, call.types).await?;
-        match call.want {
-            Want::Rows => Ok(Output::Rows(conn.query(&prepared, call.params).await?)),
-            Want::AtMostOne => Ok(Output::Rows(
+        Ok(match call.want {
+            Want::Rows => Output::Rows(conn.query(&prepared, call.params).await?),
+            Want::AtMostOne => Output::Rows(
                 conn.query_opt(&prepared, call.params)
                     .await?
                     .into_iter()
                     .collect(),
-            )),
-            Want::Count => Ok(Output::Count(conn.execute(&prepared, call.params).await?)),
-        }
+            ),
+            Want::Count => Output::Count(conn.execute(&prepared, call.params).await?),
+        })
     }
 
     /// As [`Pool::query`], with this view's deadline.

@@ -286,7 +286,7 @@ pub(crate) const KEYS: &[Key] = &[
             field: field!(shared_connections),
         },
         default: "auto",
-        doc: "lanes (connections) that statements are pipelined over; auto: one per core, at least 2",
+        doc: "lanes (connections) that statements are pipelined over; auto: one per core (2..=64) for the statement methods, 2 for shared mode",
     },
     Key {
         name: "keepalives_idle",

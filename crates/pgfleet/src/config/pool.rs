@@ -88,8 +88,9 @@ pub struct PoolConfig {
     /// and the rest) and the opt-in shared mode
     /// ([`Pool::shared`](crate::Pool::shared)) each open up to this many
     /// *lanes*, taken from the pool as the load asks for them
-    /// (`shared_connections`). `None` (`auto`, the default) is the number of
-    /// cores the process may use, at least 2 ([`Self::lanes`]); range
+    /// (`shared_connections`). `None` (`auto`, the default) is, for the
+    /// statement methods, the number of cores the process may use, at least
+    /// 2 and at most 64 ([`Self::lanes`]), and for shared mode 2; range
     /// 1..=10000. The statement methods use at most half of `max_size`,
     /// shared mode at most `max_size`.
     #[cfg_attr(
@@ -382,8 +383,9 @@ impl PoolConfig {
             && *server_settings == other.server_settings
     }
 
-    /// The lanes in force (`shared_connections`): the value set, or for
-    /// `auto` the number of cores this process may use, at least 2. Each
+    /// The statement methods' lanes in force (`shared_connections`): the
+    /// value set, or for `auto` the number of cores this process may use,
+    /// at least 2 and at most 64. Each
     /// lane is one connection driven by its own task, and one server
     /// backend: with fewer lanes than cores, the pipelines of the busiest
     /// lanes are the bottleneck, on the client and on the server.

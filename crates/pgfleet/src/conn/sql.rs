@@ -264,6 +264,12 @@ pub(crate) enum Exclusive {
     /// Cursors, `LOCK`, SQL `EXECUTE`, `LOAD`, `DISCARD`: they belong to one
     /// session (or one transaction block).
     Session,
+    /// Statements that run outside any transaction block (`VACUUM`,
+    /// `... CONCURRENTLY`, `CREATE DATABASE`, `ALTER SYSTEM`, `REINDEX`,
+    /// `CLUSTER`): long, and a cancel does not undo what they did so far, so
+    /// they are never pipelined (where a stray cancel is answered by running
+    /// the statement again).
+    Outside,
     /// Session state the text may leave behind (`SET`, `LISTEN`, advisory
     /// locks, temporary tables, `PREPARE`, `DEALLOCATE`).
     State(Effects),
@@ -275,10 +281,13 @@ pub(crate) fn exclusive(sql: &str) -> Option<Exclusive> {
     let mut head = [0u8; 12];
     let mut head_len = usize::MAX;
     let mut stream = false;
+    let mut outside = false;
+    let mut position = 0;
     let count = words(sql.as_bytes(), |statement, word| {
         if statement != 0 {
             return;
         }
+        let eq = |what: &[u8]| word.eq_ignore_ascii_case(what);
         if head_len == usize::MAX {
             head_len = if word.len() > head.len() {
                 0
@@ -287,11 +296,15 @@ pub(crate) fn exclusive(sql: &str) -> Option<Exclusive> {
             };
             head[..head_len].copy_from_slice(&word[..head_len]);
             head[..head_len].make_ascii_uppercase();
-        } else if &head[..head_len] == b"COPY"
-            && (word.eq_ignore_ascii_case(b"STDIN") || word.eq_ignore_ascii_case(b"STDOUT"))
-        {
+        } else if &head[..head_len] == b"COPY" && (eq(b"STDIN") || eq(b"STDOUT")) {
             stream = true;
         }
+        let definition = matches!(&head[..head_len], b"CREATE" | b"DROP" | b"ALTER");
+        let global = eq(b"DATABASE") || eq(b"TABLESPACE") || eq(b"SUBSCRIPTION") || eq(b"SYSTEM");
+        if eq(b"CONCURRENTLY") || (position == 1 && definition && global) {
+            outside = true;
+        }
+        position += 1;
     });
     if count > 1 {
         return Some(Exclusive::Several);
@@ -303,6 +316,8 @@ pub(crate) fn exclusive(sql: &str) -> Option<Exclusive> {
         | b"RELEASE" => return Some(Exclusive::Transaction),
         b"DECLARE" | b"FETCH" | b"MOVE" | b"CLOSE" | b"LOCK" | b"EXECUTE" | b"LOAD"
         | b"DISCARD" => return Some(Exclusive::Session),
+        b"VACUUM" | b"REINDEX" | b"CLUSTER" => return Some(Exclusive::Outside),
+        _ if outside => return Some(Exclusive::Outside),
         _ => {}
     }
     let effects = effects(sql.as_bytes());
@@ -320,6 +335,7 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
     let mut head_len = 0;
     let mut position = 0;
     let mut set_local: Option<bool> = None;
+    let mut after_into = false;
     let eq = |word: &[u8], what: &str| word.eq_ignore_ascii_case(what.as_bytes());
     let finish = |set_local: Option<bool>, out: &mut Effects| {
         if set_local == Some(false) {
@@ -355,7 +371,12 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
             (1, b"DISCARD") if eq(word, "ALL") => {
                 out |= Effects::DROPPED_STATEMENTS | Effects::SETTINGS;
             }
-            (_, b"CREATE" | b"SELECT" | b"WITH") if eq(word, "TEMP") || eq(word, "TEMPORARY") => {
+            // CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ..., and
+            // SELECT ... INTO TEMP (a column named `temp` is not one).
+            (1..=3, b"CREATE") if eq(word, "TEMP") || eq(word, "TEMPORARY") => {
+                out |= Effects::TEMP;
+            }
+            _ if after_into && (eq(word, "TEMP") || eq(word, "TEMPORARY")) => {
                 out |= Effects::TEMP;
             }
             (_, b"DECLARE") if eq(word, "HOLD") => out |= Effects::CURSOR,
@@ -363,8 +384,11 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
         }
         if eq(word, "pg_temp") {
             out |= Effects::TEMP;
-        } else if eq(word, "set_config") || eq(word, "pg_settings") {
-            // `UPDATE pg_settings SET setting = ...` is a SET.
+        } else if eq(word, "set_config")
+            || (eq(word, "pg_settings") && &head[..head_len] == b"UPDATE")
+        {
+            // `UPDATE pg_settings SET setting = ...` is a SET; reading
+            // pg_settings is not.
             out |= Effects::SETTINGS;
         } else if word.len() >= 16 && word[..3].eq_ignore_ascii_case(b"pg_") {
             let lower = word.to_ascii_lowercase();
@@ -378,6 +402,7 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
                 out |= Effects::ADVISORY;
             }
         }
+        after_into = eq(word, "INTO");
         position += 1;
     });
     finish(set_local, &mut out);
@@ -412,6 +437,9 @@ mod tests {
             "SELECT 'BEGIN; SET x = 1' AS text",
             "WITH d AS (DELETE FROM t RETURNING *) SELECT count(*) FROM d",
             "NOTIFY ch, 'x'",
+            "SELECT temp, temporary FROM readings",
+            "SELECT name, setting FROM pg_settings WHERE name = $1",
+            "CREATE INDEX i ON t (a)",
             "SELECT 1;",
             "",
         ] {
@@ -446,6 +474,15 @@ mod tests {
                 "DEALLOCATE ALL",
                 Exclusive::State(Effects::DROPPED_STATEMENTS),
             ),
+            ("SELECT 1 INTO TEMP t", Exclusive::State(Effects::TEMP)),
+            (
+                "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+                Exclusive::State(Effects::TEMP),
+            ),
+            ("VACUUM t", Exclusive::Outside),
+            ("CREATE INDEX CONCURRENTLY i ON t (a)", Exclusive::Outside),
+            ("DROP DATABASE x", Exclusive::Outside),
+            ("ALTER SYSTEM SET work_mem = '8MB'", Exclusive::Outside),
         ];
         for (sql, why) in cases {
             assert_eq!(exclusive(sql), Some(why), "{sql}");

@@ -24,12 +24,19 @@
 //!   CancelRequest costs the server more than a short statement does.
 //!
 //! One race is left: the abandoned statement may finish on the server just
-//! as the CancelRequest travels, and the cancel then lands on the next
-//! request (the backend also keeps a signal that arrives between two
-//! statements for the next one). That request fails with SQLSTATE 57014
-//! ("canceling statement due to user request") close in time to a cancel
-//! pgfleet sent on its lane: it was aborted, so nothing of it took effect,
-//! and the statement methods run it again (see [`Flights::hit_by_cancel`]).
+//! as the CancelRequest travels, and the next request may have started
+//! when the signal lands (a cancel that arrives while the backend waits for
+//! its next command is dropped; one that arrives between two pipelined
+//! statements already read may hit the second). That request fails with
+//! SQLSTATE 57014 close in time to a cancel pgfleet sent on its lane: it was
+//! aborted, so nothing of it took effect (the router sends no statement that
+//! acts outside a transaction to a lane), and the statement methods run it
+//! again (see [`Flights::hit_by_cancel`]).
+//!
+//! A prepare is never cancelled: it may send type lookups after its first
+//! poll, behind later requests, so it is not the server's head when it is
+//! the oldest unfinished one. An abandoned statement queued behind such a
+//! prepare runs to its end.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -51,12 +58,10 @@ const LOOK: Duration = Duration::from_millis(250);
 /// it is cancelled: a CancelRequest costs the server a process of its own,
 /// more than a short statement left to finish.
 const GRACE: Duration = Duration::from_millis(20);
-/// Cancels sent for one abandoned statement before the lane is given up.
-const CANCELS: u32 = 4;
-/// How long the settle task waits behind a live request that makes no
-/// progress before it cancels anyway (a prepare whose type lookups queued
-/// behind the abandoned statement waits for it, and it for them).
-const STUCK: Duration = Duration::from_secs(10);
+/// Cancels sent for one abandoned statement, [`LOOK`] apart, before the
+/// lane is given up and its connection cut: a backend that ignores them is
+/// stuck.
+const CANCELS: u32 = 8;
 
 /// How close in time to a cancel of its lane a statement's own 57014 is
 /// taken for that cancel's work.
@@ -91,6 +96,12 @@ struct Entry {
     seq: u64,
     /// The caller left; the drain task reads the answer.
     abandoned: bool,
+    /// A request that sends nothing after its first poll (an execution of a
+    /// prepared statement, a simple query), so that the server runs it when
+    /// it is the oldest unfinished one. A prepare is not: it may look up
+    /// types with queries sent later, behind other requests; abandoned, it
+    /// is left to finish (it is short).
+    cancellable: bool,
     /// Cancels sent for it, and when the last one was.
     cancels: u32,
     last_cancel: Option<Instant>,
@@ -136,16 +147,17 @@ impl Flights {
 
     /// Whether `error`, from a call that began on this lane at `began`, is
     /// the work of a CancelRequest pgfleet sent for someone else's
-    /// statement: SQLSTATE 57014 "due to user request" while a cancel was
-    /// being sent on the lane, or within [`CANCEL_REACH`] of one since
-    /// shortly before the call began. Such a statement was aborted, so
-    /// nothing of it took effect and it may run again.
+    /// statement: SQLSTATE 57014 while a cancel was being sent on the lane,
+    /// or within [`CANCEL_REACH`] of one since shortly before the call
+    /// began. Such a statement was aborted, so nothing of it took effect
+    /// and it may run again. The message is not read (the server words it
+    /// in its own language), except to rule out the server's own
+    /// `statement_timeout` when it says so in English.
     pub(crate) fn hit_by_cancel(&self, error: &Error, began: Instant) -> bool {
-        let user_request = error.code() == Some("57014")
-            && error
-                .as_db_error()
-                .is_some_and(|db| db.message().contains("user request"));
-        if !user_request {
+        let own_timeout = error
+            .as_db_error()
+            .is_some_and(|db| db.message().contains("statement timeout"));
+        if error.code() != Some("57014") || own_timeout {
             return false;
         }
         if self.cancelling.load(Ordering::Acquire) > 0 {
@@ -178,14 +190,29 @@ pub(crate) struct Flight<T: Send + 'static> {
     request: Option<Request<T>>,
     /// Its number, once sent.
     seq: Option<u64>,
+    cancellable: bool,
 }
 
 impl<T: Send + 'static> Flight<T> {
+    /// A request that sends all it sends in its first poll: cancelled on
+    /// the server when its caller leaves while it runs.
     pub(crate) fn new(lane: Arc<Lane>, request: Request<T>) -> Flight<T> {
         Flight {
             lane,
             request: Some(request),
             seq: None,
+            cancellable: true,
+        }
+    }
+
+    /// A prepare: it may send type lookups later, so it is never cancelled
+    /// (see [`Entry::cancellable`]).
+    pub(crate) fn prepare(lane: Arc<Lane>, request: Request<T>) -> Flight<T> {
+        Flight {
+            lane,
+            request: Some(request),
+            seq: None,
+            cancellable: false,
         }
     }
 }
@@ -209,6 +236,7 @@ impl<T: Send + 'static> Future for Flight<T> {
                 log.open.push_back(Entry {
                     seq,
                     abandoned: false,
+                    cancellable: this.cancellable,
                     cancels: 0,
                     last_cancel: None,
                     head_since: None,
@@ -255,38 +283,20 @@ impl<T: Send + 'static> Drop for Flight<T> {
     }
 }
 
-/// Reads the answer of a request whose caller left, to its end.
+/// Reads the answer of a request whose caller left, to its end. It ends
+/// when the server answers (cancelled or not) or the connection dies: the
+/// settle task cuts the connection of a backend that ignores its cancels.
 async fn drain<T: Send + 'static>(lane: Arc<Lane>, seq: u64, request: Request<T>) {
-    // Bounded: a server that answers neither the statement nor the
-    // CancelRequests gets the settle task's time to do so, then its
-    // connection is cut (which ends this request too).
-    let bound = LOOK * (CANCELS + 2) + STUCK;
-    let mut request = std::pin::pin!(request);
-    loop {
-        match tokio::time::timeout(bound, request.as_mut()).await {
-            Ok(_) => break,
-            Err(_) if lane.conn().raw.is_broken() => break,
-            Err(_) => {
-                tracing::warn!(
-                    pool = %lane.pool.label,
-                    "a statement whose caller left does not finish, even when cancelled: its \
-                     shared connection is closed"
-                );
-                lane.conn().raw.driver.abort();
-            }
-        }
-    }
+    request.await;
     lane.flights.finish(seq);
 }
 
 /// What the settle task does next.
 enum Step {
-    /// Nothing abandoned is left: the lane takes statements again.
-    Done,
     /// Cancel what the server runs now.
     Cancel,
     /// The abandoned statement ignored every cancel: take the lane out of
-    /// service (its connection is closed by the drain task's bound).
+    /// service and cut its connection.
     GiveUp,
     /// The abandoned statement at the head may still finish by itself
     /// within this time.
@@ -295,9 +305,10 @@ enum Step {
 }
 
 /// The settle task of one lane: while it carries abandoned requests,
-/// cancels the oldest when it is at the head of the server's queue.
+/// cancels the oldest unfinished one when it is abandoned and cancellable
+/// (the server runs it), after [`GRACE`]. An abandoned request behind a
+/// live one waits: the server has not started it.
 async fn settle(lane: Weak<Lane>) {
-    let mut progress = (u64::MAX, Instant::now());
     loop {
         let Some(lane) = lane.upgrade() else {
             return;
@@ -307,28 +318,21 @@ async fn settle(lane: Weak<Lane>) {
         tokio::pin!(changed);
         changed.as_mut().enable();
         let now = Instant::now();
-        // Answers read by the connection: a live request at the head that
-        // makes none for STUCK is waiting for the abandoned one.
-        let answered = lane.conn().raw.tap.answered();
-        if answered != progress.0 {
-            progress = (answered, now);
-        }
         let step = {
             let mut log = flights.lock();
-            let stuck = now.duration_since(progress.1) >= STUCK;
-            let Some(head_is_abandoned) = log.open.front().map(|e| e.abandoned) else {
+            if !log.open.iter().any(|e| e.abandoned) {
+                // Under the lock: a caller leaving now sees `settling`
+                // false and starts a settle task of its own.
                 log.settling = false;
-                drop(log);
                 flights.fenced.store(false, Ordering::Release);
                 return;
-            };
-            if !log.open.iter().any(|e| e.abandoned) {
-                log.settling = false;
-                Step::Done
-            } else if head_is_abandoned || stuck {
-                let entry = log.open.front_mut().expect("looked at above");
+            }
+            let entry = log.open.front_mut().expect("an abandoned entry is open");
+            if !(entry.abandoned && entry.cancellable) {
+                Step::Wait
+            } else {
                 let since = *entry.head_since.get_or_insert(now);
-                if head_is_abandoned && now.duration_since(since) < GRACE {
+                if now.duration_since(since) < GRACE {
                     Step::Grace(GRACE - now.duration_since(since))
                 } else if entry.cancels >= CANCELS {
                     Step::GiveUp
@@ -338,20 +342,13 @@ async fn settle(lane: Weak<Lane>) {
                 {
                     entry.cancels += 1;
                     entry.last_cancel = Some(now);
-                    progress.1 = now;
                     Step::Cancel
                 } else {
                     Step::Wait
                 }
-            } else {
-                Step::Wait
             }
         };
         match step {
-            Step::Done => {
-                flights.fenced.store(false, Ordering::Release);
-                return;
-            }
             Step::Cancel => {
                 flights.cancelling.fetch_add(1, Ordering::AcqRel);
                 flights.cancel_mark();
@@ -370,9 +367,16 @@ async fn settle(lane: Weak<Lane>) {
                 }
             }
             Step::GiveUp => {
+                tracing::warn!(
+                    pool = %lane.pool.label,
+                    cancels = CANCELS,
+                    "a statement whose caller left ignores its cancels: its shared connection is \
+                     closed, and the statements queued behind it on that connection fail"
+                );
                 if let Some(lanes) = lane.lanes.upgrade() {
                     lanes.remove(&lane);
                 }
+                lane.conn().raw.driver.abort();
             }
             Step::Grace(left) => {
                 let _ = tokio::time::timeout(left, changed).await;

@@ -116,8 +116,20 @@ pub(crate) async fn prepare(
     types: &[Type],
     location: &'static Location<'static>,
 ) -> Result<Prepared> {
-    let lease = lease(pool, lanes, location).await?;
-    cached(&lease.lane, sql, types).await
+    let mut hits = 0;
+    loop {
+        let lease = lease(pool, lanes, location).await?;
+        let began = Instant::now();
+        match cached(&lease.lane, sql, types).await {
+            Err(e) if hits < COLLATERAL_RETRIES && lease.lane.flights.hit_by_cancel(&e, began) => {
+                hits += 1;
+                pool.counters
+                    .statements_retried
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The lane's cached statement for `sql` and `types`, prepared in a flight
@@ -132,7 +144,7 @@ async fn cached(lane: &Arc<Lane>, sql: &str, types: &[Type]) -> Result<Prepared>
     }
     let (owner, sql, types) = (lane.clone(), sql.to_owned(), types.to_vec());
     let request = Box::pin(async move { owner.session().prepare(&sql, &types).await });
-    Flight::new(lane.clone(), request).await
+    Flight::prepare(lane.clone(), request).await
 }
 
 /// A statement through the lane's statement cache.
