@@ -457,8 +457,11 @@ fn lanes_table(r: &Results, md: &mut String) {
         md,
         "## L: lanes against tasks (the statement methods, `SELECT 1` prepared)\n\n\
          Throughput as a multiple of the 16 dedicated connections measured in the same step, then \
-         p99/p50 and the client and server CPU per statement (us). The default (`auto`) opens a second \
-         lane only past 32 statements in flight on the first.\n"
+         p99/p50 and the client and server CPU per statement (us). `stmt N lanes` caps the lanes at N \
+         (`shared_connections` = N); the lanes opened follow the load, one more only while every lane \
+         has 32 statements in flight, and statements pack onto the busiest lane below that, so at 1 \
+         and 16 tasks every column runs one lane and the columns differ only from 256 tasks on. The \
+         default (`auto`) is one lane per core, 2 here.\n"
     );
     let _ = writeln!(md, "| tasks | {} |\n|---|---|---|---|", lanes.join(" | "));
     let mut tasks: Vec<usize> = rows.iter().map(|x| x.concurrency).collect();
