@@ -491,14 +491,7 @@ impl Lane {
 
     /// The query machinery's view of this lane's connection.
     fn session(&self) -> Session<'_> {
-        let raw = &self.conn().raw;
-        Session {
-            client: &raw.client,
-            statements: &raw.statements,
-            tap: &raw.tap,
-            pool: &self.pool,
-            shared: true,
-        }
+        Session::of(&self.conn().raw, &self.pool, true)
     }
 
     /// Whether the lane may take leases at all: its connection is open, in

@@ -75,14 +75,7 @@ impl PooledConnection {
     }
 
     fn session(&self) -> Session<'_> {
-        let raw = &self.conn().raw;
-        Session {
-            client: &raw.client,
-            statements: &raw.statements,
-            tap: &raw.tap,
-            pool: &self.pool,
-            shared: false,
-        }
+        Session::of(&self.conn().raw, &self.pool, false)
     }
 
     /// A token that cancels the statement running on this connection, from

@@ -22,7 +22,7 @@ use tokio_postgres::{Client, Row, RowStream, SimpleQueryMessage};
 use super::inner::PoolInner;
 use crate::config::Pooler;
 use crate::conn::sql::{self, excerpt, quote_ident, Effects};
-use crate::conn::{Keyword, Prepared, SqlRef, StatementCache, TapState, TxStatus};
+use crate::conn::{Keyword, Prepared, RawConn, SqlRef, StatementCache, TapState, TxStatus};
 use crate::error::{Error, Result};
 
 /// A handle's view of its connection while one call runs.
@@ -42,6 +42,19 @@ pub(crate) struct Session<'a> {
 /// and "prepared statement does not exist" (something dropped it on the
 /// server behind the cache's back).
 pub(crate) const STALE_STATEMENT: [&str; 2] = ["0A000", "26000"];
+
+impl<'a> Session<'a> {
+    /// The view of a pool connection's `raw` parts.
+    pub(crate) fn of(raw: &'a RawConn, pool: &'a PoolInner, shared: bool) -> Session<'a> {
+        Session {
+            client: &raw.client,
+            statements: &raw.statements,
+            tap: &raw.tap,
+            pool,
+            shared,
+        }
+    }
+}
 
 impl Session<'_> {
     fn pooler(&self) -> Pooler {
@@ -231,12 +244,7 @@ impl Session<'_> {
             None => {
                 let types = prepared.params();
                 if types.len() != params.len() {
-                    return Err(Error::statement(format!(
-                        "expected {} parameters but got {}: {}",
-                        types.len(),
-                        params.len(),
-                        excerpt(prepared.sql())
-                    )));
+                    return Err(wrong_parameter_count(prepared, params.len()));
                 }
                 self.client
                     .query_typed_raw(
@@ -314,6 +322,15 @@ fn warn_pooler_session_state(pool: &PoolInner, effects: Effects, sql: &str) {
             new.names().join(", ")
         );
     }
+}
+
+/// `prepared` was given `got` parameters, not as many as it takes.
+pub(crate) fn wrong_parameter_count(prepared: &Prepared, got: usize) -> Error {
+    Error::statement(format!(
+        "expected {} parameters but got {got}: {}",
+        prepared.params().len(),
+        excerpt(prepared.sql())
+    ))
 }
 
 /// `query_opt` found a second row.

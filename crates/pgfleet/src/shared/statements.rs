@@ -24,7 +24,7 @@ use crate::conn::sql::excerpt;
 use crate::conn::Prepared;
 use crate::error::{Error, Result};
 use crate::pool::inner::PoolInner;
-use crate::pool::query::{collect, more_than_one_row, STALE_STATEMENT};
+use crate::pool::query::{collect, more_than_one_row, wrong_parameter_count, STALE_STATEMENT};
 
 /// What the caller wants back from a statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,12 +239,7 @@ impl ToSql for Encoded {
 fn encode(params: &[&(dyn ToSql + Sync)], prepared: &Prepared) -> Result<Vec<Encoded>> {
     let types = prepared.params();
     if types.len() != params.len() {
-        return Err(Error::statement(format!(
-            "expected {} parameters but got {}: {}",
-            types.len(),
-            params.len(),
-            excerpt(prepared.sql())
-        )));
+        return Err(wrong_parameter_count(prepared, params.len()));
     }
     let mut buf = BytesMut::new();
     params
