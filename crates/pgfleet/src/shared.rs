@@ -13,8 +13,8 @@
 //! lease on one of up to `shared_connections` *lanes*. A lane is an ordinary
 //! pool connection, taken from the pool when shared mode first needs it (so it
 //! counts in `max_size` and the server budget) and given back after
-//! `idle_timeout` without a lease, or broken. A lease goes to the lane with
-//! the fewest leases; while every lane has a lease out and fewer than
+//! `idle_timeout` without a lease, or broken. A shared-mode lease goes to
+//! the lane with the fewest leases; while every lane has a lease out and fewer than
 //! `shared_connections` exist, another lane is opened in the background
 //! (only the callers that come before the first lane is in wait for it). A lane past its lifetime or
 //! `max_queries` is replaced the same way and keeps serving until its
@@ -249,8 +249,9 @@ impl Lanes {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Picks the lane with the fewest leases (lanes within their time
-    /// first), and asks for another lane while every lane is busy or one is
+    /// Picks a lane (shared mode: the one with the fewest leases; the
+    /// statement methods: the busiest below [`STATEMENT_DEPTH`]; unfenced
+    /// lanes within their time first), and asks for another lane while every lane is busy or one is
     /// due for replacement, and fewer than `cap` fresh ones exist or are
     /// being opened.
     fn decide(

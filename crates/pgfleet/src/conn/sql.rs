@@ -266,7 +266,8 @@ pub(crate) enum Exclusive {
     Session,
     /// Statements that run outside any transaction block (`VACUUM`,
     /// `... CONCURRENTLY`, `CREATE DATABASE`, `ALTER SYSTEM`, `REINDEX`,
-    /// `CLUSTER`): long, and a cancel does not undo what they did so far, so
+    /// `CLUSTER`) or may commit as they go (`CALL`): long, and a cancel does
+    /// not undo what they did so far, so
     /// they are never pipelined (where a stray cancel is answered by running
     /// the statement again).
     Outside,
@@ -316,7 +317,8 @@ pub(crate) fn exclusive(sql: &str) -> Option<Exclusive> {
         | b"RELEASE" => return Some(Exclusive::Transaction),
         b"DECLARE" | b"FETCH" | b"MOVE" | b"CLOSE" | b"LOCK" | b"EXECUTE" | b"LOAD"
         | b"DISCARD" => return Some(Exclusive::Session),
-        b"VACUUM" | b"REINDEX" | b"CLUSTER" => return Some(Exclusive::Outside),
+        // A procedure may COMMIT part of its work.
+        b"VACUUM" | b"REINDEX" | b"CLUSTER" | b"CALL" => return Some(Exclusive::Outside),
         _ if outside => return Some(Exclusive::Outside),
         _ => {}
     }
@@ -335,7 +337,8 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
     let mut head_len = 0;
     let mut position = 0;
     let mut set_local: Option<bool> = None;
-    let mut after_into = false;
+    let mut temp_may_follow = false;
+    let mut saw_update = false;
     let eq = |word: &[u8], what: &str| word.eq_ignore_ascii_case(what.as_bytes());
     let finish = |set_local: Option<bool>, out: &mut Effects| {
         if set_local == Some(false) {
@@ -347,6 +350,7 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
             finish(set_local.take(), &mut out);
             current = statement;
             position = 0;
+            saw_update = false;
             head_len = if word.len() > head.len() {
                 0
             } else {
@@ -371,22 +375,20 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
             (1, b"DISCARD") if eq(word, "ALL") => {
                 out |= Effects::DROPPED_STATEMENTS | Effects::SETTINGS;
             }
-            // CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ..., and
-            // SELECT ... INTO TEMP (a column named `temp` is not one).
-            (1..=3, b"CREATE") if eq(word, "TEMP") || eq(word, "TEMPORARY") => {
-                out |= Effects::TEMP;
-            }
-            _ if after_into && (eq(word, "TEMP") || eq(word, "TEMPORARY")) => {
+            // CREATE [OR REPLACE] [GLOBAL | LOCAL] TEMP[ORARY] ... and
+            // SELECT ... INTO [GLOBAL | LOCAL] TEMP ..., wherever they stand
+            // (EXPLAIN ANALYZE CREATE TEMP ...); a column named `temp` is
+            // not one.
+            _ if temp_may_follow && (eq(word, "TEMP") || eq(word, "TEMPORARY")) => {
                 out |= Effects::TEMP;
             }
             (_, b"DECLARE") if eq(word, "HOLD") => out |= Effects::CURSOR,
             _ => {}
         }
-        if eq(word, "pg_temp") {
+        if word.len() >= 7 && word[..7].eq_ignore_ascii_case(b"pg_temp") {
+            // pg_temp, pg_temp_3: the session's temporary schema.
             out |= Effects::TEMP;
-        } else if eq(word, "set_config")
-            || (eq(word, "pg_settings") && &head[..head_len] == b"UPDATE")
-        {
+        } else if eq(word, "set_config") || (eq(word, "pg_settings") && saw_update) {
             // `UPDATE pg_settings SET setting = ...` is a SET; reading
             // pg_settings is not.
             out |= Effects::SETTINGS;
@@ -402,7 +404,10 @@ pub(crate) fn effects(sql: &[u8]) -> Effects {
                 out |= Effects::ADVISORY;
             }
         }
-        after_into = eq(word, "INTO");
+        temp_may_follow = ["CREATE", "REPLACE", "LOCAL", "GLOBAL", "INTO"]
+            .iter()
+            .any(|w| eq(word, w));
+        saw_update |= eq(word, "UPDATE");
         position += 1;
     });
     finish(set_local, &mut out);
@@ -475,6 +480,16 @@ mod tests {
                 Exclusive::State(Effects::DROPPED_STATEMENTS),
             ),
             ("SELECT 1 INTO TEMP t", Exclusive::State(Effects::TEMP)),
+            (
+                "SELECT 1 INTO LOCAL TEMP t",
+                Exclusive::State(Effects::TEMP),
+            ),
+            (
+                "EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1",
+                Exclusive::State(Effects::TEMP),
+            ),
+            ("SELECT * FROM pg_temp_3.t", Exclusive::State(Effects::TEMP)),
+            ("CALL do_work()", Exclusive::Outside),
             (
                 "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
                 Exclusive::State(Effects::TEMP),

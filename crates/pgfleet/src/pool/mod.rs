@@ -313,8 +313,8 @@ impl Pool {
     ///
     /// The lease goes to the shared connection with the fewest leases. While
     /// every one has a lease out and fewer than `shared_connections` exist,
-    /// another is taken from the pool in the background; only the first
-    /// caller, when there is none yet, waits for one (as `get` does).
+    /// another is taken from the pool in the background; only the callers
+    /// that come before the first one is in wait for it (as `get` does).
     ///
     /// # Errors
     /// `Closed` once the pool is closed; as [`get`] (`Timeout`, `Connect`)

@@ -16,8 +16,8 @@
 //!   cancelled task), its request future, which owns everything it needs,
 //!   moves to a drain task that reads the answer to its end. So pgfleet
 //!   knows when every request is finished, the abandoned ones too.
-//! * **Cancel the head only.** The lane stops taking new statements
-//!   (*fenced*) while it carries an abandoned request, and its settle task
+//! * **Cancel the head only.** The lane takes new statements only when no
+//!   other lane can (*fenced*) while it carries an abandoned request, and its settle task
 //!   sends a CancelRequest only when the oldest unfinished request is an
 //!   abandoned one: every request before it has finished, so the server is
 //!   running it. It first gives it [`GRACE`] to finish by itself, since a
@@ -33,10 +33,14 @@
 //! acts outside a transaction to a lane), and the statement methods run it
 //! again (see [`Flights::hit_by_cancel`]).
 //!
-//! A prepare is never cancelled: it may send type lookups after its first
-//! poll, behind later requests, so it is not the server's head when it is
-//! the oldest unfinished one. An abandoned statement queued behind such a
-//! prepare runs to its end.
+//! A prepare, and an unnamed statement, may send type lookups (for types
+//! that are not built in) after their first poll, behind later requests, so
+//! being the oldest unfinished request does not make them what the server
+//! runs. Abandoned, they are cancelled only after [`SLOW_GRACE`] at the
+//! head (a Parse waiting for a lock, a lookup queued behind a long
+//! statement); the cancel may land on a neighbour, which runs again. After
+//! [`CANCELS`] cancels the lane is given up: it leaves service and its
+//! connection is cut, and the statements queued on it fail.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -58,6 +62,13 @@ const LOOK: Duration = Duration::from_millis(250);
 /// it is cancelled: a CancelRequest costs the server a process of its own,
 /// more than a short statement left to finish.
 const GRACE: Duration = Duration::from_millis(20);
+/// The same for a request that may send more after its first poll (a
+/// prepare, an unnamed statement: type lookups for types that are not
+/// built in): being the oldest unfinished request does not make it the one
+/// the server runs, so it is cancelled only when it has stayed at the head
+/// this long (a lock its Parse waits for, a lookup queued behind a long
+/// statement); whichever request the cancel lands on runs again.
+const SLOW_GRACE: Duration = Duration::from_secs(1);
 /// Cancels sent for one abandoned statement, [`LOOK`] apart, before the
 /// lane is given up and its connection cut: a backend that ignores them is
 /// stuck.
@@ -70,8 +81,9 @@ const CANCEL_REACH: Duration = Duration::from_secs(1);
 /// The book of one lane's requests.
 pub(crate) struct Flights {
     log: Mutex<Log>,
-    /// Some request's caller left before its answer was in: no new
-    /// statements go to this lane while any is unfinished.
+    /// Some request's caller left before its answer was in: while any is
+    /// unfinished, new statements go to this lane only when no other lane
+    /// can take them.
     fenced: AtomicBool,
     /// CancelRequests being sent on this lane now.
     cancelling: AtomicU64,
@@ -90,18 +102,20 @@ struct Log {
     open: VecDeque<Entry>,
     /// The settle task runs.
     settling: bool,
+    /// The lane was given up (its connection cut): nothing more to cancel.
+    given_up: bool,
 }
 
 struct Entry {
     seq: u64,
     /// The caller left; the drain task reads the answer.
     abandoned: bool,
-    /// A request that sends nothing after its first poll (an execution of a
-    /// prepared statement, a simple query), so that the server runs it when
-    /// it is the oldest unfinished one. A prepare is not: it may look up
-    /// types with queries sent later, behind other requests; abandoned, it
-    /// is left to finish (it is short).
-    cancellable: bool,
+    /// How long it may run at the head, abandoned, before it is
+    /// cancelled: [`GRACE`] for a request that sends nothing after its first
+    /// poll (an execution of a prepared statement, a simple query), so that
+    /// the server runs it when it is the oldest unfinished one;
+    /// [`SLOW_GRACE`] for one that may (see there).
+    grace: Duration,
     /// Cancels sent for it, and when the last one was.
     cancels: u32,
     last_cancel: Option<Instant>,
@@ -190,7 +204,7 @@ pub(crate) struct Flight<T: Send + 'static> {
     request: Option<Request<T>>,
     /// Its number, once sent.
     seq: Option<u64>,
-    cancellable: bool,
+    grace: Duration,
 }
 
 impl<T: Send + 'static> Flight<T> {
@@ -201,18 +215,18 @@ impl<T: Send + 'static> Flight<T> {
             lane,
             request: Some(request),
             seq: None,
-            cancellable: true,
+            grace: GRACE,
         }
     }
 
-    /// A prepare: it may send type lookups later, so it is never cancelled
-    /// (see [`Entry::cancellable`]).
-    pub(crate) fn prepare(lane: Arc<Lane>, request: Request<T>) -> Flight<T> {
+    /// A request that may send type lookups after its first poll (a
+    /// prepare, an unnamed statement): cancelled only after [`SLOW_GRACE`].
+    pub(crate) fn with_lookups(lane: Arc<Lane>, request: Request<T>) -> Flight<T> {
         Flight {
             lane,
             request: Some(request),
             seq: None,
-            cancellable: false,
+            grace: SLOW_GRACE,
         }
     }
 }
@@ -236,7 +250,7 @@ impl<T: Send + 'static> Future for Flight<T> {
                 log.open.push_back(Entry {
                     seq,
                     abandoned: false,
-                    cancellable: this.cancellable,
+                    grace: this.grace,
                     cancels: 0,
                     last_cancel: None,
                     head_since: None,
@@ -287,8 +301,15 @@ impl<T: Send + 'static> Drop for Flight<T> {
 /// when the server answers (cancelled or not) or the connection dies: the
 /// settle task cuts the connection of a backend that ignores its cancels.
 async fn drain<T: Send + 'static>(lane: Arc<Lane>, seq: u64, request: Request<T>) {
+    /// Finishes the entry however the drain ends (a panic included).
+    struct Finish(Arc<Lane>, u64);
+    impl Drop for Finish {
+        fn drop(&mut self) {
+            self.0.flights.finish(self.1);
+        }
+    }
+    let _finish = Finish(lane, seq);
     request.await;
-    lane.flights.finish(seq);
 }
 
 /// What the settle task does next.
@@ -305,9 +326,9 @@ enum Step {
 }
 
 /// The settle task of one lane: while it carries abandoned requests,
-/// cancels the oldest unfinished one when it is abandoned and cancellable
-/// (the server runs it), after [`GRACE`]. An abandoned request behind a
-/// live one waits: the server has not started it.
+/// cancels the oldest unfinished one when it is abandoned, after its grace
+/// ([`GRACE`] or [`SLOW_GRACE`]). An abandoned request behind a live one
+/// waits: the server has not started it.
 async fn settle(lane: Weak<Lane>) {
     loop {
         let Some(lane) = lane.upgrade() else {
@@ -327,14 +348,16 @@ async fn settle(lane: Weak<Lane>) {
                 flights.fenced.store(false, Ordering::Release);
                 return;
             }
+            let given_up = log.given_up;
             let entry = log.open.front_mut().expect("an abandoned entry is open");
-            if !(entry.abandoned && entry.cancellable) {
+            if !entry.abandoned || given_up {
                 Step::Wait
             } else {
                 let since = *entry.head_since.get_or_insert(now);
-                if now.duration_since(since) < GRACE {
-                    Step::Grace(GRACE - now.duration_since(since))
+                if now.duration_since(since) < entry.grace {
+                    Step::Grace(entry.grace - now.duration_since(since))
                 } else if entry.cancels >= CANCELS {
+                    log.given_up = true;
                     Step::GiveUp
                 } else if entry
                     .last_cancel

@@ -144,7 +144,7 @@ async fn cached(lane: &Arc<Lane>, sql: &str, types: &[Type]) -> Result<Prepared>
     }
     let (owner, sql, types) = (lane.clone(), sql.to_owned(), types.to_vec());
     let request = Box::pin(async move { owner.session().prepare(&sql, &types).await });
-    Flight::prepare(lane.clone(), request).await
+    Flight::with_lookups(lane.clone(), request).await
 }
 
 /// A statement through the lane's statement cache.
@@ -152,8 +152,15 @@ async fn statement(lane: &Arc<Lane>, call: &Call<'_>) -> Result<Output> {
     let prepared = cached(lane, call.sql, call.types).await?;
     let params = encode(call.params, &prepared)?;
     let (owner, want) = (lane.clone(), call.want);
+    // An unnamed statement (behind a transaction pooler) may look up the
+    // types of its columns after its first poll.
+    let named = prepared.statement().is_some();
     let request = Box::pin(async move { execute(&owner, &prepared, &params, want).await });
-    Flight::new(lane.clone(), request).await
+    if named {
+        Flight::new(lane.clone(), request).await
+    } else {
+        Flight::with_lookups(lane.clone(), request).await
+    }
 }
 
 /// A simple query (no parameters, several statements allowed by the
