@@ -147,7 +147,7 @@ impl Hosts {
                 )
             })??;
         let mut failures: Vec<Failure> = Vec::new();
-        let mut fallback: Option<(RawConn, Option<Unit>, usize, u64)> = None;
+        let mut fallback: Option<Landing> = None;
         let mut started = false;
         for host in self.order() {
             if w.preferred_only && Some(host) == start.current {
@@ -214,40 +214,36 @@ impl Hosts {
                     continue;
                 }
             };
+            let landing = Landing {
+                raw,
+                unit,
+                host,
+                generation,
+                preferred,
+            };
             if preferred || (settle_for_current && Some(host) == start.current) {
-                if let Err(error) = self.set_up(&raw, w, deadline).await {
+                if let Err(error) = self.set_up(&landing.raw, w, deadline).await {
                     failures.push(Failure::of(host, error));
                     continue;
                 }
-                return Ok(Some(self.landed(
-                    Landing {
-                        raw,
-                        unit,
-                        host,
-                        generation,
-                        preferred,
-                    },
+                let landed = self.landed(
+                    landing,
                     &start,
                     last_generation,
                     &failures,
                     w.preferred_only,
-                )));
+                );
+                return Ok(Some(landed));
             }
             if !w.preferred_only && fallback.is_none() {
-                fallback = Some((raw, unit, host, generation));
+                fallback = Some(landing);
             }
         }
-        if let Some((raw, unit, host, generation)) = fallback {
+        if let Some(landing) = fallback {
             let deadline = tokio::time::Instant::now() + w.config.connect_timeout;
-            self.set_up(&raw, w, deadline).await?;
+            self.set_up(&landing.raw, w, deadline).await?;
             return Ok(Some(self.landed(
-                Landing {
-                    raw,
-                    unit,
-                    host,
-                    generation,
-                    preferred: false,
-                },
+                landing,
                 &start,
                 last_generation,
                 &failures,
