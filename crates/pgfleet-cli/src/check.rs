@@ -103,13 +103,25 @@ pub fn run(args: &CheckArgs) -> ExitCode {
         out,
         "\nserver budget (connections this process may hold per server):"
     );
-    let describe = |mode: &pgfleet::BudgetMode| match mode {
-        pgfleet::BudgetMode::Auto => format!(
-            "auto: (max_connections - reserved - headroom {}) / replicas {}, read at first contact",
-            budget.headroom, budget.replicas
-        ),
+    let describe = |mode: &pgfleet::BudgetMode| {
+        match mode {
+        pgfleet::BudgetMode::Auto => match budget.replicas {
+            pgfleet::Replicas::Auto => format!(
+                "auto: max_connections - reserved - headroom {}, read at first contact, split between the live replicas of service {}",
+                budget.headroom,
+                budget
+                    .service
+                    .as_deref()
+                    .unwrap_or("<the first pool's application_name>")
+            ),
+            pgfleet::Replicas::Fixed(n) => format!(
+                "auto: (max_connections - reserved - headroom {}) / replicas {n}, read at first contact",
+                budget.headroom
+            ),
+        },
         pgfleet::BudgetMode::Fixed(n) => format!("{n} connections"),
         pgfleet::BudgetMode::Off => "off: pools are bounded by max_size only".to_owned(),
+    }
     };
     outln!(out, "  default: {}", describe(&budget.mode));
     for (server, mode) in &budget.servers {

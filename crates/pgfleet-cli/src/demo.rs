@@ -40,6 +40,13 @@ pub struct DemoArgs {
     /// Also write the results as JSON to this file (`-` for standard output).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Instead of stores: N replica processes of one service, each wanting
+    /// up to 20 connections, with `replicas: 1` and then `replicas: auto`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=16), conflicts_with_all = ["naive", "compare"])]
+    replicas: Option<u32>,
+    /// With --replicas: how long each replica runs, seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600), requires = "replicas")]
+    seconds: u64,
 }
 
 /// Which setup ran.
@@ -125,8 +132,8 @@ async fn demo(args: &DemoArgs) -> Result<ExitCode, String> {
         .database_url
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok());
-    let (_cluster, target) = match url {
-        Some(url) => (None, Target::parse(&url).map_err(|e| e.to_string())?),
+    let (_cluster, target, url) = match url {
+        Some(url) => (None, Target::parse(&url).map_err(|e| e.to_string())?, url),
         None => {
             if let Some(missing) = crate::embedded::MISSING {
                 return Err(missing.to_owned());
@@ -140,10 +147,14 @@ async fn demo(args: &DemoArgs) -> Result<ExitCode, String> {
                 "  data kept under {} (removed at exit)",
                 cluster.dir().display()
             );
-            let target = Target::parse(&cluster.url("postgres")).map_err(|e| e.to_string())?;
-            (Some(cluster), target)
+            let url = cluster.url("postgres");
+            let target = Target::parse(&url).map_err(|e| e.to_string())?;
+            (Some(cluster), target, url)
         }
     };
+    if let Some(processes) = args.replicas {
+        return demo_replicas(args, &url, &target, processes).await;
+    }
     let modes: &[Mode] = if args.compare {
         &[Mode::Naive, Mode::Fleet]
     } else if args.naive {
@@ -155,22 +166,42 @@ async fn demo(args: &DemoArgs) -> Result<ExitCode, String> {
     for &mode in modes {
         runs.push(run_mode(mode, args, &target).await?);
     }
-    // With JSON on standard output, the table goes to standard error.
-    let json_to_stdout = args.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
     let table = table(&runs);
-    if json_to_stdout {
-        eprint!("{table}");
-    } else {
-        print!("{table}");
-    }
     let report = DemoReport {
         server: target.to_string(),
         users: args.users,
         rounds: args.rounds,
         runs,
     };
+    emit(args, &table, &report)
+}
+
+/// `--replicas N`: both setups, the table, the JSON.
+async fn demo_replicas(
+    args: &DemoArgs,
+    url: &str,
+    target: &Target,
+    processes: u32,
+) -> Result<ExitCode, String> {
+    let mut runs = Vec::new();
+    for replicas in [pgfleet::Replicas::Fixed(1), pgfleet::Replicas::Auto] {
+        runs.push(crate::demo_replicas::run(url, target, replicas, processes, args.seconds).await?);
+    }
+    let table = crate::demo_replicas::table(&runs);
+    emit(args, &table, &runs)
+}
+
+/// Prints the table, and the JSON where --json says: with JSON on
+/// standard output, the table goes to standard error.
+fn emit<T: Serialize>(args: &DemoArgs, table: &str, report: &T) -> Result<ExitCode, String> {
+    let json_to_stdout = args.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
+    if json_to_stdout {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
         if path.as_os_str() == "-" {
             println!("{json}");
         } else {
@@ -183,14 +214,14 @@ async fn demo(args: &DemoArgs) -> Result<ExitCode, String> {
 
 /// Samples the number of client connections on the server every 20ms over
 /// one connection of its own (which it leaves out of the count).
-struct Sampler {
+pub(crate) struct Sampler {
     peak: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     max_connections: u32,
 }
 
 impl Sampler {
-    async fn start(target: &Target) -> Result<Sampler, String> {
+    pub(crate) async fn start(target: &Target) -> Result<Sampler, String> {
         // One connection of its own, through pgfleet (so the password stays
         // inside the Target), opened before the load so it has a slot.
         let pool = Pool::new(
@@ -232,7 +263,7 @@ impl Sampler {
         })
     }
 
-    fn finish(self) -> (usize, u32) {
+    pub(crate) fn finish(self) -> (usize, u32) {
         self.task.abort();
         (self.peak.load(Ordering::SeqCst), self.max_connections)
     }

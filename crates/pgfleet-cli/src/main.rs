@@ -12,8 +12,10 @@
 
 mod check;
 mod demo;
+mod demo_replicas;
 mod embedded;
 mod monitor;
+mod replica;
 mod serve;
 
 use std::io::IsTerminal;
@@ -42,6 +44,10 @@ enum Command {
     /// state, database and application, the fleet's own marked. One sample
     /// by default; exit status 3 if --max was exceeded.
     Monitor(monitor::MonitorArgs),
+    /// One replica of a service under load, reporting JSON lines (used by
+    /// `demo --replicas` and the tests).
+    #[command(hide = true)]
+    Replica(replica::ReplicaArgs),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor::run(&args),
+        Command::Replica(args) => replica::run(&args),
         Command::Config {
             command: ConfigCommand::Check(args),
         } => check::run(&args),

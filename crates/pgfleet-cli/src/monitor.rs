@@ -181,16 +181,42 @@ fn joined(map: &std::collections::BTreeMap<String, usize>, prefix: Option<&str>)
         .join(" ")
 }
 
+/// The replicas of each service: `service: instance=connections(want N)`.
+fn replicas(s: &ActivitySample) -> Vec<String> {
+    s.by_replica
+        .iter()
+        .map(|(service, instances)| {
+            let total: usize = instances.values().map(|r| r.connections).sum();
+            let each = instances
+                .iter()
+                .map(|(instance, r)| match r.want {
+                    Some(want) => format!("{instance}={}(want {want})", r.connections),
+                    None => format!("{instance}={}", r.connections),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!(
+                "{service} ({} replicas, {total} connections): {each}",
+                instances.len()
+            )
+        })
+        .collect()
+}
+
 /// One plain line per sample, for pipes and logs.
 fn line(s: &ActivitySample, fleet: usize, prefix: &str, stamp: &str) -> String {
-    format!(
+    let mut line = format!(
         "{stamp} total={}/{} fleet={fleet} state[{}] db[{}] app[{}]",
         s.total,
         s.max_connections,
         joined(&s.by_state, None),
         joined(&s.by_database, None),
         joined(&s.by_application, Some(prefix)),
-    )
+    );
+    for service in replicas(s) {
+        line.push_str(&format!(" replicas[{service}]"));
+    }
+    line
 }
 
 /// A compact table for a terminal or a one-shot look.
@@ -214,6 +240,24 @@ fn table(s: &ActivitySample, fleet: usize, prefix: &str, target: &str, stamp: &s
         for (name, n) in entries {
             let m = marks.map_or("", |p| mark(name, p));
             let _ = writeln!(out, "    {n:>5}  {m}{name}");
+        }
+    }
+    if !s.by_replica.is_empty() {
+        let _ = writeln!(out, "  by service and instance (replicas: auto):");
+        for (service, instances) in &s.by_replica {
+            let total: usize = instances.values().map(|r| r.connections).sum();
+            let _ = writeln!(
+                out,
+                "    {total:>5}  {service} ({} replicas)",
+                instances.len()
+            );
+            for (instance, r) in instances {
+                let want = r.want.map_or_else(
+                    || "no coordinator seen".to_owned(),
+                    |w| format!("wants {w}"),
+                );
+                let _ = writeln!(out, "    {:>5}    #{instance} ({want})", r.connections);
+            }
         }
     }
     out

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::budget::replicas::{parse_name, parse_tag, PREFIX};
 use crate::error::{Error, Result};
 
 /// Client connections on a server at one moment, as `pg_stat_activity` shows
@@ -21,6 +22,22 @@ pub struct ActivitySample {
     pub by_database: BTreeMap<String, usize>,
     /// By `application_name` (`(none)` when empty).
     pub by_application: BTreeMap<String, usize>,
+    /// The replicas of services with `replicas: auto`: service, then
+    /// instance id. A replica's pool connections carry its instance id in
+    /// their `application_name` (`<name> #<instance>`); its coordinator
+    /// publishes the service and its demand.
+    pub by_replica: BTreeMap<String, BTreeMap<String, ReplicaActivity>>,
+}
+
+/// One replica of a service on the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct ReplicaActivity {
+    /// Its client connections, its coordinator included.
+    pub connections: usize,
+    /// What its coordinator says it wants (`None`: no coordinator seen).
+    pub want: Option<u32>,
 }
 
 impl ActivitySample {
@@ -60,12 +77,49 @@ pub async fn sample(client: &tokio_postgres::Client) -> Result<ActivitySample> {
             })?;
         out.max_connections = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
     }
+    let mut tagged: Vec<String> = Vec::new();
     for row in rows {
         out.total += 1;
         *out.by_state.entry(row.get(0)).or_default() += 1;
         *out.by_database.entry(row.get(1)).or_default() += 1;
-        *out.by_application.entry(row.get(2)).or_default() += 1;
+        let app: String = row.get(2);
+        if let Some((service, instance, want)) = coordinator(&app) {
+            let replica = out
+                .by_replica
+                .entry(service.to_owned())
+                .or_default()
+                .entry(instance.to_owned())
+                .or_default();
+            replica.connections += 1;
+            replica.want = Some(want);
+        } else if let Some((_, instance)) = parse_tag(&app) {
+            tagged.push(instance.to_owned());
+        }
+        *out.by_application.entry(app).or_default() += 1;
         out.max_connections = u32::try_from(row.get::<_, i32>(3)).unwrap_or(0);
     }
+    // A pool connection counts under the service of its instance's
+    // coordinator (or `(unknown)` when none was seen).
+    for instance in tagged {
+        let service = out
+            .by_replica
+            .iter()
+            .find(|(_, instances)| instances.contains_key(&instance))
+            .map_or_else(|| "(unknown)".to_owned(), |(service, _)| service.clone());
+        out.by_replica
+            .entry(service)
+            .or_default()
+            .entry(instance)
+            .or_default()
+            .connections += 1;
+    }
     Ok(out)
+}
+
+/// A coordinator's `application_name`: `(service, instance, want)`.
+fn coordinator(app: &str) -> Option<(&str, &str, u32)> {
+    let rest = app.strip_prefix(PREFIX)?;
+    let (service, _) = rest.split_once(' ')?;
+    let (instance, want, _) = parse_name(app, service)?;
+    Some((service, instance, want))
 }

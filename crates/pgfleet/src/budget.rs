@@ -18,16 +18,25 @@
 //! effective capacity drops to what is open, and creeps back up by one unit a
 //! second while probing.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio_postgres::Client;
 
-use crate::config::{BudgetConfig, BudgetMode, Pooler};
+use crate::config::{BudgetConfig, BudgetMode, Pooler, Replicas};
 use crate::error::{Error, Result};
+
+mod coordinator;
+pub(crate) mod replicas;
+mod share;
+mod stats;
+
+use self::replicas::Coordination;
+pub use self::replicas::{ReplicaMember, ReplicaStats};
+pub use self::stats::{BudgetSource, BudgetStats, Derivation};
 
 /// What a budget may ask of a pool on its server: close one idle connection
 /// above its floor, so that the unit it held can go to another pool. The
@@ -36,48 +45,21 @@ pub(crate) trait Reclaim: Send + Sync {
     /// Closes the longest-idle connection on `server` if the pool is above
     /// its floor; whether one was closed.
     fn reclaim_idle(&self, server: &str) -> bool;
+
+    /// What the pool asks of `server` now.
+    fn demand(&self, server: &str) -> Asked;
 }
 
-/// How an `auto` budget was derived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[non_exhaustive]
-pub struct Derivation {
-    /// The server's `max_connections`.
-    pub max_connections: u32,
-    /// `superuser_reserved_connections`.
-    pub superuser_reserved_connections: u32,
-    /// `reserved_connections` (PostgreSQL 16+; 0 before).
-    pub reserved_connections: u32,
-    /// Headroom left for other clients.
-    pub headroom: u32,
-    /// Replicas sharing the server.
-    pub replicas: u32,
-    /// The result: `(max - reserved - headroom) / replicas`, at least 1.
-    pub budget: u32,
-}
-
-impl Derivation {
-    pub(crate) fn new(
-        max_connections: u32,
-        superuser_reserved: u32,
-        reserved: u32,
-        headroom: u32,
-        replicas: u32,
-    ) -> Self {
-        let usable = max_connections
-            .saturating_sub(superuser_reserved)
-            .saturating_sub(reserved)
-            .saturating_sub(headroom);
-        Derivation {
-            max_connections,
-            superuser_reserved_connections: superuser_reserved,
-            reserved_connections: reserved,
-            headroom,
-            replicas,
-            budget: (usable / replicas.max(1)).max(1),
-        }
-    }
+/// What one pool asks of a server (`Reclaim::demand`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Asked {
+    /// Connections in use or being opened plus callers waiting, at most
+    /// its `max_size`.
+    pub(crate) demand: u32,
+    /// Its warm floor.
+    pub(crate) floor: u32,
+    /// Its connections, open or being opened.
+    pub(crate) open: u32,
 }
 
 /// How long the capacity stays lowered after a refusal before it probes one
@@ -90,6 +72,11 @@ pub(crate) struct ServerBudget {
     mode: BudgetMode,
     headroom: u32,
     replicas: u32,
+    /// `replicas: auto`: the split with the other replicas.
+    coordination: Option<Coordination>,
+    /// More units are held than the limit allows: returned connections
+    /// close (read without the lock on every return).
+    over: AtomicBool,
     state: Mutex<BudgetState>,
     reclaims: AtomicU64,
     refusals: AtomicU64,
@@ -116,6 +103,9 @@ struct BudgetState {
     /// What may be used now: the target, or less after refusals.
     capacity: Option<u32>,
     derivation: Option<Derivation>,
+    /// `replicas: auto`: what this replica may hold now, its share of the
+    /// budget (`None` without coordination).
+    share: Option<u32>,
     /// An `auto` budget lets one connection through to read the server's
     /// settings.
     probing: bool,
@@ -134,17 +124,34 @@ pub(crate) struct Unit {
     pool_id: u64,
 }
 
+impl Unit {
+    /// Whether the budget holds more units than it may now.
+    pub(crate) fn is_over(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.is_over())
+    }
+}
+
 impl Drop for Unit {
     fn drop(&mut self) {
         if let Some(budget) = self.budget.take() {
             let mut st = budget.lock();
             st.give_back(self.pool_id);
+            budget.update_over(&st);
             budget.grant_waiters(&mut st);
         }
     }
 }
 
 impl BudgetState {
+    /// What may be held now: the capacity, and this replica's share.
+    fn limit(&self) -> Option<u32> {
+        match (self.capacity.or(self.target), self.share) {
+            (Some(c), Some(s)) => Some(c.min(s)),
+            (c, None) => c,
+            (None, s) => s,
+        }
+    }
+
     /// A capacity lowered after a refusal climbs back one unit per
     /// `RECOVERY_STEP` since, up to the target, whether or not any pool
     /// asks (so that it has recovered by the time one needs it).
@@ -181,20 +188,42 @@ impl BudgetState {
 }
 
 impl ServerBudget {
-    pub(crate) fn new(server: String, config: &BudgetConfig) -> Arc<Self> {
+    /// The budget of `server`. With `replicas: auto` on an `auto` budget,
+    /// this replica is `instance` of the configured service, or else of
+    /// `default_service` (the first pool's `application_name`).
+    pub(crate) fn new(
+        server: String,
+        config: &BudgetConfig,
+        instance: &str,
+        default_service: &str,
+    ) -> Arc<Self> {
         let mode = config.mode_for(&server);
         let target = match mode {
             BudgetMode::Fixed(n) => Some(n),
             BudgetMode::Auto | BudgetMode::Off => None,
         };
+        let coordination =
+            (mode == BudgetMode::Auto && config.replicas == Replicas::Auto).then(|| {
+                let service = config
+                    .service
+                    .clone()
+                    .unwrap_or_else(|| service_from(default_service));
+                Coordination::new(service, instance.to_owned())
+            });
         Arc::new(ServerBudget {
             server,
             mode,
             headroom: config.headroom,
-            replicas: config.replicas,
+            replicas: match config.replicas {
+                Replicas::Fixed(n) => n,
+                Replicas::Auto => 1,
+            },
+            over: AtomicBool::new(false),
             state: Mutex::new(BudgetState {
                 target,
                 capacity: target,
+                // Nothing until the coordinator holds tokens.
+                share: coordination.as_ref().map(|_| 0),
                 derivation: None,
                 probing: false,
                 behind_pooler: false,
@@ -203,6 +232,7 @@ impl ServerBudget {
                 waiters: VecDeque::new(),
                 lowered_until: None,
             }),
+            coordination,
             reclaims: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
             waits: AtomicU64::new(0),
@@ -215,6 +245,22 @@ impl ServerBudget {
 
     pub(crate) fn server(&self) -> &str {
         &self.server
+    }
+
+    /// `replicas: auto`: the coordination with the other replicas.
+    pub(crate) fn coordination(&self) -> Option<&Coordination> {
+        self.coordination.as_ref()
+    }
+
+    /// Whether more units are held than the limit allows now (a returned
+    /// connection above its pool's floor then closes).
+    pub(crate) fn is_over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
+    }
+
+    fn update_over(&self, st: &BudgetState) {
+        let over = st.limit().is_some_and(|limit| st.in_use > limit);
+        self.over.store(over, Ordering::Relaxed);
     }
 
     /// Adds a pool to the budget.
@@ -296,6 +342,9 @@ impl ServerBudget {
 
     /// Removes a pool (closed) from the budget.
     pub(crate) fn leave(self: &Arc<Self>, pool_id: u64) {
+        if let Some(c) = &self.coordination {
+            c.withdraw(pool_id);
+        }
         let mut st = self.lock();
         st.members.retain(|m| m.pool_id != pool_id || m.units > 0);
         if let Some(m) = st.members.iter_mut().find(|m| m.pool_id == pool_id) {
@@ -306,7 +355,8 @@ impl ServerBudget {
 
     /// Whether `auto` still has to read the server's settings.
     pub(crate) fn needs_derivation(&self) -> bool {
-        self.mode == BudgetMode::Auto && {
+        // With `replicas: auto` the coordinator reads the settings.
+        self.mode == BudgetMode::Auto && self.coordination.is_none() && {
             let st = self.lock();
             st.target.is_none() && !st.behind_pooler
         }
@@ -365,6 +415,7 @@ impl ServerBudget {
         let before = st.capacity;
         st.capacity = Some(before.map_or(open, |c| c.min(open)));
         st.lowered_until = Some(Instant::now() + RECOVERY_STEP);
+        self.update_over(&st);
         tracing::warn!(
             server = %self.server,
             from = ?before,
@@ -376,13 +427,20 @@ impl ServerBudget {
     /// Whether pool `pool_id` may take a unit now; applies the slow recovery
     /// of a lowered capacity.
     fn may_grant(&self, st: &mut BudgetState, pool_id: u64) -> bool {
+        if st.behind_pooler {
+            // The pooler limits this process's connections.
+            return true;
+        }
         let Some(target) = st.target else {
             // `auto` before derivation: one probe connection at a time;
-            // behind a pooler, no limit.
-            return st.behind_pooler || !st.probing;
+            // `replicas: auto` waits for its coordinator.
+            return st.share.is_none() && !st.probing;
         };
         st.recover(Instant::now());
-        let capacity = st.capacity.unwrap_or(target);
+        let capacity = st
+            .capacity
+            .unwrap_or(target)
+            .min(st.share.unwrap_or(u32::MAX));
         let member = st.members.iter().find(|m| m.pool_id == pool_id);
         let below_floor = member.is_some_and(|m| m.units < m.min_size);
         if st.in_use >= capacity {
@@ -403,6 +461,7 @@ impl ServerBudget {
         if let Some(m) = st.members.iter_mut().find(|m| m.pool_id == pool_id) {
             m.units += 1;
         }
+        self.update_over(st);
         Unit {
             budget: Some(self.clone()),
             pool_id,
@@ -471,6 +530,10 @@ impl ServerBudget {
             self.grant_waiters(&mut st);
             rx
         };
+        if let Some(c) = &self.coordination {
+            // This replica may want a larger share.
+            c.nudge();
+        }
         self.reclaim_for(pool_id);
         loop {
             match tokio::time::timeout(Duration::from_millis(50), &mut rx).await {
@@ -521,7 +584,7 @@ impl ServerBudget {
     pub(crate) fn summary(&self) -> String {
         let mut st = self.lock();
         st.recover(Instant::now());
-        match st.capacity {
+        match st.limit() {
             Some(c) => format!(
                 "server {} budget {}/{} connections in use, {} pool connect(s) waiting",
                 self.server,
@@ -548,7 +611,7 @@ impl ServerBudget {
             mode: self.mode,
             source,
             budget: st.target,
-            capacity: st.capacity,
+            capacity: st.limit(),
             derivation: st.derivation,
             in_use: st.in_use,
             waiting: st.waiters.iter().filter(|w| !w.tx.is_closed()).count(),
@@ -560,6 +623,7 @@ impl ServerBudget {
             reclaims: self.reclaims.load(Ordering::Relaxed),
             refusals: self.refusals.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
+            replicas: self.coordination.as_ref().map(Coordination::stats),
         }
     }
 }
@@ -583,6 +647,27 @@ pub(crate) async fn derive_from_server(budget: &Arc<ServerBudget>, client: &Clie
     }
 }
 
+/// A service name from an `application_name`: the characters a service
+/// may have, the others as `_`, cut to the longest name.
+fn service_from(application_name: &str) -> String {
+    let name: String = application_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(crate::config::MAX_SERVICE_LEN)
+        .collect();
+    if name.is_empty() {
+        "pgfleet".to_owned()
+    } else {
+        name
+    }
+}
+
 fn floor_list(members: &[Member]) -> String {
     members
         .iter()
@@ -590,73 +675,4 @@ fn floor_list(members: &[Member]) -> String {
         .map(|m| format!("{} (min_size {})", m.label, m.min_size))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Where a server budget came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize),
-    serde(rename_all = "snake_case")
-)]
-#[non_exhaustive]
-pub enum BudgetSource {
-    /// A number in the configuration.
-    Configured,
-    /// `auto`, derived from the server's `max_connections` and reserved
-    /// slots (see [`BudgetStats::derivation`]).
-    ServerSettings,
-    /// `auto`, not derived yet: the first connection reads the settings.
-    NotYetDerived,
-    /// `auto` on a pooler (a pool with `pooler` set): not derived, since
-    /// the pooler limits this process's connections; the pools' `max_size`
-    /// bound them.
-    BehindPooler,
-    /// `off`: no budget.
-    Off,
-}
-
-/// Statistics of one server budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[non_exhaustive]
-pub struct BudgetStats {
-    /// `host:port` of the server.
-    pub server: String,
-    /// How the budget is set.
-    pub mode: BudgetMode,
-    /// Where the budget in force came from.
-    pub source: BudgetSource,
-    /// The configured or derived budget (`None` until `auto` is derived).
-    pub budget: Option<u32>,
-    /// What may be used now (lower than `budget` after refusals).
-    pub capacity: Option<u32>,
-    /// How `auto` derived the budget.
-    pub derivation: Option<Derivation>,
-    /// Units held (open connections plus connects in progress).
-    pub in_use: u32,
-    /// Pool connects waiting for a unit.
-    pub waiting: usize,
-    /// Units held per pool (masked URL).
-    pub pools: BTreeMap<String, u32>,
-    /// Idle connections closed in other pools to free units.
-    pub reclaims: u64,
-    /// Connections the server refused with 53300 (too many clients).
-    pub refusals: u64,
-    /// Connects that had to wait for a unit.
-    pub waits: u64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_budget_subtracts_reserved_and_headroom_and_divides_by_replicas() {
-        let d = Derivation::new(100, 3, 0, 5, 2);
-        assert_eq!(d.budget, 46);
-        let d = Derivation::new(20, 3, 2, 3, 1);
-        assert_eq!(d.budget, 12);
-        assert_eq!(Derivation::new(5, 3, 0, 10, 4).budget, 1, "never zero");
-    }
 }

@@ -147,12 +147,13 @@ mod tls;
 #[doc = include_str!("../docs/configuration.md")]
 pub mod configuration {}
 
-pub use activity::{sample as sample_activity, ActivitySample};
+pub use activity::{sample as sample_activity, ActivitySample, ReplicaActivity};
 pub use address::{Endpoint, Host, LoadBalance, Role, SessionAttrs, Target};
-pub use budget::{BudgetSource, BudgetStats, Derivation};
+pub use budget::{BudgetSource, BudgetStats, Derivation, ReplicaMember, ReplicaStats};
 pub use config::{
     config_keys, BudgetConfig, BudgetMode, Effective, FleetConfig, HookError, HookFuture, Hooks,
-    KeyInfo, PoolConfig, PoolSettings, Pooler, RawValue, ReadFallback, Reset, Source,
+    KeyInfo, PoolConfig, PoolSettings, Pooler, RawValue, ReadFallback, Replicas, Reset, Source,
+    MAX_SERVICE_LEN,
 };
 #[cfg(feature = "yaml")]
 pub use config::{ApplicationValue, Loaded, Loader, WarmupEntry};

@@ -26,7 +26,7 @@ fn fleet(mode: BudgetMode, replicas: u32) -> Fleet {
         budget: BudgetConfig {
             mode,
             headroom: 3,
-            replicas,
+            replicas: pgfleet::Replicas::Fixed(replicas),
             ..BudgetConfig::default()
         },
     })

@@ -367,7 +367,7 @@ fn fleet_section_sets_server_budgets() {
     let b = &loaded.fleet_config().budget;
     assert_eq!(
         (b.mode, b.headroom, b.replicas),
-        (pgfleet::BudgetMode::Auto, 5, 4)
+        (pgfleet::BudgetMode::Auto, 5, pgfleet::Replicas::Fixed(4))
     );
     assert_eq!(b.mode_for("db:5432"), pgfleet::BudgetMode::Fixed(40));
     assert_eq!(b.mode_for("other:5432"), pgfleet::BudgetMode::Off);

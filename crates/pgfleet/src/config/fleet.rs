@@ -28,7 +28,8 @@ impl FleetConfig {
     }
 
     /// Reads a `fleet:` section: `budget` (`auto`, `off` or a number),
-    /// `headroom`, `replicas`, and `servers` (per `host:port` budgets).
+    /// `headroom`, `replicas` (`auto` or a number), `service`, and `servers`
+    /// (per `host:port` budgets).
     /// `origin` names where it came from in messages (a file name).
     ///
     /// # Errors
@@ -72,7 +73,29 @@ impl FleetConfig {
             match key.as_str() {
                 "budget" => budget.mode = mode("budget", value)?,
                 "headroom" => budget.headroom = whole("headroom", value, 0)?,
-                "replicas" => budget.replicas = whole("replicas", value, 1)?,
+                "replicas" => {
+                    budget.replicas = match value {
+                        RawValue::Str(s) if s.trim() == "auto" => Replicas::Auto,
+                        other => whole("replicas", other, 1).map(Replicas::Fixed).map_err(|_| {
+                            config_error(format!(
+                                "{} = {other}: expected `auto` or a whole number >= 1",
+                                at("replicas")
+                            ))
+                        })?,
+                    }
+                }
+                "service" => {
+                    budget.service = match value {
+                        RawValue::Null => None,
+                        RawValue::Str(s) => Some(s.trim().to_owned()),
+                        other => {
+                            return Err(config_error(format!(
+                                "{} = {other}: expected a name",
+                                at("service")
+                            )))
+                        }
+                    }
+                }
                 "servers" => {
                     let RawValue::Map(servers) = value else {
                         return Err(config_error(format!(
@@ -88,7 +111,7 @@ impl FleetConfig {
                 }
                 other => {
                     return Err(config_error(format!(
-                        "unknown key `{other}` in fleet ({origin}); known: budget, headroom, replicas, servers"
+                        "unknown key `{other}` in fleet ({origin}); known: budget, headroom, replicas, service, servers"
                     )))
                 }
             }
@@ -106,6 +129,35 @@ const MAX_BUDGET: i64 = 100_000;
 fn config_error(message: String) -> Error {
     Error::config(format!("invalid configuration: {message}"))
 }
+
+/// How many replicas of the application share each server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Replicas {
+    /// The live replicas of the same [`service`](BudgetConfig::service)
+    /// find each other through the server and split its budget between
+    /// them, by demand (see the configuration reference, "Replicas").
+    Auto,
+    /// A fixed count: an `auto` budget is divided by it.
+    Fixed(u32),
+}
+
+impl fmt::Display for Replicas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replicas::Auto => f.write_str("auto"),
+            Replicas::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The longest service name: it travels in `application_name` (63 bytes)
+/// with an instance id and the replica's demand.
+pub const MAX_SERVICE_LEN: usize = 30;
 
 /// How a server's budget is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,9 +196,14 @@ pub struct BudgetConfig {
     /// Connections left for other clients (psql, monitoring, migrations) by
     /// `auto`. Default 3.
     pub headroom: u32,
-    /// How many replicas of this application share the server; `auto`
-    /// divides by it. Default 1.
-    pub replicas: u32,
+    /// How many replicas of this application share the server: a number
+    /// divides an `auto` budget by it; [`Replicas::Auto`] finds the live
+    /// replicas of [`service`](Self::service) on the server. Default 1.
+    pub replicas: Replicas,
+    /// The name replicas of one application share (`replicas: auto`);
+    /// `None`: the `application_name` of the first pool on the server.
+    /// Letters, digits, `_`, `-` and `.`, at most [`MAX_SERVICE_LEN`].
+    pub service: Option<String>,
     /// Per-server modes, keyed by `host:port` ([`crate::Target::server_key`]).
     pub servers: BTreeMap<String, BudgetMode>,
 }
@@ -156,7 +213,8 @@ impl Default for BudgetConfig {
         BudgetConfig {
             mode: BudgetMode::Auto,
             headroom: 3,
-            replicas: 1,
+            replicas: Replicas::Fixed(1),
+            service: None,
             servers: BTreeMap::new(),
         }
     }
@@ -171,12 +229,20 @@ impl BudgetConfig {
     /// Checks the settings.
     ///
     /// # Errors
-    /// `Config` for zero replicas or a fixed budget of zero.
+    /// `Config` for zero replicas, a fixed budget of zero, or a service
+    /// name that cannot travel in `application_name`.
     pub fn validate(&self) -> Result<()> {
-        if self.replicas == 0 {
+        if self.replicas == Replicas::Fixed(0) {
             return Err(Error::config(
-                "invalid configuration: fleet.replicas = 0: expected at least 1",
+                "invalid configuration: fleet.replicas = 0: expected at least 1 or `auto`",
             ));
+        }
+        if let Some(service) = &self.service {
+            check_service(service).map_err(|why| {
+                Error::config(format!(
+                    "invalid configuration: fleet.service = {service:?}: {why}"
+                ))
+            })?;
         }
         for (server, mode) in std::iter::once(("default", &self.mode))
             .chain(self.servers.iter().map(|(k, v)| (k.as_str(), v)))
@@ -191,6 +257,22 @@ impl BudgetConfig {
     }
 }
 
+/// Whether `name` may name a service: what is wrong with it.
+pub(crate) fn check_service(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > MAX_SERVICE_LEN {
+        return Err(format!("expected 1 to {MAX_SERVICE_LEN} characters"));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed: letters, digits, `_`, `-` and `.` only"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +280,7 @@ mod tests {
     #[test]
     fn zero_replicas_or_zero_budget_are_invalid() {
         let bad = BudgetConfig {
-            replicas: 0,
+            replicas: Replicas::Fixed(0),
             ..BudgetConfig::default()
         };
         assert!(bad
@@ -232,6 +314,27 @@ mod tests {
         assert_eq!(config.budget.mode, BudgetMode::Fixed(40));
         assert_eq!(config.budget.headroom, 5);
         assert_eq!(config.budget.mode_for("db:5432"), BudgetMode::Off);
+        let raw = RawValue::Map(vec![
+            ("replicas".into(), "auto".into()),
+            ("service".into(), "memory-api".into()),
+        ]);
+        let config = FleetConfig::from_raw(&raw, "config.yaml").unwrap();
+        assert_eq!(config.budget.replicas, Replicas::Auto);
+        assert_eq!(config.budget.service.as_deref(), Some("memory-api"));
+        let raw = RawValue::Map(vec![("replicas".into(), "some".into())]);
+        let err = FleetConfig::from_raw(&raw, "config.yaml").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("fleet.replicas (config.yaml) = \"some\": expected `auto`"),
+            "{err}"
+        );
+        let raw = RawValue::Map(vec![("service".into(), "my service".into())]);
+        let err = FleetConfig::from_raw(&raw, "config.yaml").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("fleet.service = \"my service\": ' ' is not allowed"),
+            "{err}"
+        );
         let raw = RawValue::Map(vec![("budgte".into(), RawValue::Int(4))]);
         let err = FleetConfig::from_raw(&raw, "config.yaml").unwrap_err();
         assert!(

@@ -28,7 +28,7 @@ mod value;
 #[cfg(feature = "yaml")]
 mod yaml;
 
-pub use fleet::{BudgetConfig, BudgetMode, FleetConfig};
+pub use fleet::{BudgetConfig, BudgetMode, FleetConfig, Replicas, MAX_SERVICE_LEN};
 pub use hooks::{HookError, HookFuture, Hooks};
 pub use keys::{config_keys, KeyInfo};
 #[cfg(feature = "yaml")]

@@ -166,7 +166,12 @@ impl Fleet {
                         .unwrap_or_else(PoisonError::into_inner)
                         .entry(server)
                         .or_insert_with_key(|server| {
-                            ServerBudget::new(server.clone(), &inner.config.budget)
+                            ServerBudget::new(
+                                server.clone(),
+                                &inner.config.budget,
+                                &inner.instance,
+                                &config.application_name,
+                            )
                         })
                         .clone(),
                 ),

@@ -29,6 +29,9 @@ pub(crate) type Registry = HashTable<Arc<Entry>>;
 pub(crate) struct FleetInner {
     /// Names this fleet in the threads' snapshots (never reused).
     pub(crate) id: u64,
+    /// Names this process among the replicas of its service
+    /// (`replicas: auto`): 8 random hex digits.
+    pub(crate) instance: String,
     pub(crate) config: FleetConfig,
     pub(crate) pools: ArcSwap<Registry>,
     /// Bumped after every store to `pools`: a snapshot read at the current
@@ -48,6 +51,7 @@ impl FleetInner {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         FleetInner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            instance: format!("{:08x}", fastrand::u32(..)),
             config,
             pools: ArcSwap::default(),
             generation: AtomicU64::new(0),

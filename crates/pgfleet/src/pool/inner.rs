@@ -19,7 +19,7 @@ mod failover;
 use super::leaks::Checkouts;
 use super::state::{ConnectFailure, Plan, State};
 use crate::address::Target;
-use crate::budget::{Reclaim, Unit};
+use crate::budget::Unit;
 use crate::config::PoolConfig;
 use crate::conn::{self, RawConn, StatementCache};
 use crate::error::{Error, ErrorKind, TimeoutStage};
@@ -105,7 +105,7 @@ pub(crate) struct PoolConn {
     pub(crate) host_generation: u64,
     slot: Slot,
     /// The server-budget unit, given back after the slot.
-    _unit: Option<Unit>,
+    unit: Option<Unit>,
 }
 
 impl PoolConn {
@@ -117,6 +117,13 @@ impl PoolConn {
 
     pub(crate) fn is_expired(&self, now: Instant) -> bool {
         self.expires.is_some_and(|t| now >= t)
+    }
+
+    /// Whether its server budget holds more than this replica's share
+    /// (`replicas: auto` after another replica joined): it should close
+    /// rather than go back to the pool.
+    pub(crate) fn over_budget(&self) -> bool {
+        self.unit.as_ref().is_some_and(Unit::is_over)
     }
 
     /// Names the connection in its pool.
@@ -356,6 +363,12 @@ impl PoolInner {
             conn.close(CloseReason::Resized);
             return;
         }
+        if conn.over_budget() && st.size - st.connecting() > self.min_size() {
+            // Another replica's share: this one goes, not to a waiter.
+            drop(st);
+            conn.close(CloseReason::Reclaimed);
+            return;
+        }
         if conn.generation != self.generation.load(Ordering::SeqCst) {
             // Opened or taken before a `drain`: replaced, never handed on.
             drop(st);
@@ -520,30 +533,6 @@ async fn watch_runtime(mut watch: RuntimeWatch, ended: oneshot::Receiver<()>) {
     watch.done = true;
 }
 
-impl Reclaim for PoolInner {
-    fn reclaim_idle(&self, server: &str) -> bool {
-        let victim = {
-            let mut st = self.lock();
-            if st.size - st.connecting() <= self.min_size() {
-                return false;
-            }
-            // The longest idle on that server.
-            let on_server = |c: &Conn| self.hosts.entry(c.host).server == server;
-            st.idle
-                .iter()
-                .position(on_server)
-                .and_then(|i| st.idle.remove(i))
-        };
-        match victim {
-            Some(conn) => {
-                conn.close(CloseReason::Reclaimed);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// The connect task: opens one connection (a unit of the server budget of
 /// its host, the first host that matches, each within `connect_timeout`),
 /// and hands it to the oldest waiter (or puts it idle). On failure it
@@ -609,7 +598,7 @@ async fn open(pool: Arc<PoolInner>, mut slot: Slot) {
                 host,
                 host_generation,
                 slot,
-                _unit: unit,
+                unit,
             });
             pool.hand_off(st, conn, now);
             pool.connect_events.notify_waiters();

@@ -23,6 +23,7 @@
 //! connect half-way, and the connection goes to the next caller in line.
 
 mod acquire;
+mod budgeted;
 mod credentials;
 mod estimate;
 mod guard;
@@ -165,6 +166,9 @@ impl Pool {
                 return Err(e);
             }
             joined.push(budget);
+            if !inner.config.pooler.is_some() {
+                budget.offer_connector(inner.id, budgeted::coordinator_connector(&inner, host));
+            }
         }
         inner.replan();
         maintain::start(&inner);

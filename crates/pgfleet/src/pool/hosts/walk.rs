@@ -309,9 +309,15 @@ impl Hosts {
             Error::connect_timed_out(w.config.connect_timeout, format!("{what} {}", entry.target))
         };
         let options = conn::SocketOptions::of(w.config);
+        // `replicas: auto`: the instance in the name, for the monitor.
+        let tagged = entry
+            .budget
+            .as_ref()
+            .and_then(|b| b.coordination())
+            .map(|c| c.tag(pg));
         let connect = conn::connect(
             &entry.target,
-            pg,
+            tagged.as_ref().unwrap_or(pg),
             &options,
             &entry.tls,
             w.cache_size,

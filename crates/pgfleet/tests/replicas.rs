@@ -1,0 +1,266 @@
+//! `replicas: auto` inside one process: fleets of the same service (each
+//! one replica, with an instance id of its own) find each other through the
+//! server and split its budget; the server never holds more than the
+//! budget. The test with separate OS processes and SIGKILL is in
+//! `crates/pgfleet-cli/tests/replicas.rs`.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{config, target, PeakSampler};
+use pgfleet::{BudgetConfig, Fleet, FleetConfig, PoolHandle, Replicas};
+use pgfleet_testkit::{BackendFilter, TempCluster};
+
+/// `max_connections` 30: 27 for clients, 24 after the headroom of 3.
+const BUDGET: u32 = 24;
+
+struct Replica {
+    fleet: Fleet,
+    pool: PoolHandle,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    async fn start(cluster: &TempCluster, tasks: usize) -> Replica {
+        let fleet = Fleet::with_config(FleetConfig {
+            budget: BudgetConfig {
+                replicas: Replicas::Auto,
+                service: Some("replica-test".into()),
+                ..BudgetConfig::default()
+            },
+        })
+        .unwrap();
+        let pool = fleet
+            .pool(&target(cluster), &config("replica-test-app", 0, 20))
+            .unwrap();
+        let replica = Replica {
+            fleet,
+            pool,
+            stop: Arc::new(AtomicBool::new(false)),
+            ok: Arc::default(),
+            failed: Arc::default(),
+            errors: Arc::default(),
+        };
+        replica.load(tasks);
+        replica
+    }
+
+    /// `tasks` callers, each doing short statements until stopped.
+    fn load(&self, tasks: usize) {
+        self.stop.store(false, Ordering::SeqCst);
+        for _ in 0..tasks {
+            let (pool, stop, ok, failed, errors) = (
+                self.pool.clone(),
+                self.stop.clone(),
+                self.ok.clone(),
+                self.failed.clone(),
+                self.errors.clone(),
+            );
+            tokio::spawn(async move {
+                // Bounded: at most 10 minutes.
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    let result = async {
+                        let conn = pool.get().await?;
+                        conn.execute("SELECT pg_sleep(0.02)", &[]).await?;
+                        Ok::<_, pgfleet::Error>(())
+                    }
+                    .await;
+                    match result {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            errors.lock().unwrap().push(e.to_string());
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            });
+        }
+    }
+
+    fn quiet(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Units held on the server (open connections and connects).
+    fn held(&self) -> u32 {
+        self.fleet
+            .stats()
+            .servers
+            .into_values()
+            .next()
+            .map_or(0, |b| b.in_use)
+    }
+
+    fn replicas(&self) -> pgfleet::ReplicaStats {
+        self.fleet
+            .stats()
+            .servers
+            .into_values()
+            .next()
+            .and_then(|b| b.replicas)
+            .expect("replica stats")
+    }
+}
+
+/// Jain's fairness index of `xs`.
+fn jain(xs: &[u32]) -> f64 {
+    let sum: f64 = xs.iter().map(|&x| f64::from(x)).sum();
+    let squares: f64 = xs.iter().map(|&x| f64::from(x).powi(2)).sum();
+    if squares == 0.0 {
+        return 0.0;
+    }
+    sum * sum / (xs.len() as f64 * squares)
+}
+
+/// Waits (at most `limit`) until the replicas in `busy` have nearly equal
+/// shares (Jain's index at least 0.95) that add up to at least `at_least`,
+/// each seeing `seen` replicas, and each holds what its share allows and
+/// no more; returns the time it took, or panics with what was seen.
+async fn converge(
+    busy: &[&Replica],
+    seen: u32,
+    at_least: u32,
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let shares: Vec<u32> = busy.iter().map(|r| r.replicas().share).collect();
+        let held: Vec<u32> = busy.iter().map(|r| r.held()).collect();
+        let settled = busy
+            .iter()
+            .zip(&shares)
+            .zip(&held)
+            .all(|((r, &share), &held)| {
+                // The share counts the coordinator, and one spare.
+                r.replicas().seen == seen && held < share && share <= held + 2
+            });
+        if settled && jain(&shares) >= 0.95 && shares.iter().sum::<u32>() >= at_least {
+            eprintln!(
+                "{what}: converged in {:?}: shares {shares:?}, connections {held:?}",
+                started.elapsed()
+            );
+            return started.elapsed();
+        }
+        if started.elapsed() > limit {
+            let stats: Vec<_> = busy
+                .iter()
+                .map(|r| {
+                    let budget = r.fleet.stats().servers.into_values().next();
+                    format!("{:?}\n{:?}\n{:?}", r.replicas(), budget, r.pool.stats())
+                })
+                .collect();
+            panic!("{what}: not converged after {limit:?}: held {held:?}; {stats:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleets_of_one_service_split_the_server_and_never_exceed_it() {
+    let cluster = Arc::new(
+        TempCluster::builder()
+            .setting("max_connections", "30")
+            .start()
+            .unwrap(),
+    );
+    let sampler = PeakSampler::start(cluster.clone(), BackendFilter::all());
+
+    let a = Replica::start(&cluster, 40).await;
+    // Alone, it takes the whole budget but its coordinator's connection.
+    converge(&[&a], 1, 21, Duration::from_secs(10), "one replica").await;
+    let stats = a.replicas();
+    eprintln!("connect {:?}", a.pool.stats().timings.connect);
+    assert_eq!(stats.seen, 1, "{stats:?}");
+    assert_eq!(stats.budget, BUDGET, "{stats:?}");
+
+    let b = Replica::start(&cluster, 40).await;
+    converge(
+        &[&a, &b],
+        2,
+        22,
+        Duration::from_secs(5),
+        "a second replica joins",
+    )
+    .await;
+    let c = Replica::start(&cluster, 40).await;
+    converge(
+        &[&a, &b, &c],
+        3,
+        23,
+        Duration::from_secs(5),
+        "a third replica joins",
+    )
+    .await;
+    assert_eq!(a.replicas().seen, 3);
+
+    // A quiet replica lends its share, and gets it back on demand.
+    c.quiet();
+    converge(
+        &[&a, &b],
+        3,
+        20,
+        Duration::from_secs(5),
+        "the third goes quiet",
+    )
+    .await;
+    assert!(c.held() <= 3, "a quiet replica holds {}", c.held());
+    c.load(40);
+    converge(
+        &[&a, &b, &c],
+        3,
+        23,
+        Duration::from_secs(5),
+        "the third is busy again",
+    )
+    .await;
+
+    // A replica that goes away frees its share.
+    c.quiet();
+    drop(c.pool);
+    drop(c.fleet);
+    converge(
+        &[&a, &b],
+        2,
+        22,
+        Duration::from_secs(5),
+        "the third is gone",
+    )
+    .await;
+
+    let peak = sampler.finish().await;
+    a.quiet();
+    b.quiet();
+    for r in [&a, &b] {
+        let errors = r.errors.lock().unwrap();
+        assert_eq!(
+            r.failed.load(Ordering::Relaxed),
+            0,
+            "first errors: {:?}",
+            &errors[..errors.len().min(3)]
+        );
+        assert!(r.ok.load(Ordering::Relaxed) > 0);
+    }
+    eprintln!("peak client backends {peak} (budget {BUDGET})");
+    assert!(
+        peak as u32 <= BUDGET,
+        "peak {peak} above the budget {BUDGET}"
+    );
+    assert_eq!(
+        a.fleet
+            .stats()
+            .servers
+            .into_values()
+            .next()
+            .unwrap()
+            .refusals,
+        0
+    );
+}
