@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::budget::BudgetStats;
+use crate::budget::{BudgetStats, ReplicaStats};
 use crate::fleet::{Fleet, FleetStats};
 use crate::stats::PoolStats;
 
@@ -338,6 +338,58 @@ fn encode_budgets(
         let family = server_family::<Counter>(stats, |c, b| {
             c.inc_by(get(b));
         });
+        emit(encoder, name, help, &family)?;
+    }
+    encode_replicas(stats, encoder)
+}
+
+/// `replicas: auto`: per server, the replicas seen and this one's share.
+fn encode_replicas(
+    stats: &FleetStats,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), fmt::Error> {
+    if stats.servers.values().all(|b| b.replicas.is_none()) {
+        return Ok(());
+    }
+    type ReplicaGauge = (&'static str, &'static str, fn(&ReplicaStats) -> i64);
+    let gauges: [ReplicaGauge; 5] = [
+        (
+            "server_replicas_seen",
+            "Live replicas of the service on the server, this one included (replicas: auto)",
+            |r| as_i64(r.seen),
+        ),
+        (
+            "server_replica_share",
+            "This replica's share of the server's budget, its coordinator included",
+            |r| as_i64(r.share),
+        ),
+        (
+            "server_replica_tokens",
+            "Tokens this replica holds on the server",
+            |r| as_i64(r.tokens),
+        ),
+        (
+            "server_replica_want",
+            "Connections this replica asks for, as it publishes them",
+            |r| as_i64(r.want),
+        ),
+        (
+            "server_replica_joined",
+            "1 while this replica's coordinator is connected and holds a token",
+            |r| i64::from(r.joined),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let family = Family::<ServerLabel, Gauge>::default();
+        for (server, budget) in &stats.servers {
+            if let Some(replicas) = &budget.replicas {
+                family
+                    .get_or_create(&ServerLabel {
+                        server: server.clone(),
+                    })
+                    .set(get(replicas));
+            }
+        }
         emit(encoder, name, help, &family)?;
     }
     Ok(())
