@@ -4,7 +4,9 @@
 //!   configuration with the source of every value (passwords masked) and
 //!   exits 2 when it is invalid; `pgfleet config keys` lists every key.
 //! * `pgfleet demo [--naive | --compare]` reproduces the "too many clients"
-//!   incident with per-store pools and shows the fleet holding.
+//!   incident with per-store pools and shows the fleet holding; `pgfleet
+//!   demo --replicas N` does the same for N replica processes of one
+//!   service, `replicas: 1` beside `replicas: auto`.
 //! * `pgfleet serve [--config DIR] [--listen ADDR]` runs the multi-user
 //!   memory API on one fleet.
 //! * `pgfleet monitor [--interval S] [--duration S] [--max N]` samples the
@@ -38,11 +40,13 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Reproduce the "too many clients" incident with per-store pools, and
     /// show one fleet (one pool per database, a budget per server) holding
-    /// under the same load.
+    /// under the same load; with --replicas N, N replica processes of one
+    /// service with `replicas: 1` and then `replicas: auto`.
     Demo(demo::DemoArgs),
     /// Watch the server's client connections (pg_stat_activity): total, by
-    /// state, database and application, the fleet's own marked. One sample
-    /// by default; exit status 3 if --max was exceeded.
+    /// state, database and application, the fleet's own marked, and the
+    /// replicas of `replicas: auto` by service and instance. One sample by
+    /// default; exit status 3 if --max was exceeded.
     Monitor(monitor::MonitorArgs),
     /// One replica of a service under load, reporting JSON lines (used by
     /// `demo --replicas` and the tests).

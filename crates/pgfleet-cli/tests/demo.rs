@@ -54,3 +54,34 @@ fn naive_stores_hit_too_many_clients_and_the_fleet_holds() {
         "{fleet}"
     );
 }
+
+#[test]
+fn replica_processes_with_a_fixed_count_are_refused_and_with_auto_they_split_the_server() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfleet"))
+        .args(["demo", "--replicas", "3", "--seconds", "5", "--json", "-"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run pgfleet demo --replicas");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("too-many-clients"), "the table: {stderr}");
+    let runs: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    let (fixed, auto) = (&runs[0], &runs[1]);
+    // max_connections 30: 27 for clients, a budget of 24 after headroom.
+    assert_eq!(fixed["replicas_setting"], "1");
+    assert_eq!(fixed["budget"], 24, "{fixed}");
+    assert!(
+        fixed["too_many_clients"].as_u64().unwrap() > 0,
+        "three replicas each taking 20 of 27 slots: {fixed}"
+    );
+    assert_eq!(auto["replicas_setting"], "auto");
+    assert_eq!(auto["too_many_clients"], 0, "{auto}");
+    assert_eq!(auto["failed"], 0, "{auto}");
+    assert!(auto["ok"].as_u64().unwrap() > 0, "{auto}");
+    assert!(
+        auto["peak_server_connections"].as_u64().unwrap() <= 24,
+        "{auto}"
+    );
+    assert!(auto["jain"].as_f64().unwrap() >= 0.95, "{auto}");
+}

@@ -161,3 +161,81 @@ fn it_watches_a_tls_only_server_with_verify_full() {
     assert!(err.contains("no encryption"), "{err}");
     assert!(!err.contains(TempCluster::superuser_password()), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_grouped_by_service_and_instance() {
+    let cluster = TempCluster::start().unwrap();
+    let url = cluster.url("postgres");
+    // Two replicas of one service (a fleet each), 2 warm connections each.
+    let mut fleets = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let fleet = pgfleet::Fleet::with_config(pgfleet::FleetConfig {
+            budget: pgfleet::BudgetConfig {
+                replicas: pgfleet::Replicas::Auto,
+                service: Some("monitored-svc".into()),
+                ..pgfleet::BudgetConfig::default()
+            },
+        })
+        .unwrap();
+        let handle = fleet
+            .pool(
+                &Target::parse(&url).unwrap(),
+                &PoolConfig {
+                    min_size: 2,
+                    max_size: Some(4),
+                    application_name: "monitored-app".into(),
+                    ..PoolConfig::default()
+                },
+            )
+            .unwrap();
+        handle.wait_ready(Duration::from_secs(10)).await.unwrap();
+        handles.push(handle);
+        fleets.push(fleet);
+    }
+    let instances: Vec<String> = fleets
+        .iter()
+        .map(|f| {
+            f.stats()
+                .servers
+                .into_values()
+                .next()
+                .and_then(|b| b.replicas)
+                .unwrap()
+                .instance
+        })
+        .collect();
+    let url2 = url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || monitor(&url2, &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("by service and instance (replicas: auto):"),
+        "{out}"
+    );
+    // Each replica: its coordinator and its two pool connections.
+    assert!(out.contains("      6  monitored-svc (2 replicas)"), "{out}");
+    for instance in &instances {
+        assert!(
+            out.contains(&format!("        3    #{instance} (wants ")),
+            "{out}"
+        );
+    }
+    let url2 = url.clone();
+    let (code, out, _) = tokio::task::spawn_blocking(move || monitor(&url2, &["--json"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for instance in &instances {
+        assert_eq!(
+            v["by_replica"]["monitored-svc"][instance]["connections"], 3,
+            "{v}"
+        );
+    }
+    drop(handles);
+    for fleet in fleets {
+        fleet.close_all(Duration::from_secs(5)).await;
+    }
+}

@@ -97,7 +97,9 @@
 //! * Server budgets ([`BudgetConfig`]): `auto` reads the server's
 //!   `max_connections` at first contact; floors are reserved, idle
 //!   connections are reclaimed between pools, and a refusal lowers the
-//!   budget until slots free up.
+//!   budget until slots free up. With [`Replicas::Auto`] the replicas of one
+//!   service find each other through the server and split its budget
+//!   between the live ones ([`ReplicaStats`] in each budget's statistics).
 //! * Configuration: [`PoolConfig`] and [`FleetConfig`] as plain data, the one
 //!   key parser [`PoolSettings`] (YAML, environment, URL query, code), and
 //!   with the `yaml` feature a layered `Loader` for Hydra-style

@@ -235,6 +235,39 @@ async fn fleets_of_one_service_split_the_server_and_never_exceed_it() {
     )
     .await;
 
+    // A coordinator whose connection is cut: its replica holds nothing
+    // until it is back, then takes its share again.
+    let instance = a.replicas().instance;
+    let cut = cluster
+        .terminate(
+            &BackendFilter::all()
+                .application_name_prefix(format!("pgfleet replica-test {instance} ")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut, 1, "one coordinator per replica");
+    let noticed = Instant::now();
+    while a.replicas().joined {
+        assert!(
+            noticed.elapsed() < Duration::from_secs(5),
+            "the cut is noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "the cut noticed in {:?}: {:?}",
+        noticed.elapsed(),
+        a.replicas().last_error
+    );
+    converge(
+        &[&a, &b],
+        2,
+        22,
+        Duration::from_secs(10),
+        "a coordinator reconnects",
+    )
+    .await;
+
     let peak = sampler.finish().await;
     a.quiet();
     b.quiet();
@@ -263,4 +296,17 @@ async fn fleets_of_one_service_split_the_server_and_never_exceed_it() {
             .refusals,
         0
     );
+
+    // A fleet closed gives its share back.
+    b.fleet.close_all(Duration::from_secs(5)).await;
+    a.load(40);
+    converge(
+        &[&a],
+        1,
+        21,
+        Duration::from_secs(5),
+        "the second closes its fleet",
+    )
+    .await;
+    a.quiet();
 }

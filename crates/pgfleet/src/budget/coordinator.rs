@@ -3,7 +3,7 @@
 //! this replica's demand, reads the others', and takes or gives back
 //! tokens.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use super::ServerBudget;
 use crate::conn::RawConn;
 
 /// The shortest time between two ticks woken by a waiting pool.
-const MIN_TICK: Duration = Duration::from_millis(50);
+const MIN_TICK: Duration = Duration::from_millis(100);
 /// How long a demand counts after it was seen, so that shares do not follow
 /// every burst.
 const DEMAND_WINDOW: usize = 5;
@@ -21,6 +21,12 @@ const DEMAND_WINDOW: usize = 5;
 const JOIN_RETRY: Duration = Duration::from_millis(500);
 /// The longest wait between two attempts to reconnect the coordinator.
 const MAX_RECONNECT: Duration = Duration::from_secs(5);
+/// How long an instance seen as a replica counts as one whose connections
+/// are uncovered once its coordinator is gone.
+const RECENT_MEMBER: Duration = Duration::from_secs(30);
+/// How often the wait between ticks looks whether the coordinator's
+/// connection broke.
+const WATCH: Duration = Duration::from_millis(20);
 
 /// One replica as read from the server.
 struct Seen {
@@ -57,6 +63,7 @@ pub(crate) async fn coordinate(budget: Weak<ServerBudget>) {
                 backoff = JOIN_RETRY;
                 match Session::new(budget.clone(), wake, raw).run().await {
                     Ended::BudgetGone => return,
+                    Ended::Idle => continue,
                     Ended::Full => {
                         // Neither a token nor the door: another replica is
                         // joining. Try again a little later.
@@ -71,6 +78,7 @@ pub(crate) async fn coordinate(budget: Weak<ServerBudget>) {
         if let Some(strong) = budget.upgrade() {
             tracing::warn!(server = %strong.server(), error = %why, "replicas: the coordinator's connection failed; this replica holds no share until it is back");
             strong.set_share(Some(0));
+            strong.shed();
             if let Some(c) = strong.coordination() {
                 c.update(|s| {
                     s.joined = false;
@@ -87,7 +95,10 @@ pub(crate) async fn coordinate(budget: Weak<ServerBudget>) {
 
 enum Ended {
     BudgetGone,
+    /// Neither a token nor the door was free.
     Full,
+    /// No pool is left on the server.
+    Idle,
     Failed(String),
 }
 
@@ -108,6 +119,8 @@ struct Session {
     published: String,
     database: String,
     warned_database: bool,
+    /// Instances seen as replicas of the service lately, and when.
+    recent: HashMap<String, Instant>,
 }
 
 impl Session {
@@ -124,6 +137,7 @@ impl Session {
             published: String::new(),
             database: String::new(),
             warned_database: false,
+            recent: HashMap::new(),
         }
     }
 
@@ -139,6 +153,17 @@ impl Session {
                 return Ended::BudgetGone;
             };
             let coordination = budget.coordination().expect("a coordinated budget");
+            if coordination.connector().is_none() {
+                // Every pool on the server closed (`close_all`): the share
+                // goes back to the others with this connection.
+                budget.set_share(Some(0));
+                coordination.update(|s| {
+                    s.joined = false;
+                    s.tokens = 0;
+                    s.share = 0;
+                });
+                return Ended::Idle;
+            }
             if let Err(why) = self.tick(&budget, coordination).await {
                 return Ended::Failed(why);
             }
@@ -148,9 +173,20 @@ impl Session {
             let woken = {
                 let wake = self.wake.notified();
                 tokio::pin!(wake);
-                tokio::select! {
-                    () = tokio::time::sleep(TICK.saturating_sub(last.elapsed())) => false,
-                    () = &mut wake => true,
+                loop {
+                    let left = TICK.saturating_sub(last.elapsed());
+                    if left.is_zero() {
+                        break false;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(left.min(WATCH)) => {}
+                        () = &mut wake => break true,
+                    }
+                    if self.raw.is_broken() {
+                        // Its locks are gone on the server: hold nothing
+                        // from now on.
+                        return Ended::Failed("the coordinator's connection closed".into());
+                    }
                 }
             };
             if woken {
@@ -188,8 +224,10 @@ impl Session {
         };
         let key = budget.coordination().expect("coordinated").key;
         let rows = self
+            // No statement timeout (the pool's `command_timeout`) on this
+            // connection: a failed tick drops it, and its tokens with it.
             .query(
-                "SELECT current_setting('max_connections'), \
+                "SET statement_timeout = 0; SELECT current_setting('max_connections'), \
                  current_setting('superuser_reserved_connections'), \
                  coalesce(current_setting('reserved_connections', true), '0'), \
                  current_database()",
@@ -284,7 +322,7 @@ impl Session {
     ) -> std::result::Result<(), String> {
         let failed = |e: Ended| match e {
             Ended::Failed(why) => why,
-            Ended::BudgetGone | Ended::Full => "the budget closed".to_owned(),
+            Ended::BudgetGone | Ended::Full | Ended::Idle => "the budget closed".to_owned(),
         };
         let key = coordination.key;
         let (demand, floor) = budget.local_demand();
@@ -308,27 +346,35 @@ impl Session {
         let prefix = format!("{PREFIX}{} ", coordination.service);
         let rows = self
             .query(&format!(
-                "{set}SELECT a.application_name, a.datname, coalesce(t.tokens, 0), coalesce(t.door, 0) \
+                // The coordinators of the service with their tokens, and the
+                // pool connections of every replica by instance id (one
+                // snapshot of pg_stat_activity serves both).
+                "{set}SELECT 'm', a.application_name::text, a.datname::text, \
+                   coalesce(t.tokens, 0)::text, coalesce(t.door, 0)::text \
                  FROM pg_stat_activity a LEFT JOIN LATERAL ( \
                    SELECT count(*) FILTER (WHERE l.objid <> 0) AS tokens, count(*) FILTER (WHERE l.objid = 0) AS door \
                    FROM pg_locks l WHERE l.locktype = 'advisory' AND l.pid = a.pid \
                    AND l.classid = {key} AND l.objsubid = 2 AND l.granted) t ON true \
-                 WHERE starts_with(a.application_name, '{prefix}')"
+                 WHERE starts_with(a.application_name, '{prefix}') \
+                 UNION ALL \
+                 SELECT 't', right(application_name, 8), '', count(*)::text, '' FROM pg_stat_activity \
+                 WHERE application_name ~ ' #[0-9a-f]{{8}}$' GROUP BY 2"
             ))
             .await
             .map_err(failed)?;
         self.published = name;
         let mut seen: Vec<Seen> = rows
             .iter()
+            .filter(|r| r[0] == "m")
             .filter_map(|r| {
-                let (instance, want, floor) = parse_name(&r[0], &coordination.service)?;
+                let (instance, want, floor) = parse_name(&r[1], &coordination.service)?;
                 Some(Seen {
                     instance: instance.to_owned(),
                     want,
                     floor,
-                    tokens: r[2].parse().unwrap_or(0),
-                    door: r[3] != "0",
-                    database: r[1].clone(),
+                    tokens: r[3].parse().unwrap_or(0),
+                    door: r[4] != "0",
+                    database: r[2].clone(),
                 })
             })
             // Not a member until it holds a token or the door (a joiner
@@ -361,12 +407,27 @@ impl Session {
             return Err("this replica's coordinator is not among the replicas it sees".into());
         };
         let share = shares[me];
+        // Connections of a replica of the service that lost its
+        // coordinator (its tokens went with it) are open without a token
+        // until that replica closes them: nobody grows meanwhile.
+        let now = Instant::now();
+        for m in &seen {
+            self.recent.insert(m.instance.clone(), now);
+        }
+        self.recent
+            .retain(|_, at| now.duration_since(*at) < RECENT_MEMBER);
+        let uncovered: u32 = rows
+            .iter()
+            .filter(|r| r[0] == "t")
+            .filter(|r| self.recent.contains_key(&r[1]) && !seen.iter().any(|m| m.instance == r[1]))
+            .map(|r| r[3].parse::<u32>().unwrap_or(0))
+            .sum();
         if seen[me].tokens != self.tokens.len() as u32 {
             // The server knows best which locks this session holds.
             self.resync(key).await.map_err(failed)?;
         }
         let held = self.tokens.len() as u32;
-        if share > held {
+        if share > held && uncovered == 0 {
             self.take(key, share - held).await.map_err(failed)?;
         }
         if self.door && !self.tokens.is_empty() {
@@ -401,6 +462,7 @@ impl Session {
             s.budget = self.total;
             s.ticks += 1;
             s.last_error = None;
+            s.uncovered = uncovered;
             s.members = seen
                 .iter()
                 .zip(&shares)

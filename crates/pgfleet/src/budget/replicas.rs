@@ -19,7 +19,7 @@
 //! * A joiner takes a free token, or else the door, which only a joiner
 //!   holds; it lets the door go once it has a token. A second joiner that
 //!   finds both taken closes its connection and tries again a little later.
-//! * Every tick (200 ms, sooner when a pool waits) each replica publishes
+//! * Every tick (200 ms, 100 ms when a pool waits) each replica publishes
 //!   its demand and reads every replica's demand and tokens from
 //!   `pg_stat_activity` and `pg_locks`, and computes the same water-filled
 //!   split: floors first, then equal shares up to each replica's demand.
@@ -91,6 +91,9 @@ pub struct ReplicaStats {
     pub members: Vec<ReplicaMember>,
     /// Ticks run.
     pub ticks: u64,
+    /// Open connections of replicas that lost their coordinator (and the
+    /// tokens with it): while there are any, no replica takes a token.
+    pub uncovered: u32,
     /// Why the coordinator is not joined, when it is not.
     pub last_error: Option<String>,
 }

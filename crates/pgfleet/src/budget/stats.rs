@@ -19,7 +19,9 @@ pub struct Derivation {
     pub reserved_connections: u32,
     /// Headroom left for other clients.
     pub headroom: u32,
-    /// Replicas sharing the server.
+    /// The fixed count of replicas the budget is divided by (`replicas:
+    /// N`); 1 with `replicas: auto`, whose split by demand between the live
+    /// replicas is in [`BudgetStats::replicas`].
     pub replicas: u32,
     /// The result: `(max - reserved - headroom) / replicas`, at least 1.
     pub budget: u32,
