@@ -27,6 +27,9 @@ pub struct ReplicaArgs {
     /// `fleet.service`.
     #[arg(long, default_value = "pgfleet-demo")]
     pub service: String,
+    /// `fleet.headroom`: connections the budget leaves for other clients.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub headroom: u32,
     /// `max_size` of the replica's pool.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_size: u32,
@@ -119,6 +122,7 @@ async fn replica(args: &ReplicaArgs) -> Result<(), String> {
             mode: BudgetMode::Auto,
             replicas: args.replicas,
             service: Some(args.service.clone()),
+            headroom: args.headroom,
             ..BudgetConfig::default()
         },
     })

@@ -4,6 +4,11 @@
 //! SIGKILL and started again. Sampled every 50 ms, the server never holds
 //! more client backends than the budget, no process logs a refusal, shares
 //! converge within 5 s after each change, and no request fails.
+//!
+//! The replicas log in as a role that is not a superuser, with a headroom
+//! of 1: the server's 27 slots for such roles are the replicas' 26 and the
+//! sampler's one, so a replica that went over its share even for a moment
+//! would be refused (53300), and the test would see it.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -11,11 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgfleet_testkit::{BackendFilter, TempCluster};
+use pgfleet_testkit::TempCluster;
 use serde_json::Value;
 
-/// `max_connections` 30: 27 for clients, 24 after the headroom of 3.
-const BUDGET: usize = 24;
+/// `max_connections` 30: 27 for roles that are not superusers, 26 after a
+/// headroom of 1 (the sampler's connection).
+const BUDGET: usize = 26;
 /// The longest a change may take to settle.
 const CONVERGENCE: Duration = Duration::from_secs(5);
 
@@ -45,6 +51,10 @@ impl Replica {
                 "120",
                 "--report-ms",
                 "50",
+                "--headroom",
+                "1",
+                "--timeout",
+                "5",
             ])
             .env("DATABASE_URL", url)
             .env("RUST_LOG", "warn")
@@ -137,8 +147,9 @@ fn converge(live: &[&Replica], at_least: u64, what: &str) -> Duration {
         }
         assert!(
             started.elapsed() < CONVERGENCE,
-            "{what}: not converged within {CONVERGENCE:?}: shares {shares:?}, connections {held:?}, last reports {:#?}",
-            live.iter().map(|r| r.last()).collect::<Vec<_>>()
+            "{what}: not converged within {CONVERGENCE:?}: shares {shares:?}, connections {held:?}, last reports {:#?}, logs {:#?}",
+            live.iter().map(|r| r.last()).collect::<Vec<_>>(),
+            live.iter().map(|r| r.log.lock().unwrap().clone()).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -152,9 +163,16 @@ fn replica_processes_split_the_server_through_joins_a_sigkill_and_a_restart() {
             .start()
             .unwrap(),
     );
-    let url = cluster.url("postgres");
-    // Every 50 ms, the server's client backends (the test kit's own left
-    // out).
+    // The runtime goes at once: the admin connection's task, and its
+    // slot, with it.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(cluster.create_role("replica_user", "replica-pw"))
+        .unwrap();
+    let url = cluster.url_for("replica_user", "replica-pw", "postgres");
+    // Every 50 ms, over one connection of its own (left out of the count), the server's client backends.
     let done = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(AtomicUsize::new(0));
@@ -167,10 +185,17 @@ fn replica_processes_split_the_server_through_joins_a_sigkill_and_a_restart() {
                 .build()
                 .unwrap();
             runtime.block_on(async {
+                let (client, connection) =
+                    tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                let sql = "SELECT count(*) FROM pg_stat_activity \
+                           WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
                 let deadline = Instant::now() + Duration::from_secs(300);
                 while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    if let Ok(n) = cluster.count_backends(&BackendFilter::all()).await {
-                        peak.fetch_max(n, Ordering::SeqCst);
+                    if let Ok(row) = client.query_one(sql, &[]).await {
+                        peak.fetch_max(row.get::<_, i64>(0) as usize, Ordering::SeqCst);
                         samples.fetch_add(1, Ordering::SeqCst);
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -205,7 +230,9 @@ fn replica_processes_split_the_server_through_joins_a_sigkill_and_a_restart() {
     for (name, r) in [("a", &a), ("b (killed)", &b), ("c", &c), ("b again", &b2)] {
         let log = r.log.lock().unwrap().clone();
         assert!(
-            !log.contains("53300") && !log.contains("too many clients"),
+            !log.contains("53300")
+                && !log.contains("too many clients")
+                && !log.contains("remaining connection slots"),
             "replica {name} logged a refusal:\n{log}"
         );
         assert_eq!(r.field("refused"), 0, "replica {name}: {:?}", r.last());

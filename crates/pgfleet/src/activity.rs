@@ -24,7 +24,7 @@ pub struct ActivitySample {
     pub by_application: BTreeMap<String, usize>,
     /// The replicas of services with `replicas: auto`: service, then
     /// instance id. A replica's pool connections carry its instance id in
-    /// their `application_name` (`<name> #<instance>`); its coordinator
+    /// their `application_name` (`<name> #<code><instance>`); its coordinator
     /// publishes the service and its demand.
     pub by_replica: BTreeMap<String, BTreeMap<String, ReplicaActivity>>,
 }
@@ -92,7 +92,7 @@ pub async fn sample(client: &tokio_postgres::Client) -> Result<ActivitySample> {
                 .or_default();
             replica.connections += 1;
             replica.want = Some(want);
-        } else if let Some((_, instance)) = parse_tag(&app) {
+        } else if let Some((_, _, instance)) = parse_tag(&app) {
             tagged.push(instance.to_owned());
         }
         *out.by_application.entry(app).or_default() += 1;

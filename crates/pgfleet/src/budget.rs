@@ -43,8 +43,9 @@ pub use self::stats::{BudgetSource, BudgetStats, Derivation};
 /// budget knows its pools through this alone.
 pub(crate) trait Reclaim: Send + Sync {
     /// Closes the longest-idle connection on `server` if the pool is above
-    /// its floor; whether one was closed.
-    fn reclaim_idle(&self, server: &str) -> bool;
+    /// its floor (or whatever its floor, with `below_floor`); whether one
+    /// was closed.
+    fn reclaim_idle(&self, server: &str, below_floor: bool) -> bool;
 
     /// What the pool asks of `server` now.
     fn demand(&self, server: &str) -> Asked;
@@ -77,6 +78,9 @@ pub(crate) struct ServerBudget {
     /// More units are held than the limit allows: returned connections
     /// close (read without the lock on every return).
     over: AtomicBool,
+    /// `replicas: auto` without a coordinator: no token covers this
+    /// replica's connections, floors included; all of them close.
+    lost: AtomicBool,
     state: Mutex<BudgetState>,
     reclaims: AtomicU64,
     refusals: AtomicU64,
@@ -125,9 +129,10 @@ pub(crate) struct Unit {
 }
 
 impl Unit {
-    /// Whether the budget holds more units than it may now.
-    pub(crate) fn is_over(&self) -> bool {
-        self.budget.as_ref().is_some_and(|b| b.is_over())
+    /// Whether the budget holds more units than it may now (see
+    /// `ServerBudget::over`).
+    pub(crate) fn over(&self) -> Option<bool> {
+        self.budget.as_ref().and_then(|b| b.over())
     }
 }
 
@@ -219,6 +224,7 @@ impl ServerBudget {
                 Replicas::Auto => 1,
             },
             over: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
             state: Mutex::new(BudgetState {
                 target,
                 capacity: target,
@@ -252,10 +258,13 @@ impl ServerBudget {
         self.coordination.as_ref()
     }
 
-    /// Whether more units are held than the limit allows now (a returned
-    /// connection above its pool's floor then closes).
-    pub(crate) fn is_over(&self) -> bool {
-        self.over.load(Ordering::Relaxed)
+    /// Whether more units are held than the limit allows now: `Some(false)`
+    /// a returned connection above its pool's floor closes, `Some(true)`
+    /// any returned connection closes (the replica lost its coordinator).
+    pub(crate) fn over(&self) -> Option<bool> {
+        self.over
+            .load(Ordering::Relaxed)
+            .then(|| self.lost.load(Ordering::Relaxed))
     }
 
     fn update_over(&self, st: &BudgetState) {
@@ -573,7 +582,7 @@ impl ServerBudget {
                 .collect()
         };
         for pool in candidates {
-            if pool.reclaim_idle(&self.server) {
+            if pool.reclaim_idle(&self.server, false) {
                 self.reclaims.fetch_add(1, Ordering::Relaxed);
                 return;
             }

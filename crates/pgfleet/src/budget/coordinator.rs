@@ -21,9 +21,12 @@ const DEMAND_WINDOW: usize = 5;
 const JOIN_RETRY: Duration = Duration::from_millis(500);
 /// The longest wait between two attempts to reconnect the coordinator.
 const MAX_RECONNECT: Duration = Duration::from_secs(5);
-/// How long an instance seen as a replica counts as one whose connections
-/// are uncovered once its coordinator is gone.
-const RECENT_MEMBER: Duration = Duration::from_secs(30);
+/// How long after a replica left no replica takes a token for its share:
+/// a connect it had in progress may still land.
+const DEPARTED: Duration = Duration::from_millis(400);
+/// The longest a coordinator's query may take (the connection is given up
+/// after: a half-open connection must not stall the replica).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the wait between ticks looks whether the coordinator's
 /// connection broke.
 const WATCH: Duration = Duration::from_millis(20);
@@ -42,13 +45,16 @@ struct Seen {
 /// the budget is gone; reconnects after a failure (the pools shrink to
 /// nothing meanwhile: without its tokens this replica may hold nothing).
 pub(crate) async fn coordinate(budget: Weak<ServerBudget>) {
+    // Dropped with the task, also when its runtime shuts down: the replica
+    // then holds nothing, and the next pool on the server starts another.
+    let _running = Running(budget.clone());
     let mut backoff = JOIN_RETRY;
     loop {
         let Some(strong) = budget.upgrade() else {
             return;
         };
         let coordination = strong.coordination().expect("a coordinated budget");
-        let Some(connector) = coordination.connector() else {
+        let Some((pool_id, connector)) = coordination.connector() else {
             // No pool left on the server: wait for one.
             drop(strong);
             tokio::time::sleep(TICK).await;
@@ -73,23 +79,37 @@ pub(crate) async fn coordinate(budget: Weak<ServerBudget>) {
                     Ended::Failed(why) => why,
                 }
             }
+            Err(e) if e.is_closed() => {
+                // That pool closed: the next one connects.
+                if let Some(strong) = budget.upgrade() {
+                    if let Some(c) = strong.coordination() {
+                        c.withdraw(pool_id);
+                    }
+                }
+                continue;
+            }
             Err(e) => e.to_string(),
         };
         if let Some(strong) = budget.upgrade() {
             tracing::warn!(server = %strong.server(), error = %why, "replicas: the coordinator's connection failed; this replica holds no share until it is back");
-            strong.set_share(Some(0));
-            strong.shed();
-            if let Some(c) = strong.coordination() {
-                c.update(|s| {
-                    s.joined = false;
-                    s.tokens = 0;
-                    s.share = 0;
-                    s.last_error = Some(why);
-                });
-            }
+            strong.lose_share(Some(why));
         }
         tokio::time::sleep(backoff.mul_f64(1.0 + fastrand::f64() * 0.5)).await;
         backoff = (backoff * 2).min(MAX_RECONNECT);
+    }
+}
+
+/// Lives as long as the coordinator task.
+struct Running(Weak<ServerBudget>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(budget) = self.0.upgrade() {
+            budget.lose_share(None);
+            if let Some(c) = budget.coordination() {
+                c.stopped();
+            }
+        }
     }
 }
 
@@ -119,8 +139,10 @@ struct Session {
     published: String,
     database: String,
     warned_database: bool,
-    /// Instances seen as replicas of the service lately, and when.
-    recent: HashMap<String, Instant>,
+    /// The members at the last tick.
+    members: Vec<String>,
+    /// When a member was last seen to leave.
+    departed_at: Option<Instant>,
 }
 
 impl Session {
@@ -137,7 +159,8 @@ impl Session {
             published: String::new(),
             database: String::new(),
             warned_database: false,
-            recent: HashMap::new(),
+            members: Vec::new(),
+            departed_at: None,
         }
     }
 
@@ -153,19 +176,15 @@ impl Session {
                 return Ended::BudgetGone;
             };
             let coordination = budget.coordination().expect("a coordinated budget");
-            if coordination.connector().is_none() {
-                // Every pool on the server closed (`close_all`): the share
-                // goes back to the others with this connection.
-                budget.set_share(Some(0));
-                coordination.update(|s| {
-                    s.joined = false;
-                    s.tokens = 0;
-                    s.share = 0;
-                });
-                return Ended::Idle;
-            }
-            if let Err(why) = self.tick(&budget, coordination).await {
-                return Ended::Failed(why);
+            match self.tick(&budget, coordination).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Every pool on the server closed and nothing is open:
+                    // the tokens go back with this connection.
+                    budget.lose_share(None);
+                    return Ended::Idle;
+                }
+                Err(why) => return Ended::Failed(why),
             }
             drop(budget);
             // The next tick: at TICK, or sooner (not before MIN_TICK) when a
@@ -197,11 +216,13 @@ impl Session {
     }
 
     async fn query(&self, sql: &str) -> std::result::Result<Vec<Vec<String>>, Ended> {
-        let messages = self
-            .raw
-            .client
-            .simple_query(sql)
+        let messages = tokio::time::timeout(QUERY_TIMEOUT, self.raw.client.simple_query(sql))
             .await
+            .map_err(|_| {
+                Ended::Failed(format!(
+                    "the coordinator's query took more than {QUERY_TIMEOUT:?}"
+                ))
+            })?
             .map_err(|e| Ended::Failed(format!("{e}")))?;
         Ok(messages
             .into_iter()
@@ -216,8 +237,8 @@ impl Session {
             .collect())
     }
 
-    /// Derives the budget and takes a first token, or the door. `Ok(false)`:
-    /// neither is free.
+    /// Derives the budget and takes the door. `Ok(false)`: another replica
+    /// is joining.
     async fn join(&mut self) -> std::result::Result<bool, Ended> {
         let Some(budget) = self.budget.upgrade() else {
             return Err(Ended::BudgetGone);
@@ -246,16 +267,14 @@ impl Session {
                 self.total
             )));
         }
-        if self.take(key, 1).await? == 0 {
-            let rows = self
-                .query(&format!("SELECT pg_try_advisory_lock({key}, 0)"))
-                .await?;
-            self.door = rows.first().is_some_and(|r| r[0] == "t");
-            if !self.door {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        // Through the door: the first tick takes tokens as the others'
+        // state allows (a free token may be another replica's, whose
+        // connections are still open).
+        let rows = self
+            .query(&format!("SELECT pg_try_advisory_lock({key}, 0)"))
+            .await?;
+        self.door = rows.first().is_some_and(|r| r[0] == "t");
+        Ok(self.door)
     }
 
     /// Tries to take `n` free regular tokens; how many it got.
@@ -314,29 +333,37 @@ impl Session {
     }
 
     /// One round: publish the demand, read the replicas, split, take or
-    /// give back tokens, set this replica's share.
+    /// give back tokens, set this replica's share. `Ok(false)`: every pool
+    /// on the server closed and nothing of this replica is open any more.
     async fn tick(
         &mut self,
         budget: &Arc<ServerBudget>,
         coordination: &Coordination,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<bool, String> {
         let failed = |e: Ended| match e {
             Ended::Failed(why) => why,
             Ended::BudgetGone | Ended::Full | Ended::Idle => "the budget closed".to_owned(),
         };
         let key = coordination.key;
+        // `close_all`: no pool left on the server. Hold nothing more, and
+        // leave once nothing is open.
+        let leaving = coordination.connector().is_none();
         let (demand, floor) = budget.local_demand();
         self.demands.push_back(demand);
         while self.demands.len() > DEMAND_WINDOW {
             self.demands.pop_front();
         }
+        // Capped, so that the name fits in 63 bytes.
+        let cap = self.total.max(1);
+        let floor = floor.min(cap);
         let want = self
             .demands
             .iter()
             .copied()
             .max()
             .unwrap_or(demand)
-            .max(floor);
+            .max(floor)
+            .min(cap);
         let name = coordination.name(want, floor);
         let set = if name == self.published {
             String::new()
@@ -347,18 +374,21 @@ impl Session {
         let rows = self
             .query(&format!(
                 // The coordinators of the service with their tokens, and the
-                // pool connections of every replica by instance id (one
-                // snapshot of pg_stat_activity serves both).
-                "{set}SELECT 'm', a.application_name::text, a.datname::text, \
-                   coalesce(t.tokens, 0)::text, coalesce(t.door, 0)::text \
-                 FROM pg_stat_activity a LEFT JOIN LATERAL ( \
-                   SELECT count(*) FILTER (WHERE l.objid <> 0) AS tokens, count(*) FILTER (WHERE l.objid = 0) AS door \
-                   FROM pg_locks l WHERE l.locktype = 'advisory' AND l.pid = a.pid \
-                   AND l.classid = {key} AND l.objsubid = 2 AND l.granted) t ON true \
+                // pool connections of the service's replicas by instance id
+                // (one snapshot of pg_stat_activity serves both; pg_locks is
+                // read once).
+                "{set}WITH l AS (SELECT pid, count(*) FILTER (WHERE objid <> 0) AS tokens, \
+                   count(*) FILTER (WHERE objid = 0) AS door FROM pg_locks \
+                   WHERE locktype = 'advisory' AND classid = {key} AND objsubid = 2 AND granted \
+                   GROUP BY pid) \
+                 SELECT 'm', a.application_name::text, a.datname::text, \
+                   coalesce(l.tokens, 0)::text, coalesce(l.door, 0)::text \
+                 FROM pg_stat_activity a LEFT JOIN l ON l.pid = a.pid \
                  WHERE starts_with(a.application_name, '{prefix}') \
                  UNION ALL \
                  SELECT 't', right(application_name, 8), '', count(*)::text, '' FROM pg_stat_activity \
-                 WHERE application_name ~ ' #[0-9a-f]{{8}}$' GROUP BY 2"
+                 WHERE application_name ~ ' #{code}[0-9a-f]{{8}}$' GROUP BY 2",
+                code = coordination.code(),
             ))
             .await
             .map_err(failed)?;
@@ -383,6 +413,12 @@ impl Session {
             .collect();
         seen.sort_by(|a, b| a.instance.cmp(&b.instance));
         seen.dedup_by(|a, b| a.instance == b.instance);
+        // Pool connections per instance.
+        let tagged: HashMap<&str, u32> = rows
+            .iter()
+            .filter(|r| r[0] == "t")
+            .map(|r| (r[1].as_str(), r[3].parse::<u32>().unwrap_or(0)))
+            .collect();
         if !self.warned_database {
             if let Some(other) = seen.iter().find(|s| s.database != self.database) {
                 self.warned_database = true;
@@ -406,29 +442,50 @@ impl Session {
         let Some(me) = me else {
             return Err("this replica's coordinator is not among the replicas it sees".into());
         };
-        let share = shares[me];
-        // Connections of a replica of the service that lost its
-        // coordinator (its tokens went with it) are open without a token
-        // until that replica closes them: nobody grows meanwhile.
-        let now = Instant::now();
-        for m in &seen {
-            self.recent.insert(m.instance.clone(), now);
-        }
-        self.recent
-            .retain(|_, at| now.duration_since(*at) < RECENT_MEMBER);
-        let uncovered: u32 = rows
-            .iter()
-            .filter(|r| r[0] == "t")
-            .filter(|r| self.recent.contains_key(&r[1]) && !seen.iter().any(|m| m.instance == r[1]))
-            .map(|r| r[3].parse::<u32>().unwrap_or(0))
-            .sum();
+        let share = if leaving { 0 } else { shares[me] };
         if seen[me].tokens != self.tokens.len() as u32 {
             // The server knows best which locks this session holds.
             self.resync(key).await.map_err(failed)?;
         }
+        // Another replica's connections that its tokens do not cover (its
+        // coordinator was lost, or came back while they were open): nobody
+        // grows while there are any.
+        let now = Instant::now();
+        let uncovered: u32 = tagged
+            .iter()
+            .filter(|(instance, _)| **instance != coordination.instance.as_str())
+            .map(
+                |(instance, &open)| match seen.iter().find(|m| m.instance == *instance) {
+                    Some(m) => (open + 1).saturating_sub(m.tokens + u32::from(m.door)),
+                    None => open,
+                },
+            )
+            .sum();
+        // A replica that left may have had a connect in progress.
+        let members: Vec<String> = seen.iter().map(|m| m.instance.clone()).collect();
+        if self.members.iter().any(|m| !members.contains(m)) {
+            self.departed_at = Some(now);
+        }
+        self.members = members;
+        let settling = self
+            .departed_at
+            .is_some_and(|at| now.duration_since(at) < DEPARTED);
+        // This replica's own backends (its pool connections as the server
+        // sees them, or as its budget counts them) and its coordinator must
+        // stay covered whatever the share.
+        let own = tagged
+            .get(coordination.instance.as_str())
+            .copied()
+            .unwrap_or(0);
+        let cover = budget.in_use().max(own) + 1;
         let held = self.tokens.len() as u32;
-        if share > held && uncovered == 0 {
-            self.take(key, share - held).await.map_err(failed)?;
+        let goal = if uncovered > 0 || settling {
+            cover
+        } else {
+            share.max(cover)
+        };
+        if goal > held {
+            self.take(key, goal - held).await.map_err(failed)?;
         }
         if self.door && !self.tokens.is_empty() {
             self.query(&format!("SELECT pg_advisory_unlock({key}, 0)"))
@@ -445,10 +502,10 @@ impl Session {
         // Tokens above the share and above what is open go back, but only
         // those that were spare at the previous tick too: the backend of a
         // connection closed just now may still be on its way out.
-        let needed = budget.in_use() + 1;
-        let spare = held.saturating_sub(share.max(needed));
+        let cover = budget.in_use().max(own) + 1;
+        let spare = held.saturating_sub(share.max(cover));
         let give = spare.min(self.spare_before);
-        self.spare_before = spare;
+        self.spare_before = spare - give;
         if give > 0 {
             self.give_back(key, give).await.map_err(failed)?;
         }
@@ -479,6 +536,6 @@ impl Session {
                 })
                 .collect();
         });
-        Ok(())
+        Ok(!(leaving && budget.in_use() == 0 && own == 0))
     }
 }

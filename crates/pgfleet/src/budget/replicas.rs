@@ -138,6 +138,11 @@ impl Coordination {
         !self.started.swap(true, Ordering::SeqCst)
     }
 
+    /// The coordinator task ended: the next offer starts another.
+    pub(crate) fn stopped(&self) {
+        self.started.store(false, Ordering::SeqCst);
+    }
+
     /// The pool left: its connector goes.
     pub(crate) fn withdraw(&self, pool_id: u64) {
         self.connectors
@@ -162,26 +167,34 @@ impl Coordination {
         f(&mut self.stats.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
-    pub(crate) fn connector(&self) -> Option<Connector> {
+    /// The connector of the first pool on the server that is still open,
+    /// with its pool's id.
+    pub(crate) fn connector(&self) -> Option<(u64, Connector)> {
         self.connectors
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .last()
-            .map(|(_, c)| c.clone())
+            .first()
+            .cloned()
     }
 
-    /// `pg` with this replica's instance id appended to its
-    /// `application_name` (`<name> #<instance>`, the name cut to fit 63
-    /// bytes), so that a monitor can tell the replicas' connections apart.
+    /// The four hex digits of the service in its pool connections' tags.
+    pub(crate) fn code(&self) -> String {
+        format!("{:04x}", self.key & 0xffff)
+    }
+
+    /// `pg` with the service's code and this replica's instance id
+    /// appended to its `application_name` (`<name> #<code><instance>`, the
+    /// name cut to fit 63 bytes): the other replicas count a replica's
+    /// connections by it, and a monitor tells the replicas apart.
     pub(crate) fn tag(&self, pg: &tokio_postgres::Config) -> tokio_postgres::Config {
         let mut pg = pg.clone();
         let name = pg.get_application_name().unwrap_or_default();
-        let room = 63 - TAG.len() - self.instance.len();
+        let room = 63 - TAG.len() - 4 - self.instance.len();
         let mut cut = name.len().min(room);
         while !name.is_char_boundary(cut) {
             cut -= 1;
         }
-        let tagged = format!("{}{TAG}{}", &name[..cut], self.instance);
+        let tagged = format!("{}{TAG}{}{}", &name[..cut], self.code(), self.instance);
         pg.application_name(&tagged);
         pg
     }
@@ -201,12 +214,13 @@ pub(crate) const PREFIX: &str = "pgfleet ";
 /// replica's instance id.
 pub(crate) const TAG: &str = " #";
 
-/// The instance id at the end of a pool connection's `application_name`
-/// (`<name> #<instance>`), and the name before it.
-pub(crate) fn parse_tag(name: &str) -> Option<(&str, &str)> {
-    let (app, instance) = name.rsplit_once(TAG)?;
-    (instance.len() == 8 && instance.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then_some((app, instance))
+/// The tag at the end of a pool connection's `application_name`
+/// (`<name> #<code><instance>`): the name before it, the service's code
+/// and the instance id.
+pub(crate) fn parse_tag(name: &str) -> Option<(&str, &str, &str)> {
+    let (app, tag) = name.rsplit_once(TAG)?;
+    (tag.len() == 12 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| (app, &tag[..4], &tag[4..]))
 }
 
 /// The first advisory-lock key of a service: a stable hash of its name
@@ -327,14 +341,18 @@ mod tests {
         pg.application_name("memory-api");
         let tagged = c.tag(&pg);
         let name = tagged.get_application_name().unwrap();
-        assert_eq!(name, "memory-api #0badcafe");
-        assert_eq!(parse_tag(name), Some(("memory-api", "0badcafe")));
+        assert_eq!(name, format!("memory-api #{}0badcafe", c.code()));
+        assert_eq!(
+            parse_tag(name),
+            Some(("memory-api", c.code().as_str(), "0badcafe"))
+        );
         pg.application_name("é".repeat(31));
         let tagged = c.tag(&pg);
         let name = tagged.get_application_name().unwrap();
-        assert!(name.len() <= 63 && name.ends_with(" #0badcafe"), "{name}");
+        assert!(name.len() <= 63 && name.ends_with("0badcafe"), "{name}");
         assert_eq!(parse_tag("psql"), None);
         assert_eq!(parse_tag("a #b"), None);
+        assert_eq!(parse_tag("a #0badcafe"), None, "no service code");
     }
 
     #[test]

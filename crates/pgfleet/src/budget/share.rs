@@ -55,10 +55,34 @@ impl ServerBudget {
     /// `replicas: auto`: sets what this replica may hold (`None`: no
     /// limit but the budget's).
     pub(crate) fn set_share(self: &Arc<Self>, share: Option<u32>) {
+        self.lost.store(false, Ordering::Relaxed);
         let mut st = self.lock();
         st.share = share;
         self.update_over(&st);
         self.grant_waiters(&mut st);
+    }
+
+    /// `replicas: auto`: the coordinator is gone (its connection failed,
+    /// its task ended, every pool closed), and its tokens with it: this
+    /// replica may hold nothing, floors included, until it is back.
+    pub(crate) fn lose_share(self: &Arc<Self>, why: Option<String>) {
+        {
+            let mut st = self.lock();
+            st.share = Some(0);
+            self.lost.store(true, Ordering::Relaxed);
+            self.update_over(&st);
+        }
+        self.shed();
+        if let Some(c) = &self.coordination {
+            c.update(|s| {
+                s.joined = false;
+                s.tokens = 0;
+                s.share = 0;
+                if why.is_some() {
+                    s.last_error = why;
+                }
+            });
+        }
     }
 
     /// `replicas: auto`: the budget split between the replicas, derived
@@ -73,9 +97,11 @@ impl ServerBudget {
         self.lock().target.unwrap_or(0)
     }
 
-    /// Closes idle connections above the pools' floors while more units
-    /// are held than the limit allows.
+    /// Closes idle connections above the pools' floors (below them too
+    /// once the coordinator is lost) while more units are held than the
+    /// limit allows.
     pub(crate) fn shed(&self) {
+        let below_floor = self.lost.load(Ordering::Relaxed);
         loop {
             let candidates: Vec<Arc<dyn Reclaim>> = {
                 let st = self.lock();
@@ -84,13 +110,13 @@ impl ServerBudget {
                 }
                 st.members
                     .iter()
-                    .filter(|m| m.units > m.min_size)
+                    .filter(|m| m.units > m.min_size || (below_floor && m.units > 0))
                     .filter_map(|m| m.pool.upgrade())
                     .collect()
             };
             if !candidates
                 .iter()
-                .any(|pool| pool.reclaim_idle(&self.server))
+                .any(|pool| pool.reclaim_idle(&self.server, below_floor))
             {
                 return;
             }

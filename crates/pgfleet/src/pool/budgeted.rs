@@ -12,10 +12,10 @@ use crate::error::Error;
 use crate::stats::CloseReason;
 
 impl Reclaim for PoolInner {
-    fn reclaim_idle(&self, server: &str) -> bool {
+    fn reclaim_idle(&self, server: &str, below_floor: bool) -> bool {
         let victim = {
             let mut st = self.lock();
-            if st.size - st.connecting() <= self.min_size() {
+            if !below_floor && st.size - st.connecting() <= self.min_size() {
                 return false;
             }
             // The longest idle on that server.

@@ -121,9 +121,10 @@ impl PoolConn {
 
     /// Whether its server budget holds more than this replica's share
     /// (`replicas: auto` after another replica joined): it should close
-    /// rather than go back to the pool.
-    pub(crate) fn over_budget(&self) -> bool {
-        self.unit.as_ref().is_some_and(Unit::is_over)
+    /// rather than go back to the pool, above the floor (`Some(false)`) or
+    /// whatever the floor (`Some(true)`: the replica lost its coordinator).
+    pub(crate) fn over_budget(&self) -> Option<bool> {
+        self.unit.as_ref().and_then(Unit::over)
     }
 
     /// Names the connection in its pool.
@@ -363,7 +364,10 @@ impl PoolInner {
             conn.close(CloseReason::Resized);
             return;
         }
-        if conn.over_budget() && st.size - st.connecting() > self.min_size() {
+        if conn
+            .over_budget()
+            .is_some_and(|force| force || st.size - st.connecting() > self.min_size())
+        {
             // Another replica's share: this one goes, not to a waiter.
             drop(st);
             conn.close(CloseReason::Reclaimed);
