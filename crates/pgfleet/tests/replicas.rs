@@ -310,3 +310,108 @@ async fn fleets_of_one_service_split_the_server_and_never_exceed_it() {
     .await;
     a.quiet();
 }
+
+/// A replica whose coordinator is cut while it holds connections: until
+/// they are returned, nothing covers them, and the other replica must not
+/// take the tokens they had. The replicas log in as a role that is not a
+/// superuser with a headroom of 1, so that any moment above the budget is
+/// a refusal (53300) the test sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_left_without_a_coordinator_block_the_others_until_they_close() {
+    let cluster = Arc::new(
+        TempCluster::builder()
+            .setting("max_connections", "30")
+            .start()
+            .unwrap(),
+    );
+    cluster
+        .create_role("strict_user", "strict-pw")
+        .await
+        .unwrap();
+    let url = cluster.url_for("strict_user", "strict-pw", "postgres");
+    let target = pgfleet::Target::parse(&url).unwrap();
+    let fleet = || {
+        Fleet::with_config(FleetConfig {
+            budget: BudgetConfig {
+                replicas: Replicas::Auto,
+                service: Some("strict-test".into()),
+                headroom: 1,
+                ..BudgetConfig::default()
+            },
+        })
+        .unwrap()
+    };
+    let stats = |f: &Fleet| f.stats().servers.into_values().next().unwrap();
+    let (a, b) = (fleet(), fleet());
+    let pool_a = a.pool(&target, &config("strict-a", 0, 20)).unwrap();
+    let pool_b = b.pool(&target, &config("strict-b", 0, 20)).unwrap();
+    // `a` holds 8 connections; `b` is busy and wants 20.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(pool_a.get().await.unwrap());
+    }
+    let b_replica = Replica {
+        fleet: b,
+        pool: pool_b,
+        stop: Arc::default(),
+        ok: Arc::default(),
+        failed: Arc::default(),
+        errors: Arc::default(),
+    };
+    b_replica.load(40);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // `a` wants its 8, a spare and its coordinator: 10 of the 25 tokens.
+    while stats(&b_replica.fleet).replicas.unwrap().seen != 2
+        || b_replica.replicas().share < 15
+        || b_replica.held() + 1 < b_replica.replicas().share
+    {
+        assert!(Instant::now() < deadline, "{:?}", stats(&b_replica.fleet));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = b_replica.held();
+    eprintln!("before the cut: a holds {}, b {before}", stats(&a).in_use);
+
+    let instance = stats(&a).replicas.unwrap().instance;
+    let cut = cluster
+        .terminate(
+            &BackendFilter::all()
+                .application_name_prefix(format!("pgfleet strict-test {instance} ")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut, 1);
+    // For a second, `a`'s 8 connections stay open without a token: `b`
+    // sees them and does not grow.
+    let mut seen_uncovered = 0;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let r = b_replica.replicas();
+        seen_uncovered = seen_uncovered.max(r.uncovered);
+        assert!(
+            b_replica.held() <= before,
+            "b grew from {before} to {} while a's connections were uncovered: {r:?}",
+            b_replica.held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen_uncovered, 8, "b saw a's connections without a token");
+    // Returned, they close (nothing covers them), and the budget moves on.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats(&b_replica.fleet).replicas.unwrap().uncovered != 0 {
+        assert!(Instant::now() < deadline, "{:?}", b_replica.replicas());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    converge(
+        &[&b_replica],
+        2,
+        21,
+        Duration::from_secs(5),
+        "after the cut",
+    )
+    .await;
+    b_replica.quiet();
+    assert_eq!(stats(&a).refusals, 0, "{:?}", stats(&a));
+    assert_eq!(stats(&b_replica.fleet).refusals, 0);
+    assert_eq!(b_replica.failed.load(Ordering::Relaxed), 0);
+}
