@@ -551,7 +551,9 @@ async fn a_lagging_standby_takes_no_reads_until_it_catches_up() {
     .unwrap();
     reads_reach(&pool, standby.port(), Duration::from_secs(10)).await;
     // A fresh transaction replayed just before the pause, so that the lag
-    // counts from the pause.
+    // counts from its commit (after `committed_after`), a little before the
+    // pause.
+    let committed_after = Instant::now();
     primary
         .execute("INSERT INTO writes (task, n) VALUES (0, 0)")
         .await
@@ -599,9 +601,11 @@ async fn a_lagging_standby_takes_no_reads_until_it_catches_up() {
         ms(back)
     );
     assert!(paused.elapsed() >= left);
+    // The lag passes 1 s one second after that commit, not before.
+    let since_commit = paused.duration_since(committed_after) + left;
     assert!(
-        left >= Duration::from_secs(1),
-        "not before it lags: {left:?}"
+        since_commit >= Duration::from_secs(1),
+        "not before it lags: {left:?} after the pause, {since_commit:?} after the commit"
     );
     pool.close();
 }

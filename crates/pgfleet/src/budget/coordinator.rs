@@ -16,8 +16,8 @@ const MIN_TICK: Duration = Duration::from_millis(100);
 /// How long a demand counts after it was seen, so that shares do not follow
 /// every burst.
 const DEMAND_WINDOW: usize = 5;
-/// How long a joiner that found neither a token nor the door waits before
-/// it tries again (plus up to as much at random).
+/// How long a joiner that found the door taken waits before it tries
+/// again (plus up to as much at random).
 const JOIN_RETRY: Duration = Duration::from_millis(500);
 /// The longest wait between two attempts to reconnect the coordinator.
 const MAX_RECONNECT: Duration = Duration::from_secs(5);
@@ -71,8 +71,8 @@ pub(crate) async fn coordinate(budget: Weak<ServerBudget>) {
                     Ended::BudgetGone => return,
                     Ended::Idle => continue,
                     Ended::Full => {
-                        // Neither a token nor the door: another replica is
-                        // joining. Try again a little later.
+                        // The door is taken: another replica is joining.
+                        // Try again a little later.
                         tokio::time::sleep(JOIN_RETRY.mul_f64(1.0 + fastrand::f64())).await;
                         continue;
                     }
@@ -115,7 +115,7 @@ impl Drop for Running {
 
 enum Ended {
     BudgetGone,
-    /// Neither a token nor the door was free.
+    /// The door was taken (another replica is joining).
     Full,
     /// No pool is left on the server.
     Idle,
@@ -210,6 +210,9 @@ impl Session {
             };
             if woken {
                 tokio::time::sleep(MIN_TICK.saturating_sub(last.elapsed())).await;
+                if self.raw.is_broken() {
+                    return Ended::Failed("the coordinator's connection closed".into());
+                }
             }
             last = Instant::now();
         }
@@ -487,7 +490,7 @@ impl Session {
         if goal > held {
             self.take(key, goal - held).await.map_err(failed)?;
         }
-        if self.door && !self.tokens.is_empty() {
+        if self.door && self.tokens.len() as u32 >= cover {
             self.query(&format!("SELECT pg_advisory_unlock({key}, 0)"))
                 .await
                 .map_err(failed)?;
@@ -497,7 +500,11 @@ impl Session {
         // included, and no more than its tokens cover.
         let held = self.tokens.len() as u32;
         let allowed = share.min(held).max(u32::from(self.door));
-        budget.set_share(Some(allowed.saturating_sub(1)));
+        // Backends of this replica the server still runs though their
+        // connections closed (a statement that did not stop) take tokens
+        // too.
+        let lingering = own.saturating_sub(budget.in_use());
+        budget.set_share(Some(allowed.saturating_sub(1 + lingering)));
         budget.shed();
         // Tokens above the share and above what is open go back, but only
         // those that were spare at the previous tick too: the backend of a

@@ -16,9 +16,10 @@
 //!   exceed the tokens: `B - 1` regular ones and the door. A lock is
 //!   exclusive on the server, so no race between replicas can hand a token
 //!   out twice.
-//! * A joiner takes a free token, or else the door, which only a joiner
-//!   holds; it lets the door go once it has a token. A second joiner that
-//!   finds both taken closes its connection and tries again a little later.
+//! * A joiner takes the door, which only a joiner holds; its first tick
+//!   takes tokens as the others' state allows, and it lets the door go once
+//!   its tokens cover what it has open. A second joiner that finds the door
+//!   taken closes its connection and tries again a little later.
 //! * Every tick (200 ms, 100 ms when a pool waits) each replica publishes
 //!   its demand and reads every replica's demand and tokens from
 //!   `pg_stat_activity` and `pg_locks`, and computes the same water-filled
@@ -91,8 +92,10 @@ pub struct ReplicaStats {
     pub members: Vec<ReplicaMember>,
     /// Ticks run.
     pub ticks: u64,
-    /// Open connections of replicas that lost their coordinator (and the
-    /// tokens with it): while there are any, no replica takes a token.
+    /// Open connections of other replicas that their tokens do not cover
+    /// (a replica that lost its coordinator, or has fewer tokens than
+    /// connections): while there are any, no replica takes a token for
+    /// growth, only to cover its own open connections.
     pub uncovered: u32,
     /// Why the coordinator is not joined, when it is not.
     pub last_error: Option<String>,
@@ -177,24 +180,27 @@ impl Coordination {
             .cloned()
     }
 
-    /// The four hex digits of the service in its pool connections' tags.
+    /// The service's key as 8 hex digits, in its pool connections' tags.
     pub(crate) fn code(&self) -> String {
-        format!("{:04x}", self.key & 0xffff)
+        format!("{:08x}", self.key)
     }
 
     /// `pg` with the service's code and this replica's instance id
     /// appended to its `application_name` (`<name> #<code><instance>`, the
-    /// name cut to fit 63 bytes): the other replicas count a replica's
-    /// connections by it, and a monitor tells the replicas apart.
+    /// name cut to fit 63 bytes, and in printable ASCII, which the server
+    /// keeps as it is): the other replicas count a replica's connections by
+    /// it, and a monitor tells the replicas apart.
     pub(crate) fn tag(&self, pg: &tokio_postgres::Config) -> tokio_postgres::Config {
         let mut pg = pg.clone();
-        let name = pg.get_application_name().unwrap_or_default();
-        let room = 63 - TAG.len() - 4 - self.instance.len();
-        let mut cut = name.len().min(room);
-        while !name.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let tagged = format!("{}{TAG}{}{}", &name[..cut], self.code(), self.instance);
+        let room = 63 - TAG.len() - 16;
+        let name: String = pg
+            .get_application_name()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if (' '..='~').contains(&c) { c } else { '_' })
+            .take(room)
+            .collect();
+        let tagged = format!("{name}{TAG}{}{}", self.code(), self.instance);
         pg.application_name(&tagged);
         pg
     }
@@ -219,8 +225,8 @@ pub(crate) const TAG: &str = " #";
 /// and the instance id.
 pub(crate) fn parse_tag(name: &str) -> Option<(&str, &str, &str)> {
     let (app, tag) = name.rsplit_once(TAG)?;
-    (tag.len() == 12 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        .then(|| (app, &tag[..4], &tag[4..]))
+    (tag.len() == 16 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| (app, &tag[..8], &tag[8..]))
 }
 
 /// The first advisory-lock key of a service: a stable hash of its name
@@ -349,7 +355,11 @@ mod tests {
         pg.application_name("é".repeat(31));
         let tagged = c.tag(&pg);
         let name = tagged.get_application_name().unwrap();
-        assert!(name.len() <= 63 && name.ends_with("0badcafe"), "{name}");
+        assert!(name.len() <= 63 && name.is_ascii(), "{name}");
+        assert!(
+            name.starts_with("___") && name.ends_with("0badcafe"),
+            "{name}"
+        );
         assert_eq!(parse_tag("psql"), None);
         assert_eq!(parse_tag("a #b"), None);
         assert_eq!(parse_tag("a #0badcafe"), None, "no service code");

@@ -55,9 +55,13 @@ impl ServerBudget {
     /// `replicas: auto`: sets what this replica may hold (`None`: no
     /// limit but the budget's).
     pub(crate) fn set_share(self: &Arc<Self>, share: Option<u32>) {
-        self.lost.store(false, Ordering::Relaxed);
         let mut st = self.lock();
         st.share = share;
+        // Until the share covers what is open, every returned connection
+        // still closes, floors included.
+        if share.is_none_or(|s| st.in_use <= s) {
+            self.lost.store(false, Ordering::Relaxed);
+        }
         self.update_over(&st);
         self.grant_waiters(&mut st);
     }
