@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use pgfleet::Replicas;
 use serde::Serialize;
 
-use crate::demo::Sampler;
 use crate::replica::Report;
+use crate::sampler::Sampler;
 
 /// The outcome of one setup.
 #[derive(Debug, Clone, Serialize)]

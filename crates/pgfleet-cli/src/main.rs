@@ -18,6 +18,7 @@ mod demo_replicas;
 mod embedded;
 mod monitor;
 mod replica;
+mod sampler;
 mod serve;
 
 use std::io::IsTerminal;
